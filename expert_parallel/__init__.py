@@ -1,0 +1,1 @@
+"""expert_parallel (see ../shared/ARCHITECTURE.md)."""

@@ -1,0 +1,1 @@
+"""hypermoe (see ../shared/ARCHITECTURE.md)."""

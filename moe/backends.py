@@ -1,0 +1,93 @@
+"""Grouped expert FFNs for the ``torch`` backend: ``x_RD`` sorted by expert + ``counts_L`` -> ``y_RD``.
+
+Two strategies, picked per device by :func:`grouped_ffn_for` (once per call site, not inside the math):
+
+- ``loop_ffn`` (CPU): one pass over the experts that have rows, computing each block *transposed*,
+  ``h_2FM = w13 @ x_MD.T``. With ``[out, in]`` weights this is MKL's fastest form for the skinny blocks of
+  decode (measured ~2x ``F.linear`` at M <= 32 on this AVX2 CPU). It reads counts on the host, which on
+  the CPU costs nothing.
+- ``grouped_mm_ffn`` (CUDA): ``torch._grouped_mm`` with device offsets; no host synchronisation.
+
+Shape legend: R routed rows (sorted by expert), D hidden, F expert FFN size, L experts, M rows of one expert.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from moe.activations import expert_activation
+from moe.config import Activation
+
+
+def loop_ffn(
+    x_RD: torch.Tensor,
+    counts_L: torch.Tensor,
+    w13_LXD: torch.Tensor,
+    w2_LDF: torch.Tensor,
+    activation: Activation,
+    b13_LX: torch.Tensor | None = None,
+    b2_LD: torch.Tensor | None = None,
+    alpha: float = 1.702,
+    limit: float = 7.0,
+) -> torch.Tensor:
+    y_RD = torch.empty(x_RD.shape[0], w2_LDF.shape[1], dtype=w2_LDF.dtype, device=x_RD.device)
+    x_RD = x_RD.to(w13_LXD.dtype)
+    start = 0
+    for e, rows in enumerate(counts_L.tolist()):  # NOTE: host sync (CPU strategy only, where it is free)
+        if rows == 0:
+            continue
+        end = start + rows
+        x_DM = x_RD[start:end].t()
+        h_XM = torch.mm(w13_LXD[e], x_DM)
+        if b13_LX is not None:
+            h_XM += b13_LX[e].unsqueeze(1)
+        a_FM = expert_activation(h_XM, activation, dim=0, alpha=alpha, limit=limit)
+        y_DM = torch.mm(w2_LDF[e], a_FM)
+        if b2_LD is not None:
+            y_DM += b2_LD[e].unsqueeze(1)
+        y_RD[start:end] = y_DM.t()
+        start = end
+    return y_RD
+
+
+def grouped_mm_ffn(
+    x_RD: torch.Tensor,
+    counts_L: torch.Tensor,
+    w13_LXD: torch.Tensor,
+    w2_LDF: torch.Tensor,
+    activation: Activation,
+    b13_LX: torch.Tensor | None = None,
+    b2_LD: torch.Tensor | None = None,
+    alpha: float = 1.702,
+    limit: float = 7.0,
+) -> torch.Tensor:
+    ends_L = torch.cumsum(counts_L, 0, dtype=torch.int32)
+    x_RD = x_RD.to(w13_LXD.dtype)
+    h_RX = torch._grouped_mm(x_RD, w13_LXD.transpose(1, 2), offs=ends_L)
+    expert_of_R = None
+    if b13_LX is not None or b2_LD is not None:
+        expert_of_R = _expert_of_rows(counts_L, x_RD.shape[0])
+    if b13_LX is not None:
+        h_RX = h_RX + b13_LX[expert_of_R]
+    a_RF = expert_activation(h_RX, activation, alpha=alpha, limit=limit)
+    y_RD = torch._grouped_mm(a_RF, w2_LDF.transpose(1, 2), offs=ends_L)
+    if b2_LD is not None:
+        y_RD = y_RD + b2_LD[expert_of_R]
+    return y_RD
+
+
+def _expert_of_rows(counts_L: torch.Tensor, num_rows: int) -> torch.Tensor:
+    """The expert of each sorted row, from counts alone, without a host sync."""
+    ends_L = torch.cumsum(counts_L, 0)
+    rows_R = torch.arange(num_rows, device=counts_L.device)
+    return torch.searchsorted(ends_L, rows_R, right=True).clamp_(max=counts_L.numel() - 1)
+
+
+GroupedFFN = Callable[..., torch.Tensor]
+
+
+def grouped_ffn_for(device: torch.device) -> GroupedFFN:
+    """The torch-backend strategy for a device: ``grouped_mm_ffn`` on CUDA, ``loop_ffn`` elsewhere."""
+    return grouped_mm_ffn if torch.device(device).type == "cuda" else loop_ffn

@@ -1,0 +1,89 @@
+"""``MoEConfig``: everything that defines an MoE layer's math, validated on construction."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any
+
+from routing.config import RouterConfig, Scoring
+
+
+class Activation(str, enum.Enum):
+    """Expert MLP activations. Gated ones keep gate rows then up rows in ``w13`` (``2F`` rows)."""
+
+    SWIGLU = "swiglu"  # silu(gate) * up (Mixtral, Qwen, OLMoE, DeepSeek, Llama 4)
+    GEGLU = "geglu"  # gelu(gate) * up
+    SWIGLU_OAI = "swiglu_oai"  # gpt-oss: clamped gate/up, gate * sigmoid(alpha * gate) * (up + 1)
+    GELU = "gelu"  # plain 2-layer MLP: gelu(up) ; w13 holds F rows
+    RELU = "relu"  # plain 2-layer MLP: relu(up)
+
+    @property
+    def gated(self) -> bool:
+        return self in (Activation.SWIGLU, Activation.GEGLU, Activation.SWIGLU_OAI)
+
+
+class Backend(str, enum.Enum):
+    AUTO = "auto"  # triton where a GPU and triton are present, else torch
+    TORCH = "torch"  # plain torch: the fast CPU path; also runs on CUDA
+    TRITON = "triton"  # Triton grouped-GEMM kernels (GPU, or the interpreter)
+
+
+@dataclass
+class MoEConfig:
+    """The math of one MoE layer.
+
+    Required: ``hidden_size`` (D), ``ffn_size`` (F, per expert), ``num_experts`` (E), ``top_k`` (K).
+    ``router`` defaults to a softmax top-k router with renormalised weights; pass a
+    :class:`routing.RouterConfig` (its ``num_experts``/``top_k`` must match) for other families.
+    """
+
+    hidden_size: int
+    ffn_size: int
+    num_experts: int
+    top_k: int
+    activation: Activation = Activation.SWIGLU
+    router: RouterConfig | None = None
+    expert_bias: bool = False  # biases on both expert projections (gpt-oss)
+    swiglu_alpha: float = 1.702  # gpt-oss SWIGLU_OAI only
+    swiglu_limit: float = 7.0  # gpt-oss SWIGLU_OAI only
+    shared_ffn_size: int = 0  # 0: no shared expert; else the shared (always-on) SwiGLU MLP's F
+    shared_expert_gate: bool = False  # Qwen2-MoE: sigmoid(Linear(D, 1)) scales the shared expert
+    backend: Backend = Backend.AUTO
+    # Batch-invariant combine (fixed summation order, no atomics). The torch backend always combines this way.
+    deterministic: bool = False
+    extra: dict = field(default_factory=dict)  # free-form provenance (e.g. the HF class it came from)
+
+    def __post_init__(self) -> None:
+        self.activation = _enum(Activation, "activation", self.activation)
+        self.backend = _enum(Backend, "backend", self.backend)
+        for name in ("hidden_size", "ffn_size", "num_experts", "top_k"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} ({value!r}) must be a positive integer")
+        if self.top_k > self.num_experts:
+            raise ValueError(f"top_k ({self.top_k}) must be <= num_experts ({self.num_experts})")
+        if self.shared_ffn_size < 0:
+            raise ValueError(f"shared_ffn_size ({self.shared_ffn_size}) must be >= 0")
+        if self.shared_expert_gate and not self.shared_ffn_size:
+            raise ValueError("shared_expert_gate (True) needs a shared expert (shared_ffn_size > 0)")
+        if self.router is None:
+            self.router = RouterConfig(num_experts=self.num_experts, top_k=self.top_k, scoring=Scoring.SOFTMAX)
+        elif (self.router.num_experts, self.router.top_k) != (self.num_experts, self.top_k):
+            raise ValueError(
+                f"router (num_experts={self.router.num_experts}, top_k={self.router.top_k}) does not match "
+                f"num_experts ({self.num_experts}) and top_k ({self.top_k})"
+            )
+
+    @property
+    def w13_rows(self) -> int:
+        """Rows of one expert's first projection: ``2F`` for gated activations, ``F`` otherwise."""
+        return 2 * self.ffn_size if self.activation.gated else self.ffn_size
+
+
+def _enum(kind: type[enum.Enum], name: str, value: Any) -> Any:
+    try:
+        return kind(value)
+    except ValueError:
+        choices = ", ".join(m.value for m in kind)
+        raise ValueError(f"{name} ({value!r}) is not one of: {choices}") from None

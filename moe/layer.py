@@ -1,0 +1,78 @@
+"""``MoE``: the drop-in mixture-of-experts layer.
+
+Shape legend: T tokens, D hidden, E experts, K top-k, R routed rows after dispatch.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+from torch import nn
+
+from all_to_all.dispatcher import Dispatcher, LocalDispatcher
+from moe.config import Backend, MoEConfig
+from moe.experts import Experts
+from moe.shared import SharedExpert
+from routing.router import Router
+
+
+class MoE(nn.Module):
+    """``MoE(MoEConfig(hidden_size, ffn_size, num_experts, top_k, ...))(x[..., D]) -> y[..., D]``.
+
+    Forward: route -> shuffle rows by expert -> grouped expert FFN -> weighted combine (+ shared expert).
+    Dropless: every routed row is computed, experts with no rows cost nothing. Output dtype = input dtype.
+    """
+
+    def __init__(self, config: MoEConfig, dispatcher: Dispatcher | None = None) -> None:
+        super().__init__()
+        self.config = config
+        self.router = Router(config.router, config.hidden_size)
+        self.experts = Experts(config)
+        self.shared_expert = (
+            SharedExpert(config.hidden_size, config.shared_ffn_size, config.activation, config.shared_expert_gate)
+            if config.shared_ffn_size
+            else None
+        )
+        self.dispatcher = dispatcher if dispatcher is not None else LocalDispatcher(config.num_experts)
+        self.backend = resolve_backend(config.backend)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        D = self.config.hidden_size
+        if x.shape[-1] != D:
+            raise ValueError(f"input hidden size ({x.shape[-1]}) does not match hidden_size ({D})")
+        x_TD = x.reshape(-1, D)
+        routing = self.router(x_TD)
+        # 1. rows to their experts (sorted by expert), 2. grouped FFN, 3. weighted sum back per token
+        x_RD, counts, meta = self.dispatcher.dispatch(x_TD, routing)
+        y_RD = self.experts(x_RD, counts)
+        y_TD = self.dispatcher.combine(y_RD, meta)
+        if self.shared_expert is not None:
+            y_TD = y_TD + self.shared_expert(x_TD)
+        return y_TD.to(x.dtype).reshape(x.shape)
+
+    @classmethod
+    def from_hf(cls, block: nn.Module) -> "MoE":
+        """Build from a ``transformers`` MoE block, sharing its weights where layouts agree."""
+        from moe.hf import moe_from_hf
+
+        return moe_from_hf(block)
+
+    @classmethod
+    def from_deepspeed(cls, ds_moe: nn.Module) -> "MoE":
+        """Build from a ``deepspeed.moe.layer.MoE`` whose experts are Linear-activation-Linear MLPs."""
+        from moe.deepspeed_interop import moe_from_deepspeed
+
+        return moe_from_deepspeed(ds_moe)
+
+
+def resolve_backend(requested: Backend) -> Backend:
+    """Pick the backend once, from the config and a capability probe (never inside ``forward``)."""
+    has_triton = importlib.util.find_spec("triton") is not None
+    if requested is Backend.TRITON:
+        if not has_triton:
+            raise ImportError("backend='triton' needs triton: pip install triton")
+        return Backend.TRITON
+    if requested is Backend.AUTO and has_triton and torch.cuda.is_available():
+        return Backend.TRITON
+    return Backend.TORCH

@@ -1,0 +1,1 @@
+"""quant (see ../shared/ARCHITECTURE.md)."""
