@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Any
 
-from routing.config import RouterConfig, Scoring
+from routing.config import RouterConfig, Scoring, enum_field
 
 
 class Activation(str, enum.Enum):
@@ -55,8 +54,8 @@ class MoEConfig:
     extra: dict = field(default_factory=dict)  # free-form provenance (e.g. the HF class it came from)
 
     def __post_init__(self) -> None:
-        self.activation = _enum(Activation, "activation", self.activation)
-        self.backend = _enum(Backend, "backend", self.backend)
+        self.activation = enum_field(Activation, "activation", self.activation)
+        self.backend = enum_field(Backend, "backend", self.backend)
         for name in ("hidden_size", "ffn_size", "num_experts", "top_k"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
@@ -79,11 +78,3 @@ class MoEConfig:
     def w13_rows(self) -> int:
         """Rows of one expert's first projection: ``2F`` for gated activations, ``F`` otherwise."""
         return 2 * self.ffn_size if self.activation.gated else self.ffn_size
-
-
-def _enum(kind: type[enum.Enum], name: str, value: Any) -> Any:
-    try:
-        return kind(value)
-    except ValueError:
-        choices = ", ".join(m.value for m in kind)
-        raise ValueError(f"{name} ({value!r}) is not one of: {choices}") from None

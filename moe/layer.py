@@ -14,7 +14,7 @@ from all_to_all.dispatcher import Dispatcher, LocalDispatcher
 from moe.config import Backend, MoEConfig
 from moe.experts import Experts
 from moe.shared import SharedExpert
-from routing.router import Router
+from routing.router import Router, Routing
 
 
 class MoE(nn.Module):
@@ -38,6 +38,10 @@ class MoE(nn.Module):
         self.backend = resolve_backend(config.backend)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_with_routing(x)[0]
+
+    def forward_with_routing(self, x: torch.Tensor) -> tuple[torch.Tensor, Routing]:
+        """``forward`` that also returns the router's decision (for HF blocks that return router outputs)."""
         D = self.config.hidden_size
         if x.shape[-1] != D:
             raise ValueError(f"input hidden size ({x.shape[-1]}) does not match hidden_size ({D})")
@@ -49,7 +53,7 @@ class MoE(nn.Module):
         y_TD = self.dispatcher.combine(y_RD, meta)
         if self.shared_expert is not None:
             y_TD = y_TD + self.shared_expert(x_TD)
-        return y_TD.to(x.dtype).reshape(x.shape)
+        return y_TD.to(x.dtype).reshape(x.shape), routing
 
     @classmethod
     def from_hf(cls, block: nn.Module) -> "MoE":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+from typing import Any
 
 
 class Scoring(str, enum.Enum):
@@ -48,8 +49,8 @@ class RouterConfig:
     bias: bool = False
 
     def __post_init__(self) -> None:
-        self.scoring = Scoring(self.scoring)
-        self.group_score = GroupScore(self.group_score)
+        self.scoring = enum_field(Scoring, "scoring", self.scoring)
+        self.group_score = enum_field(GroupScore, "group_score", self.group_score)
         if self.num_experts < 1:
             raise ValueError(f"num_experts ({self.num_experts}) must be >= 1")
         if not 1 <= self.top_k <= self.num_experts:
@@ -70,3 +71,12 @@ class RouterConfig:
             raise ValueError(f"group_score top2_sum needs >= 2 experts per group, got {experts_per_group}")
         if self.routed_scaling_factor <= 0:
             raise ValueError(f"routed_scaling_factor ({self.routed_scaling_factor}) must be > 0")
+
+
+def enum_field(kind: type[enum.Enum], name: str, value: Any) -> Any:
+    """``kind(value)``, or a ``ValueError`` naming the config field, the value and the choices."""
+    try:
+        return kind(value)
+    except ValueError:
+        choices = ", ".join(m.value for m in kind)
+        raise ValueError(f"{name} ({value!r}) is not one of: {choices}") from None

@@ -1,0 +1,86 @@
+"""``moe.MoE`` (torch backend) against ``moe/reference.py`` on awkward shapes, and config validation."""
+
+import pytest
+import torch
+
+from moe import Activation, MoE, MoEConfig
+from moe.reference import reference_moe_layer
+from routing import RouterConfig, Scoring
+
+
+def _randomise(layer: MoE) -> MoE:
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.normal_(0.0, 0.2)
+        if layer.router.correction_bias is not None:
+            layer.router.correction_bias.normal_(0.0, 0.1)
+    return layer
+
+
+def _check(layer: MoE, x: torch.Tensor, rtol: float = 1e-5) -> None:
+    with torch.no_grad():
+        got, expected = layer(x), reference_moe_layer(layer, x)
+    assert got.shape == x.shape and got.dtype == x.dtype
+    assert ((got - expected).norm() / expected.norm()).item() <= rtol
+
+
+@pytest.mark.parametrize("T", [1, 33, 222])
+@pytest.mark.parametrize("E, K", [(4, 1), (8, 2), (8, 3)])
+def test_swiglu_matches_reference(T, E, K):
+    layer = _randomise(MoE(MoEConfig(48, 40, E, K)))
+    _check(layer, torch.randn(T, 48))
+
+
+@pytest.mark.parametrize("activation", list(Activation))
+def test_every_activation_with_biases_and_shared_expert(activation):
+    cfg = MoEConfig(40, 24, 6, 2, activation=activation, expert_bias=True, shared_ffn_size=20,
+                    shared_expert_gate=True)
+    _check(_randomise(MoE(cfg)), torch.randn(3, 11, 40))
+
+
+def test_expert_with_zero_tokens():
+    layer = _randomise(MoE(MoEConfig(32, 16, 8, 2)))
+    with torch.no_grad():
+        layer.router.weight[7] = -10.0 * layer.router.weight[:7].abs().sum(0)  # expert 7 never chosen
+    x = torch.randn(33, 32).abs()
+    ids = layer.router(x).ids_TK
+    assert not (ids == 7).any()
+    _check(layer, x)
+
+
+def test_llama4_style_input_scaling_and_deepseek_style_router():
+    llama4 = RouterConfig(8, 1, scoring=Scoring.SIGMOID, renormalize=False, apply_on_input=True)
+    _check(_randomise(MoE(MoEConfig(32, 16, 8, 1, router=llama4, shared_ffn_size=16))), torch.randn(33, 32))
+    ds = RouterConfig(8, 3, scoring=Scoring.SIGMOID, correction_bias=True, num_groups=4, topk_groups=2,
+                      routed_scaling_factor=2.5)
+    _check(_randomise(MoE(MoEConfig(32, 16, 8, 3, router=ds))), torch.randn(33, 32))
+
+
+def test_bf16_input_keeps_dtype():
+    layer = _randomise(MoE(MoEConfig(32, 16, 4, 2)))
+    x = (0.1 * torch.randn(5, 32)).to(torch.bfloat16)
+    with torch.no_grad():
+        y = layer(x)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), reference_moe_layer(layer, x.float()), atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(hidden_size=8, ffn_size=8, num_experts=4, top_k=5), r"top_k \(5\)"),
+        (dict(hidden_size=8, ffn_size=8, num_experts=4, top_k=2, activation="tanh"), r"activation \('tanh'\)"),
+        (dict(hidden_size=0, ffn_size=8, num_experts=4, top_k=2), r"hidden_size \(0\)"),
+        (dict(hidden_size=8, ffn_size=8, num_experts=4, top_k=2, shared_expert_gate=True), "shared_expert_gate"),
+        (dict(hidden_size=8, ffn_size=8, num_experts=4, top_k=2, router=RouterConfig(8, 2)), "num_experts"),
+    ],
+)
+def test_bad_config_raises_naming_field(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        MoEConfig(**kwargs)
+
+
+def test_hidden_size_mismatch_raises():
+    layer = MoE(MoEConfig(16, 8, 4, 2))
+    with pytest.raises(ValueError, match=r"input hidden size \(12\).*hidden_size \(16\)"):
+        layer(torch.randn(3, 12))
