@@ -1,0 +1,20 @@
+# The README's two commands are `make run` and `make test`; each installs everything first.
+PYTHON ?= python
+PIP_INSTALL = DS_BUILD_OPS=0 $(PYTHON) -m pip install -q torch==2.13.0 -e '.[test]'
+
+.PHONY: install run test test-slow bench-layer
+
+install:
+	$(PIP_INSTALL)
+
+# The main job. Until the OpenAI-compatible server lands it is the CPU layer benchmark.
+run: install bench-layer
+
+bench-layer:
+	$(PYTHON) benchmarks/layer.py
+
+test: install
+	$(PYTHON) -m pytest -q -m "not slow"
+
+test-slow: install
+	$(PYTHON) -m pytest -q -m slow

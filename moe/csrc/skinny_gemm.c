@@ -1,0 +1,76 @@
+/* Skinny GEMM for CPU decode: Y[m, o] = sum_d W[o, d] * X[m, d] for few token rows m (M <= ~16).
+ *
+ * W is an expert weight in [out, in] layout, far larger than the caches; X holds the M token rows routed
+ * to that expert. BLAS sgemm repacks W on every call and runs this shape far below the FMA peak; here each
+ * block of 4 weight rows is streamed from memory once, stays in L1, and is multiplied against the token
+ * rows in register tiles of 4 weight rows x NX token rows (NX <= 3: 12 accumulators + 3 loads + 1 weight
+ * vector fit the 16 ymm registers). Weight-row blocks are split over OpenMP threads.
+ */
+#include <immintrin.h>
+
+#define OB 4
+#define ALWAYS_INLINE static inline __attribute__((always_inline))
+
+ALWAYS_INLINE float hsum(__m256 v) {
+    __m128 lo = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
+    lo = _mm_add_ss(lo, _mm_shuffle_ps(lo, lo, 1));
+    return _mm_cvtss_f32(lo);
+}
+
+/* y[j * ldy + i] = dot(w[i], x[j]) for i < OB, j < NX (NX a compile-time constant after inlining). */
+ALWAYS_INLINE void tile(const float *w, long ldw, const float *x, long ldx, const int NX, long D,
+                        float *y, long ldy, const float *prefetch) {
+    __m256 acc[OB][3];
+    for (int i = 0; i < OB; i++)
+        for (int j = 0; j < NX; j++) acc[i][j] = _mm256_setzero_ps();
+    long d = 0;
+    for (; d + 8 <= D; d += 8) {
+        __m256 xv[3];
+        for (int j = 0; j < NX; j++) xv[j] = _mm256_loadu_ps(x + j * ldx + d);
+        if (prefetch && (d & 15) == 0)  /* one 64-byte line per weight row every two steps */
+            for (int i = 0; i < OB; i++) _mm_prefetch((const char *)(prefetch + i * ldw + d), _MM_HINT_T0);
+        for (int i = 0; i < OB; i++) {
+            __m256 wv = _mm256_loadu_ps(w + i * ldw + d);
+            for (int j = 0; j < NX; j++) acc[i][j] = _mm256_fmadd_ps(wv, xv[j], acc[i][j]);
+        }
+    }
+    for (int i = 0; i < OB; i++) {
+        for (int j = 0; j < NX; j++) {
+            float s = hsum(acc[i][j]);
+            for (long t = d; t < D; t++) s += w[i * ldw + t] * x[j * ldx + t];
+            y[j * ldy + i] = s;
+        }
+    }
+}
+
+static void rows_scalar(const float *w, long ldw, int nw, const float *x, long ldx, long M, long D,
+                        float *y, long ldy) {
+    for (int i = 0; i < nw; i++)
+        for (long j = 0; j < M; j++) {
+            float s = 0.0f;
+            for (long t = 0; t < D; t++) s += w[i * ldw + t] * x[j * ldx + t];
+            y[j * ldy + i] = s;
+        }
+}
+
+/* Y [M, O] (row stride ldy) = X [M, D] (row stride ldx) . W [O, D]^T (row stride ldw). */
+void skinny_gemm_nt(const float *W, long O, long D, long ldw, const float *X, long M, long ldx,
+                    float *Y, long ldy, int num_threads) {
+    long blocks = (O + OB - 1) / OB;
+#pragma omp parallel for schedule(static) num_threads(num_threads)
+    for (long b = 0; b < blocks; b++) {
+        long o = b * OB;
+        const float *w = W + o * ldw;
+        if (O - o < OB) {
+            rows_scalar(w, ldw, (int)(O - o), X, ldx, M, D, Y + o, ldy);
+            continue;
+        }
+        /* While the first token tile computes on this block, pull the next block into L1. */
+        const float *next = O - o >= 2 * OB ? w + OB * ldw : 0;
+        long m = 0;
+        for (; m + 3 <= M; m += 3, next = 0) tile(w, ldw, X + m * ldx, ldx, 3, D, Y + m * ldy + o, ldy, next);
+        if (M - m == 2) tile(w, ldw, X + m * ldx, ldx, 2, D, Y + m * ldy + o, ldy, next);
+        if (M - m == 1) tile(w, ldw, X + m * ldx, ldx, 1, D, Y + m * ldy + o, ldy, next);
+    }
+}
