@@ -11,6 +11,7 @@ same FLOPs; "memory" = bytes of the experts actually hit / the measured streamin
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import socket
 import sys
@@ -22,6 +23,7 @@ from torch import nn
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.common import interleaved_medians, memory_read_bandwidth, rel_err  # noqa: E402
 from moe import MoE  # noqa: E402
+from quant import quantize_fp8  # noqa: E402
 
 
 def build_hf_blocks(D: int, F_: int, E: int, K: int):
@@ -93,6 +95,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--no-deepspeed", action="store_true")
+    ap.add_argument("--no-fp8", action="store_true", help="skip the FP8 (channel, block) rows")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -102,6 +105,8 @@ def main() -> None:
     blocks = build_hf_blocks(D, F_, E, K)
     ours = MoE.from_hf(blocks["eager"])
     ds = None if args.no_deepspeed else build_deepspeed(blocks["eager"], D, F_, E, K)
+    fp8 = {} if args.no_fp8 else {s: quantize_fp8(copy.deepcopy(ours), s) for s in ("channel", "block")}
+    fp8_rows = []
     expert_bytes = (blocks["eager"].experts.gate_up_proj[0].numel() + blocks["eager"].experts.down_proj[0].numel()) * 4
     print(f"layer D={D} F={F_} E={E} K={K} fp32, {args.threads} threads; memory read bandwidth {bandwidth / 1e9:.1f} GB/s")
     header = (f"{'T':>5} {'ours ms':>9} {'hf eager':>9} {'hf gmm':>9} {'deepspeed':>9} {'dense ms':>9} {'mem ms':>8} |"
@@ -113,6 +118,7 @@ def main() -> None:
         if ds is not None:
             fns["deepspeed"] = lambda: ds(x)
         fns.update(dense_roofline_fns(T * K, D, F_))
+        fns.update({f"fp8 {s}": (lambda m=m: m(x)) for s, m in fp8.items()})
         with torch.no_grad():
             err = rel_err(ours(x), blocks["eager"](x))
             experts_hit = ours.router(x.view(T, D)).ids_TK.unique().numel()
@@ -125,6 +131,21 @@ def main() -> None:
         print(f"{T:>5} {ms(t['ours'])} {ms(t['hf eager'])} {ms(t['hf gmm'])} {ms(ds_t)} {ms(dense)} {memory * 1e3:8.2f} |"
               f" {best_hf / t['ours']:9.2f}x {ds_t / t['ours']:5.2f}x {dense / t['ours']:7.0%} {memory / t['ours']:8.0%}"
               f" {err:8.1e}")
+        if fp8:
+            with torch.no_grad():
+                errs = {s: rel_err(m(x), ours(x)) for s, m in fp8.items()}
+            fp8_rows.append((T, t["ours"], {s: (t[f"fp8 {s}"], errs[s]) for s in fp8}))
+    print_fp8(fp8_rows)
+
+
+def print_fp8(rows) -> None:
+    if not rows:
+        return
+    print("\nFP8 experts (e4m3fn weights, fp32 compute) vs our fp32 layer, same run; err = relative to fp32 output")
+    print(f"{'T':>5} {'fp32 ms':>9} {'channel':>9} {'block':>9} | {'ch speedup':>10} {'blk speedup':>11} {'ch err':>8} {'blk err':>8}")
+    for T, t32, by in rows:
+        (tc, ec), (tb, eb) = by["channel"], by["block"]
+        print(f"{T:>5} {t32 * 1e3:9.2f} {tc * 1e3:9.2f} {tb * 1e3:9.2f} | {t32 / tc:9.2f}x {t32 / tb:10.2f}x {ec:8.1e} {eb:8.1e}")
 
 
 if __name__ == "__main__":

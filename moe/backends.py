@@ -13,7 +13,8 @@ Shape legend: R routed rows (sorted by expert), D hidden, F expert FFN size, L e
 
 from __future__ import annotations
 
-from typing import Callable
+import functools
+from typing import Callable, Iterator
 
 import torch
 
@@ -39,32 +40,46 @@ def loop_ffn(
     y_RD = torch.empty(x_RD.shape[0], w2_LDF.shape[1], dtype=w2_LDF.dtype, device=x_RD.device)
     x_RD = x_RD.to(w13_LXD.dtype).contiguous()
     skinny = w13_LXD.dtype == torch.float32 and x_RD.device.type == "cpu" and skinny_gemm_available()
+    act = functools.partial(expert_activation, activation=activation, alpha=alpha, limit=limit)
+    for e, start, end in expert_blocks(counts_L):
+        b13, b2 = (None if b13_LX is None else b13_LX[e]), (None if b2_LD is None else b2_LD[e])
+        if skinny and end - start <= SKINNY_MAX_ROWS:
+            w13, w2 = w13_LXD[e], w2_LDF[e]
+            rows_ffn(x_RD[start:end], lambda x, w=w13: skinny_gemm(x, w), lambda a, out, w=w2: skinny_gemm(a, w, out),
+                     act, b13, b2, y_RD[start:end])
+        else:
+            transposed_ffn(x_RD[start:end], w13_LXD[e], w2_LDF[e], act, b13, b2, y_RD[start:end])
+    return y_RD
+
+
+def expert_blocks(counts_L: torch.Tensor) -> Iterator[tuple[int, int, int]]:
+    """``(expert, first row, end row)`` of every expert that has rows."""
     start = 0
     for e, rows in enumerate(counts_L.tolist()):  # NOTE: host sync (CPU strategy only, where it is free)
-        if rows == 0:
-            continue
-        end = start + rows
-        if skinny and rows <= SKINNY_MAX_ROWS:
-            h_MX = skinny_gemm(x_RD[start:end], w13_LXD[e])
-            if b13_LX is not None:
-                h_MX += b13_LX[e]
-            a_MF = expert_activation(h_MX, activation, alpha=alpha, limit=limit).contiguous()
-            skinny_gemm(a_MF, w2_LDF[e], out_MO=y_RD[start:end])
-            if b2_LD is not None:
-                y_RD[start:end] += b2_LD[e]
-            start = end
-            continue
-        x_DM = x_RD[start:end].t()
-        h_XM = torch.mm(w13_LXD[e], x_DM)
-        if b13_LX is not None:
-            h_XM += b13_LX[e].unsqueeze(1)
-        a_FM = expert_activation(h_XM, activation, dim=0, alpha=alpha, limit=limit)
-        y_DM = torch.mm(w2_LDF[e], a_FM)
-        if b2_LD is not None:
-            y_DM += b2_LD[e].unsqueeze(1)
-        y_RD[start:end] = y_DM.t()
-        start = end
-    return y_RD
+        if rows:
+            yield e, start, start + rows
+        start += rows
+
+
+def rows_ffn(x_MD, matmul13, matmul2_into, act, b13_X, b2_D, out_MD) -> None:
+    """One expert on a few rows, row layout: ``matmul13(x) -> h_MX``, ``matmul2_into(a_MF, out_MD)``."""
+    h_MX = matmul13(x_MD)
+    if b13_X is not None:
+        h_MX += b13_X
+    matmul2_into(act(h_MX).contiguous(), out_MD)
+    if b2_D is not None:
+        out_MD += b2_D
+
+
+def transposed_ffn(x_MD, w13_XD, w2_DF, act, b13_X, b2_D, out_MD) -> None:
+    """One expert through BLAS on the transposed block (``h_XM = w13 @ x.T``), written into ``out_MD``."""
+    h_XM = torch.mm(w13_XD, x_MD.t())
+    if b13_X is not None:
+        h_XM += b13_X.unsqueeze(1)
+    y_DM = torch.mm(w2_DF, act(h_XM, dim=0))
+    if b2_D is not None:
+        y_DM += b2_D.unsqueeze(1)
+    out_MD.copy_(y_DM.t())
 
 
 def grouped_mm_ffn(

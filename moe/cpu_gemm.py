@@ -47,6 +47,10 @@ def _library() -> ctypes.CDLL | None:
     lib.skinny_gemm_nt.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_long, ctypes.c_void_p,
                                    ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_long, ctypes.c_int]
     lib.skinny_gemm_nt.restype = None
+    lib.skinny_gemm_nt_fp8.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_long, ctypes.c_void_p,
+                                       ctypes.c_long, ctypes.c_int, ctypes.c_void_p, ctypes.c_long, ctypes.c_long,
+                                       ctypes.c_void_p, ctypes.c_long, ctypes.c_int]
+    lib.skinny_gemm_nt_fp8.restype = None
     return lib
 
 
@@ -56,6 +60,33 @@ def skinny_gemm_available() -> bool:
 
 def skinny_gemm(x_MD: torch.Tensor, w_OD: torch.Tensor, out_MO: torch.Tensor | None = None) -> torch.Tensor:
     """``x_MD @ w_OD.T`` in fp32 on the CPU. Rows of ``x``, ``w`` and ``out`` must be unit-stride."""
+    lib, out_MO = _prepare(x_MD, w_OD, out_MO, torch.float32)
+    lib.skinny_gemm_nt(w_OD.data_ptr(), w_OD.shape[0], x_MD.shape[1], w_OD.stride(0), x_MD.data_ptr(), x_MD.shape[0],
+                       x_MD.stride(0), out_MO.data_ptr(), out_MO.stride(0), torch.get_num_threads())
+    return out_MO
+
+
+def skinny_gemm_fp8(
+    x_MD: torch.Tensor, q_OD: torch.Tensor, scale: torch.Tensor, block: int, out_MO: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``x_MD @ dequant(q_OD).T`` with e4m3fn weights dequantised in registers.
+
+    ``block == 0``: ``scale`` is ``[O]`` (per output channel). Else ``scale`` is ``[ceil(O/block),
+    ceil(D/block)]`` (DeepSeek-V3 ``weight_scale_inv``) and ``block`` a multiple of 8.
+    """
+    lib, out_MO = _prepare(x_MD, q_OD, out_MO, torch.float8_e4m3fn)
+    O, D = q_OD.shape
+    expected = (O,) if block == 0 else (-(-O // block), -(-D // block))
+    if block % 8 or tuple(scale.shape) != expected or scale.dtype != torch.float32 or not scale.is_contiguous():
+        raise ValueError(f"scale {tuple(scale.shape)} {scale.dtype} / block {block}: expected a contiguous fp32 "
+                         f"{expected} and block 0 or a multiple of 8")
+    lib.skinny_gemm_nt_fp8(q_OD.data_ptr(), O, D, q_OD.stride(0), scale.data_ptr(), scale.shape[-1], block,
+                           x_MD.data_ptr(), x_MD.shape[0], x_MD.stride(0), out_MO.data_ptr(), out_MO.stride(0),
+                           torch.get_num_threads())
+    return out_MO
+
+
+def _prepare(x_MD, w_OD, out_MO, w_dtype):
     lib = _library()
     if lib is None:
         raise RuntimeError("skinny GEMM unavailable (needs an AVX2+FMA CPU and a C compiler); check skinny_gemm_available()")
@@ -65,12 +96,10 @@ def skinny_gemm(x_MD: torch.Tensor, w_OD: torch.Tensor, out_MO: torch.Tensor | N
         raise ValueError(f"x_MD {tuple(x_MD.shape)} and w_OD {tuple(w_OD.shape)} disagree on D")
     if out_MO is None:
         out_MO = torch.empty(M, O, dtype=torch.float32)
-    for name, t in (("x_MD", x_MD), ("w_OD", w_OD), ("out_MO", out_MO)):
-        if t.dtype != torch.float32 or t.device.type != "cpu" or t.stride(-1) != 1:
-            raise ValueError(f"{name} must be a CPU fp32 tensor with unit-stride rows, got {t.dtype} {t.device} "
+    for name, t, dtype in (("x_MD", x_MD, torch.float32), ("w_OD", w_OD, w_dtype), ("out_MO", out_MO, torch.float32)):
+        if t.dtype != dtype or t.device.type != "cpu" or t.stride(-1) != 1:
+            raise ValueError(f"{name} must be a CPU {dtype} tensor with unit-stride rows, got {t.dtype} {t.device} "
                              f"strides {t.stride()}")
     if out_MO.shape != (M, O):
         raise ValueError(f"out_MO shape {tuple(out_MO.shape)} must be {(M, O)}")
-    lib.skinny_gemm_nt(w_OD.data_ptr(), O, D, w_OD.stride(0), x_MD.data_ptr(), M, x_MD.stride(0),
-                       out_MO.data_ptr(), out_MO.stride(0), torch.get_num_threads())
-    return out_MO
+    return lib, out_MO

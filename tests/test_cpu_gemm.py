@@ -29,7 +29,7 @@ def test_strided_rows_write_into_a_slice():
 def test_bad_inputs_raise():
     with pytest.raises(ValueError, match="disagree on D"):
         skinny_gemm(torch.randn(2, 3), torch.randn(4, 5))
-    with pytest.raises(ValueError, match="x_MD must be a CPU fp32"):
+    with pytest.raises(ValueError, match="x_MD must be a CPU torch.float32"):
         skinny_gemm(torch.randn(2, 3).double(), torch.randn(4, 3))
     with pytest.raises(ValueError, match="unit-stride"):
         skinny_gemm(torch.randn(3, 2).t(), torch.randn(4, 3))

@@ -58,7 +58,7 @@ static void rows_scalar(const float *w, long ldw, int nw, const float *x, long l
 void skinny_gemm_nt(const float *W, long O, long D, long ldw, const float *X, long M, long ldx,
                     float *Y, long ldy, int num_threads) {
     long blocks = (O + OB - 1) / OB;
-#pragma omp parallel for schedule(static) num_threads(num_threads)
+#pragma omp parallel for schedule(dynamic, 16) num_threads(num_threads)
     for (long b = 0; b < blocks; b++) {
         long o = b * OB;
         const float *w = W + o * ldw;
@@ -72,5 +72,91 @@ void skinny_gemm_nt(const float *W, long O, long D, long ldw, const float *X, lo
         for (; m + 3 <= M; m += 3, next = 0) tile(w, ldw, X + m * ldx, ldx, 3, D, Y + m * ldy + o, ldy, next);
         if (M - m == 2) tile(w, ldw, X + m * ldx, ldx, 2, D, Y + m * ldy + o, ldy, next);
         if (M - m == 1) tile(w, ldw, X + m * ldx, ldx, 1, D, Y + m * ldy + o, ldy, next);
+    }
+}
+
+
+/* ---- FP8 (e4m3fn) weights: the same tiling, converting each weight vector in registers. ----
+ * e4m3 -> fp32: move sign to bit 31 and exponent+mantissa to bits 20..26, then multiply by 2^120 to move the
+ * exponent bias from 7 to 127 (subnormals come out right too). The 2^120 is folded into the scale.
+ * Scales: block == 0: one per weight row (scale[o]); else one per (block x block) tile,
+ * scale[(o / block) * scale_ld + d / block] (DeepSeek-V3 weight_scale_inv layout). */
+#include <stdint.h>
+
+ALWAYS_INLINE __m256 fp8x8_to_f32(const uint8_t *p, __m256 scale) {
+    __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p));
+    __m256i bits = _mm256_and_si256(_mm256_srai_epi32(_mm256_slli_epi32(b, 24), 4), _mm256_set1_epi32((int)0x87F00000));
+    return _mm256_mul_ps(_mm256_castsi256_ps(bits), scale);
+}
+
+ALWAYS_INLINE float fp8_to_f32(uint8_t v) {
+    union { uint32_t u; float f; } c;
+    c.u = ((uint32_t)(v & 0x80) << 24) | ((uint32_t)(v & 0x7F) << 20);
+    return c.f * 1.329227995784916e+36f; /* 2^120 */
+}
+
+ALWAYS_INLINE float row_scale(const float *scale, long scale_ld, int block, long o, long d) {
+    return block ? scale[(o / block) * scale_ld + d / block] : scale[o];
+}
+
+ALWAYS_INLINE void tile_fp8(const uint8_t *w, long ldw, long o, const float *scale, long scale_ld, int block,
+                            const float *x, long ldx, const int NX, long D, float *y, long ldy) {
+    const float pow2_120 = 1.329227995784916e+36f;
+    __m256 acc[OB][3];
+    __m256 sc[OB];
+    for (int i = 0; i < OB; i++) {
+        sc[i] = _mm256_set1_ps(row_scale(scale, scale_ld, block, o + i, 0) * pow2_120);
+        for (int j = 0; j < NX; j++) acc[i][j] = _mm256_setzero_ps();
+    }
+    long d = 0;
+    for (; d + 8 <= D; d += 8) {
+        if (block && d % block == 0 && d)
+            for (int i = 0; i < OB; i++) sc[i] = _mm256_set1_ps(row_scale(scale, scale_ld, block, o + i, d) * pow2_120);
+        __m256 xv[3];
+        for (int j = 0; j < NX; j++) xv[j] = _mm256_loadu_ps(x + j * ldx + d);
+        for (int i = 0; i < OB; i++) {
+            __m256 wv = fp8x8_to_f32(w + i * ldw + d, sc[i]);
+            for (int j = 0; j < NX; j++) acc[i][j] = _mm256_fmadd_ps(wv, xv[j], acc[i][j]);
+        }
+    }
+    for (int i = 0; i < OB; i++) {
+        for (int j = 0; j < NX; j++) {
+            float s = hsum(acc[i][j]);
+            for (long t = d; t < D; t++)
+                s += fp8_to_f32(w[i * ldw + t]) * row_scale(scale, scale_ld, block, o + i, t) * x[j * ldx + t];
+            y[j * ldy + i] = s;
+        }
+    }
+}
+
+static void rows_scalar_fp8(const uint8_t *w, long ldw, long o, int nw, const float *scale, long scale_ld, int block,
+                            const float *x, long ldx, long M, long D, float *y, long ldy) {
+    for (int i = 0; i < nw; i++)
+        for (long j = 0; j < M; j++) {
+            float s = 0.0f;
+            for (long t = 0; t < D; t++)
+                s += fp8_to_f32(w[i * ldw + t]) * row_scale(scale, scale_ld, block, o + i, t) * x[j * ldx + t];
+            y[j * ldy + i] = s;
+        }
+}
+
+/* Y [M, O] = X [M, D] . dequant(W [O, D] e4m3fn)^T. block must be 0 or a multiple of 8. */
+void skinny_gemm_nt_fp8(const uint8_t *W, long O, long D, long ldw, const float *scale, long scale_ld, int block,
+                        const float *X, long M, long ldx, float *Y, long ldy, int num_threads) {
+    long blocks = (O + OB - 1) / OB;
+#pragma omp parallel for schedule(dynamic, 16) num_threads(num_threads)
+    for (long b = 0; b < blocks; b++) {
+        long o = b * OB;
+        const uint8_t *w = W + o * ldw;
+        /* a tile must not straddle two scale rows */
+        if (O - o < OB || (block && (o / block) != ((o + OB - 1) / block))) {
+            int nw = (int)(O - o < OB ? O - o : OB);
+            rows_scalar_fp8(w, ldw, o, nw, scale, scale_ld, block, X, ldx, M, D, Y + o, ldy);
+            continue;
+        }
+        long m = 0;
+        for (; m + 3 <= M; m += 3) tile_fp8(w, ldw, o, scale, scale_ld, block, X + m * ldx, ldx, 3, D, Y + m * ldy + o, ldy);
+        if (M - m == 2) tile_fp8(w, ldw, o, scale, scale_ld, block, X + m * ldx, ldx, 2, D, Y + m * ldy + o, ldy);
+        if (M - m == 1) tile_fp8(w, ldw, o, scale, scale_ld, block, X + m * ldx, ldx, 1, D, Y + m * ldy + o, ldy);
     }
 }

@@ -1,0 +1,34 @@
+"""``quantize_fp8``: put FP8 experts into a built layer or model (router and shared experts stay as they are)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from moe.experts import Experts
+from moe.layer import MoE
+from quant.fp8 import Scheme, quantize_weight
+from routing.config import enum_field
+from quant.fp8_experts import Fp8Experts
+
+
+def quantize_fp8(module_or_weights: nn.Module | torch.Tensor, scheme: Scheme | str = Scheme.BLOCK):
+    """Quantise routed-expert weights to e4m3fn.
+
+    - a tensor ``[..., O, D]``: returns ``(q, scale)`` (see ``quant.fp8.quantize_weight``);
+    - an ``moe.MoE`` or any module containing them: replaces each layer's ``experts`` with ``Fp8Experts``
+      in place and returns the module. Routers, shared experts and gates keep their precision.
+    """
+    scheme = enum_field(Scheme, "scheme", scheme)
+    if isinstance(module_or_weights, torch.Tensor):
+        return quantize_weight(module_or_weights, scheme)
+    layers = [m for m in module_or_weights.modules() if isinstance(m, MoE)]
+    if not layers:
+        raise ValueError(f"no moe.MoE layer in {type(module_or_weights).__name__}: patch it first (moe.patch_hf)")
+    for layer in layers:
+        ex = layer.experts
+        if not isinstance(ex, Experts):
+            raise ValueError(f"experts of type {type(ex).__name__} cannot be quantised again")
+        with torch.no_grad():
+            layer.experts = Fp8Experts(layer.config, scheme, ex.w13_E2FD, ex.w2_EDF, ex.b13_E2F, ex.b2_ED)
+    return module_or_weights
