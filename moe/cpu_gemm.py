@@ -51,6 +51,9 @@ def _library() -> ctypes.CDLL | None:
                                        ctypes.c_long, ctypes.c_int, ctypes.c_void_p, ctypes.c_long, ctypes.c_long,
                                        ctypes.c_void_p, ctypes.c_long, ctypes.c_int]
     lib.skinny_gemm_nt_fp8.restype = None
+    lib.dequantize_fp8.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_long, ctypes.c_void_p,
+                                   ctypes.c_long, ctypes.c_int, ctypes.c_void_p, ctypes.c_long, ctypes.c_int]
+    lib.dequantize_fp8.restype = None
     return lib
 
 
@@ -76,17 +79,33 @@ def skinny_gemm_fp8(
     """
     lib, out_MO = _prepare(x_MD, q_OD, out_MO, torch.float8_e4m3fn)
     O, D = q_OD.shape
-    expected = (O,) if block == 0 else (-(-O // block), -(-D // block))
-    if block % 8 or tuple(scale.shape) != expected or scale.dtype != torch.float32 or not scale.is_contiguous():
-        raise ValueError(f"scale {tuple(scale.shape)} {scale.dtype} / block {block}: expected a contiguous fp32 "
-                         f"{expected} and block 0 or a multiple of 8")
+    _check_scale(q_OD, scale, block)
     lib.skinny_gemm_nt_fp8(q_OD.data_ptr(), O, D, q_OD.stride(0), scale.data_ptr(), scale.shape[-1], block,
                            x_MD.data_ptr(), x_MD.shape[0], x_MD.stride(0), out_MO.data_ptr(), out_MO.stride(0),
                            torch.get_num_threads())
     return out_MO
 
 
-def _prepare(x_MD, w_OD, out_MO, w_dtype):
+def dequantize_fp8(q_OD: torch.Tensor, scale: torch.Tensor, block: int, out_OD: torch.Tensor | None = None) -> torch.Tensor:
+    """fp32 ``[O, D]`` from e4m3fn weights and scales (same layouts as :func:`skinny_gemm_fp8`)."""
+    O, D = q_OD.shape
+    out_OD = torch.empty(O, D) if out_OD is None else out_OD
+    lib, out_OD = _prepare(torch.empty(0, D), q_OD, out_OD, torch.float8_e4m3fn, out_shape=(O, D))
+    _check_scale(q_OD, scale, block)
+    lib.dequantize_fp8(q_OD.data_ptr(), O, D, q_OD.stride(0), scale.data_ptr(), scale.shape[-1], block,
+                       out_OD.data_ptr(), out_OD.stride(0), torch.get_num_threads())
+    return out_OD
+
+
+def _check_scale(q_OD: torch.Tensor, scale: torch.Tensor, block: int) -> None:
+    O, D = q_OD.shape
+    expected = (O,) if block == 0 else (-(-O // block), -(-D // block))
+    if block % 8 or tuple(scale.shape) != expected or scale.dtype != torch.float32 or not scale.is_contiguous():
+        raise ValueError(f"scale {tuple(scale.shape)} {scale.dtype} / block {block}: expected a contiguous fp32 "
+                         f"{expected} and block 0 or a multiple of 8")
+
+
+def _prepare(x_MD, w_OD, out_MO, w_dtype, out_shape=None):
     lib = _library()
     if lib is None:
         raise RuntimeError("skinny GEMM unavailable (needs an AVX2+FMA CPU and a C compiler); check skinny_gemm_available()")
@@ -100,6 +119,6 @@ def _prepare(x_MD, w_OD, out_MO, w_dtype):
         if t.dtype != dtype or t.device.type != "cpu" or t.stride(-1) != 1:
             raise ValueError(f"{name} must be a CPU {dtype} tensor with unit-stride rows, got {t.dtype} {t.device} "
                              f"strides {t.stride()}")
-    if out_MO.shape != (M, O):
-        raise ValueError(f"out_MO shape {tuple(out_MO.shape)} must be {(M, O)}")
+    if out_MO.shape != (out_shape or (M, O)):
+        raise ValueError(f"out_MO shape {tuple(out_MO.shape)} must be {out_shape or (M, O)}")
     return lib, out_MO

@@ -76,3 +76,13 @@ def test_quantize_fp8_needs_moe_layers():
         quant.quantize_fp8(torch.nn.Linear(4, 4), "channel")
     with pytest.raises(ValueError, match=r"scheme \('int4'\)"):
         quant.quantize_fp8(moe.MoE(moe.MoEConfig(8, 8, 2, 1)), "int4")
+
+
+@pytest.mark.skipif(not skinny_gemm_available(), reason="needs an AVX2+FMA CPU and a C compiler")
+@pytest.mark.parametrize("O, D, scheme", [(37, 29, "channel"), (260, 300, "block")])
+def test_c_dequantize_matches_torch(O, D, scheme):
+    from moe.cpu_gemm import dequantize_fp8
+
+    q, scale = quantize_weight(torch.randn(O, D), scheme)
+    block = 0 if scheme == "channel" else BLOCK
+    assert torch.equal(dequantize_fp8(q, scale, block), dequantize_weight(q, scale, block or None))

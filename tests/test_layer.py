@@ -84,3 +84,13 @@ def test_hidden_size_mismatch_raises():
     layer = MoE(MoEConfig(16, 8, 4, 2))
     with pytest.raises(ValueError, match=r"input hidden size \(12\).*hidden_size \(16\)"):
         layer(torch.randn(3, 12))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_torch_backend_on_cuda_matches_reference(dtype):
+    layer = _randomise(MoE(MoEConfig(256, 128, 8, 2, backend="torch"))).cuda().to(dtype)
+    x = (0.1 * torch.randn(33, 256, device="cuda")).to(dtype)
+    with torch.no_grad():
+        got, expected = layer(x).float(), reference_moe_layer(layer.float(), x.float()).float()
+    torch.testing.assert_close(got, expected, atol=2e-2 if dtype == torch.bfloat16 else 1e-4, rtol=2e-2)

@@ -160,3 +160,20 @@ void skinny_gemm_nt_fp8(const uint8_t *W, long O, long D, long ldw, const float 
         if (M - m == 1) tile_fp8(w, ldw, o, scale, scale_ld, block, X + m * ldx, ldx, 1, D, Y + m * ldy + o, ldy);
     }
 }
+
+/* OUT [O, D] (row stride ldo) = dequant(W [O, D] e4m3fn): the BLAS path's one pass over an expert's weights. */
+void dequantize_fp8(const uint8_t *W, long O, long D, long ldw, const float *scale, long scale_ld, int block,
+                    float *OUT, long ldo, int num_threads) {
+    const float pow2_120 = 1.329227995784916e+36f;
+#pragma omp parallel for schedule(dynamic, 16) num_threads(num_threads)
+    for (long o = 0; o < O; o++) {
+        const uint8_t *w = W + o * ldw;
+        float *out = OUT + o * ldo;
+        long d = 0;
+        for (; d + 8 <= D; d += 8) {
+            __m256 s = _mm256_set1_ps(row_scale(scale, scale_ld, block, o, d) * pow2_120);
+            _mm256_storeu_ps(out + d, fp8x8_to_f32(w + d, s));
+        }
+        for (; d < D; d++) out[d] = fp8_to_f32(w[d]) * row_scale(scale, scale_ld, block, o, d);
+    }
+}
