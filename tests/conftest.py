@@ -20,3 +20,4 @@ def _seed_and_threads():
 
 
 os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("TRITON_INTERPRET", "0" if torch.cuda.is_available() else "1")  # CPU: Triton kernels run interpreted
