@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
+from hypermoe.config import HyperMoEConfig
 from routing.config import RouterConfig, Scoring, enum_field
 
 
@@ -52,6 +53,7 @@ class MoEConfig:
     # Batch-invariant combine (fixed summation order, no atomics). The torch backend always combines this way.
     deterministic: bool = False
     extra: dict = field(default_factory=dict)  # free-form provenance (e.g. the HF class it came from)
+    hypermoe: HyperMoEConfig | None = None  # None: off; else a HyperExpert from the unselected experts
 
     def __post_init__(self) -> None:
         self.activation = enum_field(Activation, "activation", self.activation)
@@ -66,6 +68,10 @@ class MoEConfig:
             raise ValueError(f"shared_ffn_size ({self.shared_ffn_size}) must be >= 0")
         if self.shared_expert_gate and not self.shared_ffn_size:
             raise ValueError("shared_expert_gate (True) needs a shared expert (shared_ffn_size > 0)")
+        if isinstance(self.hypermoe, dict):
+            self.hypermoe = HyperMoEConfig(**self.hypermoe)
+        if self.hypermoe is not None and not isinstance(self.hypermoe, HyperMoEConfig):
+            raise ValueError(f"hypermoe ({self.hypermoe!r}) must be a HyperMoEConfig or None")
         if self.router is None:
             self.router = RouterConfig(num_experts=self.num_experts, top_k=self.top_k, scoring=Scoring.SOFTMAX)
         elif (self.router.num_experts, self.router.top_k) != (self.num_experts, self.top_k):

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from all_to_all.dispatcher import Dispatcher, LocalDispatcher
+from hypermoe import HyperMoELayer, HyperNetwork
 from moe.config import Backend, MoEConfig
 from moe.experts import Experts
 from moe.shared import SharedExpert
@@ -24,7 +25,9 @@ class MoE(nn.Module):
     Dropless: every routed row is computed, experts with no rows cost nothing. Output dtype = input dtype.
     """
 
-    def __init__(self, config: MoEConfig, dispatcher: Dispatcher | None = None) -> None:
+    def __init__(
+        self, config: MoEConfig, dispatcher: Dispatcher | None = None, hypernetwork: HyperNetwork | None = None
+    ) -> None:
         super().__init__()
         self.config = config
         self.router = Router(config.router, config.hidden_size)
@@ -36,6 +39,19 @@ class MoE(nn.Module):
         )
         self.dispatcher = dispatcher if dispatcher is not None else LocalDispatcher(config.num_experts)
         self.backend = resolve_backend(config.backend)
+        if self.backend is Backend.TRITON:
+            from moe.triton_backend import check_supported
+
+            check_supported(config)
+        # HyperMoE (config.hypermoe): a HyperExpert from the unselected experts; pass a shared `hypernetwork`
+        # (or call hypermoe.share_hypernetwork(model) afterwards) to use one for all layers, as the paper does.
+        if hypernetwork is not None and config.hypermoe is None:
+            raise ValueError("hypernetwork given but config.hypermoe is None")
+        self.hypermoe = (
+            HyperMoELayer(config.hypermoe, config.num_experts, config.top_k, config.hidden_size, hypernetwork)
+            if config.hypermoe is not None
+            else None
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_with_routing(x)[0]
@@ -48,11 +64,21 @@ class MoE(nn.Module):
         x_TD = x.reshape(-1, D)
         routing = self.router(x_TD)
         # 1. rows to their experts (sorted by expert), 2. grouped FFN, 3. weighted sum back per token
-        x_RD, counts, meta = self.dispatcher.dispatch(x_TD, routing)
-        y_RD = self.experts(x_RD, counts)
-        y_TD = self.dispatcher.combine(y_RD, meta)
+        fused = isinstance(self.dispatcher, LocalDispatcher) and type(self.experts) is Experts
+        # The Triton kernels are inference-only: under autograd the torch path (differentiable) runs instead.
+        wants_grad = torch.is_grad_enabled() and (x_TD.requires_grad or self.experts.w13_E2FD.requires_grad)
+        if self.backend is Backend.TRITON and fused and not wants_grad:
+            from moe.triton_backend import triton_moe_forward  # shuffle + both grouped GEMMs + combine, fused
+
+            y_TD = triton_moe_forward(x_TD, routing, self.experts, self.config.deterministic)
+        else:
+            x_RD, counts, meta = self.dispatcher.dispatch(x_TD, routing)
+            y_RD = self.experts(x_RD, counts)
+            y_TD = self.dispatcher.combine(y_RD, meta)
         if self.shared_expert is not None:
             y_TD = y_TD + self.shared_expert(x_TD)
+        if self.hypermoe is not None:
+            y_TD = y_TD + self.hypermoe(x_TD, routing.ids_TK)
         return y_TD.to(x.dtype).reshape(x.shape), routing
 
     @classmethod
