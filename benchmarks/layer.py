@@ -5,7 +5,8 @@
 
 Every figure comes from one run, peers timed round-robin (median of --reps), so the ratios are robust to the
 noise of a shared machine. Rooflines: "dense" = the fastest dense GEMM pair (F.linear or w @ x.T) doing the
-same FLOPs; "memory" = bytes of the experts actually hit / the measured streaming-read bandwidth.
+same FLOPs; "memory" = bytes of the experts actually hit / the streaming-read bandwidth (the best of a probe
+before the run and one timed among the peers of each row).
 """
 
 from __future__ import annotations
@@ -101,6 +102,7 @@ def main() -> None:
     torch.manual_seed(0)
     D, F_, E, K = args.hidden, args.ffn, args.experts, args.top_k
 
+    probe = torch.ones(256 * 2**20 // 4)  # streamed by a `sum` timed among the peers: bandwidth under the same load
     bandwidth = memory_read_bandwidth()
     blocks = build_hf_blocks(D, F_, E, K)
     ours = MoE.from_hf(blocks["eager"])
@@ -119,12 +121,13 @@ def main() -> None:
             fns["deepspeed"] = lambda: ds(x)
         fns.update(dense_roofline_fns(T * K, D, F_))
         fns.update({f"fp8 {s}": (lambda m=m: m(x)) for s, m in fp8.items()})
+        fns["bandwidth probe"] = probe.sum
         with torch.no_grad():
             err = rel_err(ours(x), blocks["eager"](x))
             experts_hit = ours.router(x.view(T, D)).ids_TK.unique().numel()
             t = interleaved_medians(fns, args.reps)
         dense = min(t["dense F.linear"], t["dense w@x.T"])
-        memory = experts_hit * expert_bytes / bandwidth
+        memory = experts_hit * expert_bytes / max(bandwidth, probe.numel() * 4 / t["bandwidth probe"])
         best_hf = min(t["hf eager"], t["hf gmm"])
         ds_t = t.get("deepspeed", float("nan"))
         ms = lambda s: f"{s * 1e3:9.2f}"  # noqa: E731

@@ -1,0 +1,143 @@
+"""Offline serving throughput: our engine vs ``transformers`` ``generate`` with static batches, in one run.
+
+    python benchmarks/serve_offline.py [--requests 64] [--max-num-seqs 64] [--hf-batches 32,64] [--threads 1]
+
+The embedded default model (or ``--model``); ``--requests`` requests with prompt lengths uniform in [16, 512]
+and output lengths uniform in [8, 256] (fixed seed; prompts are windows of tokenized standard-library source;
+EOS ignored so both sides produce exactly the requested tokens). ``transformers`` runs them in arrival order in
+static batches of each of ``--hf-batches`` (left-padded, generating until the batch's longest request is done;
+only requested tokens count); the ratio is taken against the fastest. Then the engine's per-step host overhead
+(scheduling, input layout, stop checks) as a fraction of step time over steps that decoded exactly ``--batch``
+sequences. One intra-op thread by default: on a shared 2-core machine, 2 threads make small ops 10x slower.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import random
+import time
+
+import torch
+
+from serve import LLM, SamplingParams
+from serve.config import DEFAULT_MODEL
+
+
+def make_requests(tokenizer, n: int, seed: int) -> list[tuple[list[int], int]]:
+    rng = random.Random(seed)
+    corpus = tokenizer.encode(inspect.getsource(argparse) + inspect.getsource(random))
+    requests = []
+    for _ in range(n):
+        prompt_len, output_len = rng.randint(16, 512), rng.randint(8, 256)
+        start = rng.randrange(0, len(corpus) - prompt_len)
+        requests.append((corpus[start:start + prompt_len], output_len))
+    return requests
+
+
+def run_engine(model: str, requests, max_num_seqs: int) -> tuple[float, int, LLM]:
+    """A fresh engine each time, so that a repeat gets no prefix-cache hits from the previous one."""
+    llm = LLM(model, max_num_seqs=max_num_seqs)
+    params = [SamplingParams(max_tokens=out, temperature=0.0, ignore_eos=True) for _, out in requests]
+    llm.generate([[1, 2, 3]], SamplingParams(max_tokens=4))  # warm-up
+    llm.engine.stats.__init__()
+    start = time.perf_counter()
+    outputs = llm.generate([p for p, _ in requests], params)
+    elapsed = time.perf_counter() - start
+    produced = sum(len(o.token_ids) for o in outputs)
+    assert produced == sum(out for _, out in requests)
+    return elapsed, produced, llm
+
+
+def load_transformers(model_dir: str, pad_id: int):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    with torch.inference_mode():
+        model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=4, do_sample=False, pad_token_id=pad_id)
+    return model
+
+
+@torch.inference_mode()
+def run_transformers(model, requests, batch: int, pad_id: int) -> tuple[float, int]:
+    start, produced = time.perf_counter(), 0
+    for i in range(0, len(requests), batch):
+        group = requests[i:i + batch]
+        width = max(len(p) for p, _ in group)
+        ids = torch.tensor([[pad_id] * (width - len(p)) + p for p, _ in group])
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p, _ in group])
+        steps = max(out for _, out in group)
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=steps, min_new_tokens=steps, do_sample=False,
+                             pad_token_id=pad_id)
+        assert out.shape[1] == width + steps
+        produced += sum(n for _, n in group)  # what the requests asked for; the padding steps are waste
+    return time.perf_counter() - start, produced
+
+
+def compare(args, requests, pad_id: int) -> None:
+    """Alternate engine and transformers runs ``--repeats`` times; the best time of each counts (a shared
+    machine's load changes from minute to minute)."""
+    hf_model = load_transformers(args.model, pad_id)
+    batches = [int(b) for b in args.hf_batches.split(",")]
+    best: dict[str, float] = {}
+    for _ in range(args.repeats):
+        seconds, tokens, llm = run_engine(args.model, requests, args.max_num_seqs)
+        best["engine"] = max(best.get("engine", 0.0), tokens / seconds)
+        for batch in batches:
+            hf_s, hf_tokens = run_transformers(hf_model, requests, batch, pad_id)
+            best[f"hf{batch}"] = max(best.get(f"hf{batch}", 0.0), hf_tokens / hf_s)
+    st = llm.engine.stats
+    print(f"engine:       {best['engine']:8.1f} output tok/s  (max_num_seqs {args.max_num_seqs}, {st.steps} steps, "
+          f"{st.prompt_tokens} prompt tokens computed, {llm.engine.scheduler.num_preemptions} preemptions)")
+    for batch in batches:
+        print(f"transformers: {best[f'hf{batch}']:8.1f} output tok/s  (static batches of {batch})")
+    hf_best = max(best[f"hf{b}"] for b in batches)
+    print(f"throughput ratio (engine / best transformers): {best['engine'] / hf_best:.2f}x  (target >= 3x)")
+
+
+def overhead_at_batch(llm: LLM, requests, batch: int) -> tuple[float, float, int]:
+    """Overhead fraction and mean step time over steps with exactly ``batch`` running, decoding sequences."""
+    engine, stats = llm.engine, llm.engine.stats
+    for i, (prompt, _) in enumerate(requests[:batch]):
+        engine.add_request(f"o{i}", prompt[:64], SamplingParams(max_tokens=96, temperature=0.0, ignore_eos=True))
+    overhead = total = 0.0
+    steps = 0
+    while engine.has_unfinished_requests():
+        decoding = len(engine.scheduler.running) == batch and all(
+            s.num_tokens - s.num_computed == 1 for s in engine.scheduler.running)
+        before = (stats.overhead_s, stats.total_s)
+        engine.step()
+        if decoding:
+            overhead += stats.overhead_s - before[0]
+            total += stats.total_s - before[1]
+            steps += 1
+    return overhead / total, total / max(steps, 1), steps
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=32, help="static batch of transformers; overhead batch")
+    parser.add_argument("--hf-batches", default="32,64", help="static batch sizes tried for transformers")
+    parser.add_argument("--max-num-seqs", type=int, default=64, help="the engine's running-sequence limit")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--model", default=str(DEFAULT_MODEL))
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    probe = LLM(args.model, num_kv_blocks=128)
+    requests = make_requests(probe.tokenizer, args.requests, args.seed)
+    pad_id = probe.tokenizer.hf.token_to_id("<|endoftext|>")
+    del probe
+    print(f"{len(requests)} requests: {sum(len(p) for p, _ in requests)} prompt tokens, "
+          f"{sum(o for _, o in requests)} output tokens; threads={args.threads}")
+    compare(args, requests, pad_id)
+    llm = LLM(args.model, max_num_seqs=args.batch)
+    fraction, step_s, steps = overhead_at_batch(llm, requests, args.batch)
+    print(f"per-step host overhead at batch {args.batch}: {100 * fraction:.1f}% of {1e3 * step_s:.1f} ms/step "
+          f"over {steps} steps (target <= 10%)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,64 @@
+"""``MoEDecoder``: a causal LM of GQA attention + ``moe.MoE`` (or dense SwiGLU) blocks.
+
+Shape legend: T tokens of one step (all sequences flattened), D hidden, V vocabulary, B sequences.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from moe import MoE
+from moe.config import Activation
+from moe.shared import SharedExpert
+from serve.models.config import ModelConfig
+from serve.models.layers import Attention, AttentionBackend, RMSNorm, rope_cos_sin
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config, layer)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        if config.is_moe_layer(layer):
+            self.mlp: nn.Module = MoE(config.moe_config())
+        else:
+            self.mlp = SharedExpert(config.hidden_size, config.dense_ffn_size, Activation.SWIGLU, False)
+
+    def forward(self, x_TD: torch.Tensor, cos_TD: torch.Tensor, sin_TD: torch.Tensor,
+                backend: AttentionBackend) -> torch.Tensor:
+        x_TD = x_TD + self.self_attn(self.input_layernorm(x_TD), cos_TD, sin_TD, backend)
+        return x_TD + self.mlp(self.post_attention_layernorm(x_TD))
+
+
+class MoEDecoder(nn.Module):
+    """``forward(input_ids_T, positions_T, backend) -> hidden_TD``; ``logits(hidden_TD) -> logits_TV`` (fp32)."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.init_rope()
+
+    def init_rope(self) -> None:
+        """(Re)compute the RoPE tables; call after materialising a model built on the meta device."""
+        cos, sin = rope_cos_sin(self.config.head_dim, self.config.rope_theta, self.config.max_position_embeddings)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+    def forward(self, input_ids_T: torch.Tensor, positions_T: torch.Tensor, backend: AttentionBackend) -> torch.Tensor:
+        x_TD = self.embed_tokens(input_ids_T)
+        cos_TD = self.rope_cos[positions_T].to(x_TD.dtype)
+        sin_TD = self.rope_sin[positions_T].to(x_TD.dtype)
+        for layer in self.layers:
+            x_TD = layer(x_TD, cos_TD, sin_TD, backend)
+        return self.norm(x_TD)
+
+    def logits(self, hidden_TD: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden_TD).float()

@@ -1,0 +1,103 @@
+"""Decoder building blocks: RMSNorm, rotary embeddings, GQA self-attention.
+
+Shape legend: T tokens (all sequences of a step, flattened), D hidden, H query heads, Hkv key/value heads,
+Dh head dim. Attention itself (which keys a query sees, where K/V live) is delegated to an
+:class:`AttentionBackend`: the paged cache when serving, a dense causal mask when training.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from serve.models.config import ModelConfig, QKNorm
+
+
+class AttentionBackend(Protocol):
+    """``attend(layer, q_THd, k_THkvd, v_THkvd) -> o_THd``: stores K/V as needed and attends."""
+
+    def attend(self, layer: int, q_THd: torch.Tensor, k_THd: torch.Tensor, v_THd: torch.Tensor) -> torch.Tensor: ...
+
+
+class RMSNorm(nn.Module):
+    """``weight * x / sqrt(mean(x^2) + eps)``, computed in fp32 (as ``transformers``)."""
+
+    def __init__(self, size: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def rope_cos_sin(head_dim: int, theta: float, max_positions: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """HF "default" RoPE tables ``[max_positions, Dh]`` (the half-frequencies repeated twice)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    freqs_SF = torch.arange(max_positions, dtype=torch.float32)[:, None] * inv_freq[None, :]
+    emb_SD = torch.cat((freqs_SF, freqs_SF), dim=-1)
+    return emb_SD.cos(), emb_SD.sin()
+
+
+def apply_rope(x_THd: torch.Tensor, cos_TD: torch.Tensor, sin_TD: torch.Tensor) -> torch.Tensor:
+    half = x_THd.shape[-1] // 2
+    rotated = torch.cat((-x_THd[..., half:], x_THd[..., :half]), dim=-1)
+    return x_THd * cos_TD[:, None, :] + rotated * sin_TD[:, None, :]
+
+
+class Attention(nn.Module):
+    """GQA self-attention with one fused ``qkv_proj`` (q rows, then k rows, then v rows)."""
+
+    def __init__(self, config: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.layer = layer
+        self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
+        self.q_size = config.num_heads * config.head_dim
+        self.kv_size = config.num_kv_heads * config.head_dim
+        self.clip_qkv = config.clip_qkv
+        self.qkv_proj = nn.Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.attention_bias)
+        self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=config.o_proj_bias)
+        self.qk_norm = config.qk_norm
+        if config.qk_norm is QKNorm.HEAD:
+            self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps)
+            self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps)
+        elif config.qk_norm is QKNorm.FULL:
+            self.q_norm = RMSNorm(self.q_size, config.rms_norm_eps)
+            self.k_norm = RMSNorm(self.kv_size, config.rms_norm_eps)
+
+    def forward(self, x_TD: torch.Tensor, cos_TD: torch.Tensor, sin_TD: torch.Tensor,
+                backend: AttentionBackend) -> torch.Tensor:
+        T = x_TD.shape[0]
+        q, k, v = self.qkv_proj(x_TD).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        if self.qk_norm is QKNorm.FULL:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.clip_qkv is not None:
+            q, k, v = (t.clamp(-self.clip_qkv, self.clip_qkv) for t in (q, k, v))
+        q_THd = q.reshape(T, self.num_heads, self.head_dim)
+        k_THd = k.reshape(T, self.num_kv_heads, self.head_dim)
+        v_THd = v.reshape(T, self.num_kv_heads, self.head_dim)
+        if self.qk_norm is QKNorm.HEAD:
+            q_THd, k_THd = self.q_norm(q_THd), self.k_norm(k_THd)
+        q_THd, k_THd = apply_rope(q_THd, cos_TD, sin_TD), apply_rope(k_THd, cos_TD, sin_TD)
+        o_THd = backend.attend(self.layer, q_THd, k_THd, v_THd)
+        return self.o_proj(o_THd.reshape(T, self.q_size))
+
+
+class DenseCausalBackend:
+    """Attention over ``B`` equal-length sequences laid out as ``T = B*S`` tokens (training, tests)."""
+
+    def __init__(self, batch: int, seq_len: int) -> None:
+        self.batch, self.seq_len = batch, seq_len
+
+    def attend(self, layer: int, q_THd: torch.Tensor, k_THd: torch.Tensor, v_THd: torch.Tensor) -> torch.Tensor:
+        B, S = self.batch, self.seq_len
+        q = q_THd.view(B, S, *q_THd.shape[1:]).transpose(1, 2)
+        k = k_THd.view(B, S, *k_THd.shape[1:]).transpose(1, 2)
+        v = v_THd.view(B, S, *v_THd.shape[1:]).transpose(1, 2)
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        return o.transpose(1, 2).reshape(B * S, *q_THd.shape[1:])

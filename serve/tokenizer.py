@@ -1,0 +1,100 @@
+"""``Tokenizer``: a checkpoint's ``tokenizer.json`` (via ``tokenizers``) and its jinja chat template."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import jinja2
+import jinja2.ext
+import jinja2.sandbox
+from tokenizers import Tokenizer as HFTokenizer
+
+
+def _token_text(value) -> str | None:
+    return value.get("content") if isinstance(value, dict) else value
+
+
+class Tokenizer:
+    """``encode(text) -> ids``, ``decode(ids) -> text``, ``apply_chat_template(messages) -> prompt text``.
+
+    Reads ``tokenizer.json``, ``tokenizer_config.json`` (special tokens, ``chat_template``) and, where present,
+    ``chat_template.jinja`` (where ``transformers`` 5 saves the template).
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        path = Path(path)
+        if not (path / "tokenizer.json").is_file():
+            raise ValueError(f"tokenizer ({str(path)!r}) has no tokenizer.json")
+        self.hf = HFTokenizer.from_file(str(path / "tokenizer.json"))
+        cfg_path = path / "tokenizer_config.json"
+        cfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
+        self.bos_token = _token_text(cfg.get("bos_token"))
+        self.eos_token = _token_text(cfg.get("eos_token"))
+        template = cfg.get("chat_template")
+        if (path / "chat_template.jinja").is_file():
+            template = (path / "chat_template.jinja").read_text()
+        if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
+            template = next((t["template"] for t in template if t.get("name") == "default"), template[0]["template"])
+        self.chat_template: str | None = template
+
+    @property
+    def vocab_size(self) -> int:
+        return self.hf.get_vocab_size()
+
+    @property
+    def eos_token_id(self) -> int | None:
+        return None if self.eos_token is None else self.hf.token_to_id(self.eos_token)
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self.hf.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self.hf.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, **kwargs) -> str:
+        """Render ``messages`` (``[{"role": ..., "content": ...}]``) with the checkpoint's template."""
+        if self.chat_template is None:
+            raise ValueError("chat_template (None): this tokenizer has no chat template")
+        env = jinja2.sandbox.ImmutableSandboxedEnvironment(
+            trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
+        env.filters["tojson"] = lambda x, indent=None, ensure_ascii=False: json.dumps(
+            x, indent=indent, ensure_ascii=ensure_ascii)
+        env.globals["raise_exception"] = _raise
+        return env.from_string(self.chat_template).render(
+            messages=messages, add_generation_prompt=add_generation_prompt,
+            bos_token=self.bos_token or "", eos_token=self.eos_token or "", **kwargs)
+
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True, **kwargs) -> list[int]:
+        # The template writes the special tokens itself.
+        return self.encode(self.apply_chat_template(messages, add_generation_prompt, **kwargs), False)
+
+
+def _raise(message: str) -> None:
+    raise jinja2.exceptions.TemplateError(message)
+
+
+@dataclass
+class IncrementalDetokenizer:
+    """Text of a growing token list, one step at a time, without re-decoding it all (vLLM's offsets scheme).
+
+    ``add(all_ids) -> new text``. A few tokens of context are re-decoded so that byte-level merges and
+    leading-space rules come out as in a full decode; text ending in an incomplete UTF-8 character waits.
+    """
+
+    tokenizer: Tokenizer
+    prefix_offset: int
+    read_offset: int
+
+    @classmethod
+    def after_prompt(cls, tokenizer: Tokenizer, prompt_len: int) -> "IncrementalDetokenizer":
+        return cls(tokenizer, max(0, prompt_len - 5), prompt_len)
+
+    def add(self, ids: list[int]) -> str:
+        prefix = self.tokenizer.decode(ids[self.prefix_offset:self.read_offset])
+        full = self.tokenizer.decode(ids[self.prefix_offset:])
+        if len(full) <= len(prefix) or full.endswith("\ufffd"):
+            return ""
+        self.prefix_offset, self.read_offset = self.read_offset, len(ids)
+        return full[len(prefix):]
