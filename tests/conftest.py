@@ -14,9 +14,21 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture(autouse=True)
-def _seed_and_threads():
+def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture
+def poison_empty(monkeypatch):
+    """Every ``torch.empty`` comes back NaN-filled (floats) or -7 (ints), so unwritten outputs are caught."""
+    real_empty = torch.empty
+
+    def poisoned(*args, **kwargs):
+        out = real_empty(*args, **kwargs)
+        return out.fill_(float("nan") if out.is_floating_point() else -7)
+
+    monkeypatch.setattr(torch, "empty", poisoned)
 
 
 os.environ.setdefault("WANDB_MODE", "disabled")
