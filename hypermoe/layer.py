@@ -101,7 +101,7 @@ class HyperMoELayer(nn.Module):
             params, rows = self._adapter_table(x_TD.device), rank_U.tolist()  # NOTE: host sync, as below
         else:
             params, rows = self.generate(uniq_UK), list(range(uniq_UK.shape[0]))
-        return apply_adapters(x_TD, inverse_T, counts_U.tolist(), params, rows)
+        return apply_adapters(x_TD, inverse_T, counts_U.tolist(), params, rows)  # NOTE: host sync (set sizes)
 
     def group_sets(self, ids_TK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
         """``(uniq_UK, rank_U, inverse_T, counts_U)``: the U unique selected sets (sorted rows), their colex
