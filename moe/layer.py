@@ -6,6 +6,7 @@ Shape legend: T tokens, D hidden, E experts, K top-k, R routed rows after dispat
 from __future__ import annotations
 
 import importlib.util
+from typing import Callable
 
 import torch
 from torch import nn
@@ -52,6 +53,8 @@ class MoE(nn.Module):
             if config.hypermoe is not None
             else None
         )
+        # Observer of every routing decision (routing.stats.RoutingStats.attach sets it); None costs nothing.
+        self.on_routing: Callable[[Routing], None] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_with_routing(x)[0]
@@ -63,6 +66,8 @@ class MoE(nn.Module):
             raise ValueError(f"input hidden size ({x.shape[-1]}) does not match hidden_size ({D})")
         x_TD = x.reshape(-1, D)
         routing = self.router(x_TD)
+        if self.on_routing is not None:
+            self.on_routing(routing)
         # 1. rows to their experts (sorted by expert), 2. grouped FFN, 3. weighted sum back per token
         fused = isinstance(self.dispatcher, LocalDispatcher) and type(self.experts) is Experts
         # The Triton kernels are inference-only: under autograd the torch path (differentiable) runs instead.
