@@ -1,0 +1,39 @@
+"""``ServerConfig``: the HTTP server's options (Hydra group ``server``; ``server.port=``, ``server.host=``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class ServerConfig:
+    """``served_model_name``: the name clients pass as ``model`` (default: the checkpoint directory's name, or
+    ``moe-serve-default`` for the embedded model). ``drain_timeout_s``: on SIGTERM, in-flight requests get this
+    long to finish before they are aborted. ``stall_s``: ``/health`` turns 503 when one engine step runs longer.
+    ``max_expert_series``: cap on ``/metrics`` expert-load series (experts are bucketed above it).
+    """
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    served_model_name: str | None = None
+    max_request_bytes: int = 16 * 2**20
+    drain_timeout_s: float = 30.0
+    stall_s: float = 120.0
+    routing_stats: bool = True
+    routing_window: int = 100
+    max_expert_series: int = 2048
+    log_level: str = "info"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.port, int) or not 0 <= self.port <= 65535:
+            raise ValueError(f"server.port ({self.port!r}) must be an integer in [0, 65535]")
+        for name in ("max_request_bytes", "routing_window", "max_expert_series"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"server.{name} ({value!r}) must be a positive integer")
+        for name in ("drain_timeout_s", "stall_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"server.{name} ({getattr(self, name)!r}) must be > 0")
+        levels = ("critical", "error", "warning", "info", "debug", "trace")
+        if self.log_level not in levels:
+            raise ValueError(f"server.log_level ({self.log_level!r}) is not one of: {', '.join(levels)}")
