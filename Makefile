@@ -7,8 +7,9 @@ PIP_INSTALL = DS_BUILD_OPS=0 $(PYTHON) -m pip install -q torch==2.13.0 -e '.[tes
 install:
 	$(PIP_INSTALL)
 
-# The main job. Until the OpenAI-compatible server lands it is the CPU layer benchmark.
-run: install bench-layer
+# The main job: the OpenAI-compatible server on the embedded default model (127.0.0.1:8000; Ctrl-C drains).
+run: install
+	moe-serve
 
 bench-layer:
 	$(PYTHON) benchmarks/layer.py
