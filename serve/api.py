@@ -199,7 +199,9 @@ class OpenAIServer:
         if self.draining:
             raise ApiError(503, "the server is shutting down", headers={"Retry-After": "5"})
         rid = ("chatcmpl-" if prep.kind == "chat" else "cmpl-") + uuid.uuid4().hex
-        subs = [SubRequest(f"{rid}-{i}", prep.prompt_ids[i // prep.n], p) for i, p in enumerate(prep.params)]
+        # choice j > 0 of a prompt waits for choice 0 to compute the prompt, then shares its blocks
+        subs = [SubRequest(f"{rid}-{i}", prep.prompt_ids[i // prep.n], p, f"{rid}-{i - i % prep.n}" if i % prep.n
+                           else None) for i, p in enumerate(prep.params)]
         try:
             group = await self.loop.submit(subs)
         except QueueFullError as e:

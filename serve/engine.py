@@ -80,7 +80,11 @@ class LLMEngine:
         self._arrivals = itertools.count()
 
     # -- requests -----------------------------------------------------------------------------------------------
-    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None) -> None:
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None,
+                    prefix_source: str | None = None) -> None:
+        """Queue a request. ``prefix_source``: the id of a queued or running request with the same prompt (another
+        choice of an ``n > 1`` request); this one then starts after it has computed the prompt and reuses its
+        KV blocks through the prefix cache, so the prompt is computed once."""
         params = SamplingParams() if params is None else params
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params ({type(params).__name__}) must be a serve.SamplingParams")
@@ -90,7 +94,13 @@ class LLMEngine:
         ids = self._prompt_ids(prompt)
         if params.stop and self.tokenizer is None:
             raise ValueError(f"stop ({params.stop!r}) needs a tokenizer; this model has none")
-        seq = Sequence(request_id, ids, params, next(self._arrivals))
+        source = None
+        if prefix_source is not None:
+            source = self.requests.get(prefix_source)
+            if source is None or source.prompt_token_ids != ids:
+                raise ValueError(f"prefix_source ({prefix_source!r}) is not a queued or running request "
+                                 "with the same prompt")
+        seq = Sequence(request_id, ids, params, next(self._arrivals), prefix_source=source)
         self.stops.start(seq)
         self.scheduler.add(seq)
         self.requests[request_id] = seq

@@ -32,6 +32,7 @@ class SubRequest:
     request_id: str
     prompt_ids: list[int]
     params: SamplingParams
+    prefix_source: str | None = None  # an earlier sub-request with the same prompt (see LLMEngine.add_request)
 
 
 class RequestGroup:
@@ -121,7 +122,7 @@ class EngineLoop:
             added = []
             try:
                 for index, sub in enumerate(group.subs):
-                    self.engine.add_request(sub.request_id, sub.prompt_ids, sub.params)
+                    self.engine.add_request(sub.request_id, sub.prompt_ids, sub.params, sub.prefix_source)
                     added.append(sub.request_id)
                     self._groups[sub.request_id] = (group, index)
             except BaseException:

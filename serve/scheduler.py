@@ -4,7 +4,8 @@ Each step spends a budget of ``max_num_batched_tokens``: first one token for eve
 decoding, then the rest of running sequences' prompts, then new sequences from the queue (oldest first), their
 prompts cut into chunks that fit the budget. A sequence whose next tokens find no free KV block preempts the
 newest running sequence: its blocks go back to the pool and it re-queues at the front to be recomputed (its
-blocks usually come straight back from the prefix cache).
+blocks usually come straight back from the prefix cache). Sequences that share a prompt with a ``prefix_source``
+(the other choices of an ``n > 1`` request) stay queued until the source has computed it.
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ class Scheduler:
             self.running.remove(seq)
         elif seq.status is SequenceStatus.WAITING:
             self.waiting.remove(seq)
+            seq.prefix_source = None  # admitted: a later recompute (preemption) need not wait for it again
         self.blocks.free(seq)
         seq.status, seq.finish_reason = SequenceStatus.FINISHED, reason
 
@@ -85,13 +87,17 @@ class Scheduler:
         return budget
 
     def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> None:
-        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
-            seq = self.waiting[0]
+        for seq in list(self.waiting):
+            if budget <= 0 or len(self.running) >= self.config.max_num_seqs:
+                break
+            if _awaits_prefix_source(seq):
+                continue
             hits = self.blocks.match_prefix(seq)
             n = min(seq.num_tokens - self.blocks.cached_tokens(seq, hits), budget)
             if not self.blocks.can_admit(seq, hits, n):
                 break
-            self.waiting.popleft()
+            self.waiting.remove(seq)
+            seq.prefix_source = None  # admitted: a later recompute (preemption) need not wait for it again
             cached = self.blocks.admit(seq, hits)
             if seq.num_cached_tokens < 0:
                 seq.num_cached_tokens = cached
@@ -113,3 +119,10 @@ class Scheduler:
         self.num_preemptions += 1
         self.waiting.appendleft(seq)
         out.preempted.append(seq)
+
+
+def _awaits_prefix_source(seq: Sequence) -> bool:
+    """A sibling (another of ``n`` choices) waits until its source has computed the shared prompt, then takes
+    the prompt's full blocks from the prefix cache instead of computing them again."""
+    src = seq.prefix_source
+    return src is not None and not src.is_finished and src.num_computed < src.num_prompt_tokens

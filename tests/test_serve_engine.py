@@ -123,3 +123,23 @@ def test_aborts_and_preemption_return_every_block():
     assert len(finished) == 9
     assert all(o.finish_reason == "length" for o in finished.values())
     _assert_idle(llm)
+
+
+def test_prefix_source_computes_a_shared_prompt_once(llm):
+    engine = llm.engine
+    prompt = list(range(40, 140))  # 100 tokens: 6 full blocks of 16 + 4, not seen by this engine before
+    params = SamplingParams(max_tokens=8, temperature=0.0)
+    before = engine.stats.prompt_tokens
+    engine.add_request("first", prompt, params)
+    engine.add_request("second", prompt, params, prefix_source="first")
+    finals = {}
+    while engine.has_unfinished_requests():
+        finals.update({o.request_id: o for o in engine.step() if o.finished})
+    assert engine.stats.prompt_tokens - before == 100 + 4  # the sibling recomputed only the partial last block
+    assert finals["second"].num_cached_tokens == 96
+    _assert_idle(llm)
+    alone = llm.generate(prompt, params)[0]
+    assert finals["first"].token_ids == finals["second"].token_ids == alone.token_ids
+    with pytest.raises(ValueError, match=r"prefix_source \('nope'\)"):
+        engine.add_request("third", prompt, params, prefix_source="nope")
+    assert not engine.requests
