@@ -24,26 +24,34 @@ _SOURCE = Path(__file__).parent / "csrc" / "skinny_gemm.c"
 _FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC"]
 
 
-@functools.lru_cache(maxsize=1)
-def _library() -> ctypes.CDLL | None:
+def build_library(source_path: Path, flags: list[str] = _FLAGS) -> ctypes.CDLL | None:
+    """Compile a C file with the system compiler into the per-user cache (once per source and flags) and load
+    it; None without an AVX2 CPU or a working compiler (callers then use torch)."""
     if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
         return None
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if compiler is None or not _SOURCE.exists():
+    if compiler is None or not source_path.exists():
         return None
-    source = _SOURCE.read_bytes()
-    digest = hashlib.sha256(source + " ".join(_FLAGS).encode()).hexdigest()[:16]
+    source = source_path.read_bytes()
+    digest = hashlib.sha256(source + " ".join(flags).encode()).hexdigest()[:16]
     cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "moe-serve"
-    target = cache / f"skinny_gemm-{digest}.so"
+    target = cache / f"{source_path.stem}-{digest}.so"
     if not target.exists():
         cache.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=cache) as tmp:
             built = Path(tmp) / target.name
-            result = subprocess.run([compiler, *_FLAGS, str(_SOURCE), "-o", str(built)], capture_output=True)
+            result = subprocess.run([compiler, *flags, str(source_path), "-o", str(built)], capture_output=True)
             if result.returncode != 0:
                 return None
             os.replace(built, target)  # atomic: concurrent first uses never see a half-written library
-    lib = ctypes.CDLL(str(target))
+    return ctypes.CDLL(str(target))
+
+
+@functools.lru_cache(maxsize=1)
+def _library() -> ctypes.CDLL | None:
+    lib = build_library(_SOURCE)
+    if lib is None:
+        return None
     lib.skinny_gemm_nt.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_long, ctypes.c_void_p,
                                    ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_long, ctypes.c_int]
     lib.skinny_gemm_nt.restype = None

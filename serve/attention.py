@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from serve.cpu_attention import paged_decode_attention, paged_decode_available
 from serve.models.config import ModelConfig
 
 
@@ -30,6 +31,7 @@ class PagedKVCache:
         self.pool = torch.zeros(shape, dtype=dtype)
         self.k, self.v = self.pool[0], self.pool[1]
         self.block_size = block_size
+        self.c_decode = paged_decode_available(self.pool)  # decode attention by the C kernel, read in place
 
     @staticmethod
     def bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
@@ -58,6 +60,7 @@ class DecodeGroup:
     start: int
     tables_BM: torch.Tensor  # int64, padded with block 0
     mask_B11S: torch.Tensor  # additive float mask: 0 where slot s holds one of the sequence's keys, else -inf
+    lens_B: torch.Tensor  # int64 keys per sequence
 
     @classmethod
     def build(cls, start: int, tables: list[list[int]], lens: list[int], block_size: int) -> "DecodeGroup":
@@ -65,7 +68,8 @@ class DecodeGroup:
         tables_BM = torch.tensor([t[:width] + [0] * (width - len(t[:width])) for t in tables])
         mask_BS = torch.arange(width * block_size)[None, :] >= torch.tensor(lens)[:, None]
         # additive, built once per step: SDPA would convert a boolean mask in every layer
-        return cls(start, tables_BM, torch.zeros(mask_BS.shape).masked_fill_(mask_BS, float("-inf"))[:, None, None])
+        return cls(start, tables_BM, torch.zeros(mask_BS.shape).masked_fill_(mask_BS, float("-inf"))[:, None, None],
+                   torch.tensor(lens))
 
 
 class PagedAttention:
@@ -98,8 +102,10 @@ class PagedAttention:
                 o_THd[rows] = self._prefill(q_THd[rows], k_cache, v_cache, chunk)
         return o_THd
 
-    @staticmethod
-    def _decode(q_BHd: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, group: DecodeGroup) -> torch.Tensor:
+    def _decode(self, q_BHd: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                group: DecodeGroup) -> torch.Tensor:
+        if self.cache.c_decode:
+            return paged_decode_attention(q_BHd, k_cache, v_cache, group.tables_BM, group.lens_B).to(q_BHd.dtype)
         B, H, Dh = q_BHd.shape
         Hkv = k_cache.shape[0]
         blocks = group.tables_BM.view(-1)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from serve.attention import DecodeGroup, PagedAttention, PagedKVCache, PrefillChunk
+from serve.cpu_attention import paged_decode_available
 from serve.model_runner import split_by_length
 from serve.models import ModelConfig
 from serve.models.layers import DenseCausalBackend
@@ -19,7 +21,10 @@ def _config() -> ModelConfig:
                        moe_ffn_size=4)
 
 
-def test_decode_and_chunked_prefill_match_dense():
+@pytest.mark.parametrize("c_decode", [False, True], ids=["torch", "c-kernel"])
+def test_decode_and_chunked_prefill_match_dense(c_decode):
+    if c_decode and not paged_decode_available(torch.zeros(1)):
+        pytest.skip("no C compiler / AVX2 for the paged decode kernel")
     torch.manual_seed(0)
     lens = [13, 1, 6, 22]  # sequence lengths; awkward sizes, one single-token sequence
     qkv = [(torch.randn(n, H, DH), torch.randn(n, HKV, DH), torch.randn(n, HKV, DH)) for n in lens]
@@ -27,6 +32,7 @@ def test_decode_and_chunked_prefill_match_dense():
     for q, k, v in qkv:
         dense.append(DenseCausalBackend(1, q.shape[0]).attend(0, q, k, v))
     cache = PagedKVCache(_config(), num_blocks=32, block_size=BS, dtype=torch.float32)
+    cache.c_decode = c_decode
     free = torch.randperm(32).tolist()  # scattered, out-of-order blocks
     tables = [[free.pop() for _ in range(-(-n // BS))] for n in lens]
 
@@ -55,3 +61,26 @@ def test_split_by_length():
     assert split_by_length([900, 850, 400, 380, 120], min_saving=250) == [0, 2, 4]
     assert split_by_length([900, 850, 400, 380, 120], min_saving=1000) == [0, 2]  # 280 x 1 saves too little
     assert split_by_length([500] * 40) == [0] and split_by_length([]) == []
+
+
+@pytest.mark.parametrize("dh", [24, 12], ids=["vector-path", "scalar-path"])
+def test_c_decode_kernel_reads_only_each_sequences_keys(poison_empty, dh):
+    """Long and short contexts, GQA groups of 3, blocks scattered; padding slots hold NaN and must not leak."""
+    if not paged_decode_available(torch.zeros(1)):
+        pytest.skip("no C compiler / AVX2 for the paged decode kernel")
+    from serve.cpu_attention import paged_decode_attention
+
+    Hkv, NB, bs, heads = 2, 60, 16, 6
+    k, v = torch.randn(Hkv, NB, bs, dh), torch.randn(Hkv, NB, bs, dh)
+    lens = [1, 16, 17, 222]
+    tables = torch.randperm(NB)[:14 * len(lens)].view(len(lens), 14)  # disjoint, scattered
+    for b, n in enumerate(lens):  # poison every slot past the sequence's end
+        for j in range(n, 14 * bs):
+            k[:, tables[b, j // bs], j % bs] = float("nan")
+    q = torch.randn(len(lens), heads, dh)
+    out = paged_decode_attention(q, k, v, tables, torch.tensor(lens))
+    for b, n in enumerate(lens):
+        keys = k[:, tables[b]].reshape(Hkv, -1, dh)[:, :n].repeat_interleave(heads // Hkv, 0)
+        values = v[:, tables[b]].reshape(Hkv, -1, dh)[:, :n].repeat_interleave(heads // Hkv, 0)
+        p = torch.softmax((q[b][:, None] * keys).sum(-1) / dh**0.5, dim=-1)
+        torch.testing.assert_close(out[b], (p[..., None] * values).sum(1), rtol=1e-5, atol=1e-5)
