@@ -68,13 +68,20 @@ class HyperMoELayer(nn.Module):
         self.layer_index = 0
         num_sets = math.comb(num_experts, top_k)
         self.table_possible = num_sets <= config.cache_max_selections
-        # colex_EK[e, i] = C(e, i + 1): a sorted set's colex rank sum_i C(s_i, i + 1) is a unique int64 key
-        # (a cheap 1-D torch.unique) and its row in the table. Unless C(E, K) overflows: then unique rows.
-        colex_EK = None
-        if num_sets < 2**62:
-            colex_EK = torch.tensor([[math.comb(e, i + 1) for i in range(top_k)] for e in range(num_experts)])
-        self.register_buffer("colex_EK", colex_EK, persistent=False)
+        self.register_buffer("colex_EK", None, persistent=False)
+        self.init_buffers()
         self.clear_cache()
+
+    def init_buffers(self) -> None:
+        """(Re)compute the non-persistent buffer; call after materialising a layer built on the meta device.
+
+        ``colex_EK[e, i] = C(e, i + 1)``: a sorted set's colex rank ``sum_i C(s_i, i + 1)`` is a unique int64
+        key (a cheap 1-D ``torch.unique``) and its row in the table. Unless C(E, K) overflows: then unique rows.
+        """
+        E, K = self.num_experts, self.top_k
+        if math.comb(E, K) < 2**62:
+            device = self.expert_embedding.weight.device
+            self.colex_EK = torch.tensor([[math.comb(e, i + 1) for i in range(K)] for e in range(E)], device=device)
 
     def clear_cache(self) -> None:
         """Drop the cross-step adapter table (it is also rebuilt by itself when any parameter changes)."""

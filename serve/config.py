@@ -21,6 +21,7 @@ class EngineConfig:
     KV cache: ``num_kv_blocks`` blocks of ``block_size`` tokens, or as many as ``kv_cache_bytes`` holds.
     Scheduling: at most ``max_num_seqs`` running sequences, ``max_num_batched_tokens`` tokens per step (decodes
     first, prompts chunked into the rest), ``max_queued_requests`` waiting. ``seed`` drives unseeded sampling.
+    ``hypermoe``: None serves the checkpoint as it is; True/False require it to be / not be a HyperMoE checkpoint.
     """
 
     model: str | None = None
@@ -35,6 +36,7 @@ class EngineConfig:
     max_queued_requests: int = 4096
     enable_prefix_caching: bool = True
     seed: int = 0
+    hypermoe: bool | None = None
 
     def __post_init__(self) -> None:
         self.model = str(DEFAULT_MODEL if self.model is None else self.model)

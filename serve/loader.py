@@ -9,6 +9,7 @@ unknown architectures, missing or mis-shaped tensors raise ``ValueError`` naming
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import warnings
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from hypermoe import HyperMoEConfig, HyperMoELayer
 from serve.models import Family, ModelConfig, MoEDecoder, family_for
 
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # buffers some old checkpoints carry; we recompute them
@@ -39,12 +41,40 @@ def read_config(path: str | Path) -> tuple[dict, Family, ModelConfig]:
     hf = hf.get("text_config", hf) if "architectures" not in hf else hf
     family = family_for(hf)
     config = family.parse(hf)
+    if hf.get("hypermoe") is not None:
+        config.hypermoe = _hypermoe_config(hf["hypermoe"], config)
     gen_path = path / "generation_config.json"
     if gen_path.is_file():
         eos = json.loads(gen_path.read_text()).get("eos_token_id")
         extra = eos if isinstance(eos, list) else [] if eos is None else [eos]
         config.eos_token_ids = tuple(dict.fromkeys(config.eos_token_ids + tuple(extra)))
     return hf, family, config
+
+
+def _hypermoe_config(raw, config: ModelConfig) -> HyperMoEConfig:
+    names = {f.name for f in dataclasses.fields(HyperMoEConfig)}
+    if not isinstance(raw, dict) or set(raw) - names:
+        raise ValueError(f"config.json hypermoe ({raw!r}) must be an object with HyperMoEConfig fields: "
+                         f"{', '.join(sorted(names))}")
+    num_moe_layers = sum(config.is_moe_layer(i) for i in range(config.num_layers))
+    return HyperMoEConfig(**{**raw, "num_layers": max(raw.get("num_layers", 1), num_moe_layers)})
+
+
+def _hypermoe_entries(config: ModelConfig, family: Family, keys: set[str]) -> list[Entry]:
+    """HyperMoE's tensors under our own keys: ``<moe block>.hypermoe.*`` per layer (expert embeddings, the
+    processing MLP) and ``model.hypermoe.hypernetwork.*`` once (shared, stored under the first MoE layer)."""
+    hm, E, K, D = config.hypermoe, config.num_experts, config.top_k, config.hidden_size
+    with torch.device("meta"):
+        layer = HyperMoELayer(hm, E, K, D)
+    own = [n for n, _ in layer.named_parameters() if not n.startswith("hypernetwork.")]
+    shared = [n for n, _ in layer.hypernetwork.named_parameters()]
+    moe_layers = [i for i in range(config.num_layers) if config.is_moe_layer(i)]
+    entries = []
+    for i in moe_layers:
+        prefix, _ = _layer_layout(config, family, i, keys)
+        entries += [Entry(f"model.layers.{i}.{prefix}.hypermoe.{n}", f"layers.{i}.mlp.hypermoe.{n}") for n in own]
+    first = f"layers.{moe_layers[0]}.mlp.hypermoe.hypernetwork."
+    return entries + [Entry(f"model.hypermoe.hypernetwork.{n}", first + n) for n in shared]
 
 
 def _files(path: Path) -> list[Path]:
@@ -99,6 +129,8 @@ def tensor_map(config: ModelConfig, family: Family, keys: set[str] = frozenset()
             entries += _moe_entries(config, family, i, keys)
         else:
             entries += _mlp_entries(hf + "mlp.", ours + "mlp.", config.dense_ffn_size, ("w13_XD", "w2_DS"))
+    if config.hypermoe is not None:
+        entries += _hypermoe_entries(config, family, keys)
     return entries
 
 
@@ -138,14 +170,19 @@ def _build(config: ModelConfig, dtype: torch.dtype) -> MoEDecoder:
     model = model.to_empty(device="cpu").to(dtype)
     if config.tie_word_embeddings:  # to_empty re-creates parameters one module at a time
         model.lm_head.weight = model.embed_tokens.weight
-    model.init_rope()
+    model.init_buffers()
     return model.eval().requires_grad_(False)
 
 
-def load_model(path: str | Path, dtype: torch.dtype = torch.float32) -> MoEDecoder:
-    """Build and fill a :class:`MoEDecoder` from a HF directory; raises ``ValueError`` naming any bad key."""
+def load_model(path: str | Path, dtype: torch.dtype = torch.float32, hypermoe: bool | None = None) -> MoEDecoder:
+    """Build and fill a :class:`MoEDecoder` from a HF directory; raises ``ValueError`` naming any bad key.
+
+    ``hypermoe``: None serves what the checkpoint is; True/False insist that it is / is not a HyperMoE one."""
     path = Path(path)
     _, family, config = read_config(path)
+    if hypermoe is not None and hypermoe != (config.hypermoe is not None):
+        raise ValueError(f"hypermoe ({hypermoe}) but checkpoint {path} is {'' if config.hypermoe else 'not '}a "
+                         "HyperMoE checkpoint (config.json key 'hypermoe')")
     model = _build(config, dtype)
     params = dict(model.named_parameters())
     filled = dict.fromkeys(params, 0)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
+from hypermoe import HyperMoEConfig
 from moe.config import Activation, MoEConfig
 from routing.config import RouterConfig, Scoring
 
@@ -50,6 +51,7 @@ class ModelConfig:
     tie_word_embeddings: bool = False
     eos_token_ids: tuple[int, ...] = ()
     bos_token_id: int | None = None
+    hypermoe: HyperMoEConfig | None = None  # our config.json extension key "hypermoe" (HyperMoEConfig fields)
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -81,4 +83,5 @@ class ModelConfig:
             hidden_size=self.hidden_size, ffn_size=self.moe_ffn_size, num_experts=self.num_experts,
             top_k=self.top_k, activation=Activation.SWIGLU, router=router, shared_ffn_size=self.shared_ffn_size,
             shared_expert_gate=self.shared_expert_gate, extra={"architecture": self.architecture},
+            hypermoe=self.hypermoe,
         )

@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from hypermoe import HyperMoELayer, share_hypernetwork
 from moe import MoE
 from moe.config import Activation
 from moe.shared import SharedExpert
@@ -44,10 +45,16 @@ class MoEDecoder(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
-        self.init_rope()
+        if config.hypermoe is not None:  # one hypernetwork for all layers, as in the paper
+            share_hypernetwork(self)
+        self.init_buffers()
 
-    def init_rope(self) -> None:
-        """(Re)compute the RoPE tables; call after materialising a model built on the meta device."""
+    def init_buffers(self) -> None:
+        """(Re)compute the non-persistent buffers (RoPE tables, HyperMoE's set ranks); call after materialising
+        a model built on the meta device."""
+        for module in self.modules():
+            if isinstance(module, HyperMoELayer):
+                module.init_buffers()
         cos, sin = rope_cos_sin(self.config.head_dim, self.config.rope_theta, self.config.max_position_embeddings)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
