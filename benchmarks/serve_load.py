@@ -148,7 +148,7 @@ def main() -> None:
         from serve_server import running_server
 
         os.environ.setdefault("OMP_NUM_THREADS", "1")
-        with running_server("server.routing_stats=false", "server.log_level=warning") as server:
+        with running_server("server.log_level=warning") as server:
             asyncio.run(run_load(server.url, requests[:2], float("inf"), 2, args.seed))  # warm-up
             results, elapsed = asyncio.run(run_load(server.url, requests, args.request_rate, args.max_concurrency,
                                                     args.seed))

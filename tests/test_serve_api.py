@@ -13,7 +13,7 @@ from serve import LLM, SamplingParams
 from serve_server import running_server
 
 ENGINE = dict(max_num_seqs=8, max_num_batched_tokens=256, max_model_len=256)
-OVERRIDES = ("server.routing_stats=false", "engine.max_num_seqs=8", "engine.max_num_batched_tokens=256", "model.max_model_len=256")
+OVERRIDES = ("engine.max_num_seqs=8", "engine.max_num_batched_tokens=256", "model.max_model_len=256")
 PROMPT = "def fibonacci(n):"
 MODEL = "moe-serve-default"
 
@@ -191,6 +191,30 @@ def test_openai_client_raises_its_own_error_types(client):
         client.completions.create(model="other", prompt="x")
     with pytest.raises(openai.BadRequestError, match="top_p"):
         client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}], top_p=7)
+
+
+def test_routing_statistics_count_every_computed_token(server):
+    before = httpx.get(server.v1 + "/moe/routing").json()
+    assert before["num_layers"] == 4 and before["num_experts"] == 8
+    prompt = [1000 + 7 * i for i in range(37)]  # never seen: no prefix-cache hits
+    r = httpx.post(server.v1 + "/completions", json={"prompt": prompt, "max_tokens": 5, "temperature": 0,
+                                                     "ignore_eos": True}, timeout=60)
+    assert r.status_code == 200
+    after = httpx.get(server.v1 + "/moe/routing").json()
+    top_k, computed = 2, 37 + 5 - 1  # the last sampled token is never fed back
+    for layer in range(4):
+        assert sum(after["cumulative"][layer]) - sum(before["cumulative"][layer]) == top_k * computed
+    series = server.metric("moe_serve_expert_tokens_total", 'expert="3",layer="2"')
+    assert series == after["cumulative"][2][3]
+
+
+def test_expert_label_buckets_bound_the_series():
+    from serve.metrics import expert_buckets
+
+    assert expert_buckets(4, 8, 2048) == [(e, e + 1) for e in range(8)]
+    wide = expert_buckets(61, 256, 2048)  # DeepSeek-V3-sized: 61 layers x 256 experts
+    assert 61 * len(wide) <= 2048 and wide[0] == (0, 8) and wide[-1][1] == 256
+    assert expert_buckets(3, 10, 6) == [(0, 5), (5, 10)]
 
 
 def test_health_metrics_and_idle_after_all_of_the_above(server):

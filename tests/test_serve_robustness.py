@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from serve_server import running_server
 
-OVERRIDES = ("server.routing_stats=false", "model.max_model_len=64", "engine.max_num_seqs=4", "engine.max_num_batched_tokens=64",
+OVERRIDES = ("model.max_model_len=64", "engine.max_num_seqs=4", "engine.max_num_batched_tokens=64",
              "engine.max_queued_requests=32", "server.max_request_bytes=2000000")
 
 
