@@ -37,6 +37,7 @@ class ModelConfig:
     tokenizer: str | None = None
     dtype: str = EngineConfig.dtype
     max_model_len: int | None = None
+    hypermoe: bool | None = None  # None: as the checkpoint is; true/false: insist it is / is not HyperMoE
 
 
 @dataclass
@@ -66,7 +67,7 @@ ConfigStore.instance().store(name="moe_serve", node=MoEServeConfig)
 def engine_config(cfg: MoEServeConfig) -> EngineConfig:
     m = cfg.model
     return EngineConfig(model=m.path, tokenizer=m.tokenizer, dtype=m.dtype, max_model_len=m.max_model_len,
-                        **vars(cfg.engine))
+                        hypermoe=m.hypermoe, **vars(cfg.engine))
 
 
 class _DrainingServer(uvicorn.Server):
