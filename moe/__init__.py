@@ -1,6 +1,6 @@
 """The drop-in Mixture-of-Experts layer: ``MoE(MoEConfig(...))``, ``MoE.from_hf``, ``patch_hf``."""
 
-from moe.config import Activation, Backend, MoEConfig
+from moe.config import Activation, Backend, MoEConfig, Quant
 from moe.layer import MoE
 
 
@@ -11,4 +11,4 @@ def patch_hf(model) -> int:
     return _patch_hf(model)
 
 
-__all__ = ["Activation", "Backend", "MoE", "MoEConfig", "patch_hf"]
+__all__ = ["Activation", "Backend", "MoE", "MoEConfig", "Quant", "patch_hf"]

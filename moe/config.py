@@ -23,6 +23,18 @@ class Activation(str, enum.Enum):
         return self in (Activation.SWIGLU, Activation.GEGLU, Activation.SWIGLU_OAI)
 
 
+class Quant(str, enum.Enum):
+    """Routed-expert weight formats other than the layer's dtype; routers, shared experts and gates keep theirs."""
+
+    FP8_CHANNEL = "fp8-channel"  # e4m3 weights, one fp32 scale per output row
+    FP8_BLOCK = "fp8-block"  # e4m3 weights, one fp32 scale per 128x128 block (DeepSeek-V3 weight_scale_inv)
+
+    @property
+    def scheme(self) -> str:
+        """The ``quant.Scheme`` value: ``"channel"`` or ``"block"``."""
+        return self.value.removeprefix("fp8-")
+
+
 class Backend(str, enum.Enum):
     AUTO = "auto"  # triton where a GPU and triton are present, else torch
     TORCH = "torch"  # plain torch: the fast CPU path; also runs on CUDA
@@ -36,6 +48,7 @@ class MoEConfig:
     Required: ``hidden_size`` (D), ``ffn_size`` (F, per expert), ``num_experts`` (E), ``top_k`` (K).
     ``router`` defaults to a softmax top-k router with renormalised weights; pass a
     :class:`routing.RouterConfig` (its ``num_experts``/``top_k`` must match) for other families.
+    ``quant`` (``"fp8-channel"`` or ``"fp8-block"``) stores the routed experts in e4m3 (``quant.Fp8Experts``).
     """
 
     hidden_size: int
@@ -54,10 +67,13 @@ class MoEConfig:
     deterministic: bool = False
     extra: dict = field(default_factory=dict)  # free-form provenance (e.g. the HF class it came from)
     hypermoe: HyperMoEConfig | None = None  # None: off; else a HyperExpert from the unselected experts
+    quant: Quant | None = None  # None: experts in the layer's dtype; else FP8 experts (quant.Fp8Experts)
 
     def __post_init__(self) -> None:
         self.activation = enum_field(Activation, "activation", self.activation)
         self.backend = enum_field(Backend, "backend", self.backend)
+        if self.quant is not None:
+            self.quant = enum_field(Quant, "quant", self.quant)
         for name in ("hidden_size", "ffn_size", "num_experts", "top_k"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:

@@ -16,6 +16,7 @@ from hypermoe import HyperMoELayer, HyperNetwork
 from moe.config import Backend, MoEConfig
 from moe.experts import Experts
 from moe.shared import SharedExpert
+from quant.fp8_experts import Fp8Experts
 from routing.router import Router, Routing
 
 
@@ -32,7 +33,7 @@ class MoE(nn.Module):
         super().__init__()
         self.config = config
         self.router = Router(config.router, config.hidden_size)
-        self.experts = Experts(config)
+        self.experts = Fp8Experts(config) if config.quant is not None else Experts(config)
         self.shared_expert = (
             SharedExpert(config.hidden_size, config.shared_ffn_size, config.activation, config.shared_expert_gate)
             if config.shared_ffn_size
@@ -69,7 +70,7 @@ class MoE(nn.Module):
         if self.on_routing is not None:
             self.on_routing(routing)
         # 1. rows to their experts (sorted by expert), 2. grouped FFN, 3. weighted sum back per token
-        fused = isinstance(self.dispatcher, LocalDispatcher) and type(self.experts) is Experts
+        fused = isinstance(self.dispatcher, LocalDispatcher) and type(self.experts) in (Experts, Fp8Experts)
         # The Triton kernels are inference-only: under autograd the torch path (differentiable) runs instead.
         wants_grad = torch.is_grad_enabled() and (x_TD.requires_grad or self.experts.w13_E2FD.requires_grad)
         if self.backend is Backend.TRITON and fused and not wants_grad:

@@ -8,6 +8,8 @@ Shape legend: T tokens, D hidden, F expert FFN size, E experts, K top-k, N = T*K
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -44,11 +46,16 @@ def reference_expert(
     b2_D: torch.Tensor | None = None,
     alpha: float = 1.702,
     limit: float = 7.0,
+    input_quant: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """One expert MLP in fp32: ``x [M, D] -> [M, D]``; ``w13`` has ``R = 2F`` (gated) or ``F`` rows."""
-    h = F.linear(x_MD.float(), w13_RD.float(), None if b13_R is None else b13_R.float())
+    """One expert MLP in fp32: ``x [M, D] -> [M, D]``; ``w13`` has ``R = 2F`` (gated) or ``F`` rows.
+
+    ``input_quant`` (row-wise, e.g. ``quant.fp8.fake_quantize_activation``) is applied to the input of each
+    GEMM: the FP8-emulated reference of kernels that quantise activations."""
+    quantize = input_quant or (lambda t: t)
+    h = F.linear(quantize(x_MD.float()), w13_RD.float(), None if b13_R is None else b13_R.float())
     a = expert_activation(h, Activation(activation), alpha=alpha, limit=limit)
-    return F.linear(a, w2_DF.float(), None if b2_D is None else b2_D.float())
+    return F.linear(quantize(a), w2_DF.float(), None if b2_D is None else b2_D.float())
 
 
 def reference_moe(
@@ -63,10 +70,12 @@ def reference_moe(
     apply_on_input: bool = False,
     alpha: float = 1.702,
     limit: float = 7.0,
+    input_quant: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Routed experts only (no router, no shared expert): ``y_TD = sum_k w_tk * expert_{id_tk}(x_t)``.
 
     With ``apply_on_input`` the weight scales the expert's input instead (Llama 4). Returns fp32.
+    ``input_quant``: see :func:`reference_expert`.
     """
     activation = Activation(activation)
     x32_TD = x_TD.float()
@@ -79,7 +88,7 @@ def reference_moe(
         x_MD = x32_TD[token_idx] * w_M1 if apply_on_input else x32_TD[token_idx]
         y_MD = reference_expert(
             x_MD, w13_ERD[e], w2_EDF[e], activation,
-            None if b13_ER is None else b13_ER[e], None if b2_ED is None else b2_ED[e], alpha, limit,
+            None if b13_ER is None else b13_ER[e], None if b2_ED is None else b2_ED[e], alpha, limit, input_quant,
         )
         y_TD.index_add_(0, token_idx, y_MD if apply_on_input else y_MD * w_M1)
     return y_TD

@@ -21,6 +21,7 @@ import torch
 
 from moe.config import MoEConfig
 from moe.experts import Experts
+from quant.fp8_experts import Fp8Experts
 from routing.router import Routing
 
 
@@ -36,7 +37,7 @@ def check_supported(config: MoEConfig) -> None:
 
 
 def triton_moe_forward(
-    x_TD: torch.Tensor, routing: Routing, experts: Experts, deterministic: bool, autotune: bool = True
+    x_TD: torch.Tensor, routing: Routing, experts: Experts | Fp8Experts, deterministic: bool, autotune: bool = True
 ) -> torch.Tensor:
     """``y_TD = sum_k w_tk * expert_{id_tk}(x_t)`` (or the weight on the input when ``routing.apply_on_input``),
     fp32 ``[T, D]``; the same math as :func:`moe.reference.reference_moe`. Inference only.
@@ -44,6 +45,8 @@ def triton_moe_forward(
     ``deterministic``: no atomics, a fixed summation order and one tile config for every T (batch-invariant).
     ``autotune``: on a GPU, benchmark a few tile configs per token bucket on first use (ignored when
     deterministic and under the Triton interpreter, which use the default table).
+    ``Fp8Experts`` run the FP8 grouped GEMMs (``moe/kernels/fp8_grouped_gemm.py``): activations quantised per
+    token and 128 columns, fp32 accumulation; the FP8 table's tile configs (no autotuning yet).
     """
     from moe.kernels.gemm_act import gemm_act
     from moe.kernels.gemm_combine import gemm_combine
@@ -55,6 +58,8 @@ def triton_moe_forward(
             "backend='triton' is inference-only (its kernels have no backward): run under torch.no_grad() or "
             "torch.inference_mode(), or use backend='torch' to train"
         )
+    if isinstance(experts, Fp8Experts):
+        return _fp8_forward(x_TD, routing, experts, deterministic)
     cfg = experts.config
     w13_EXD, w2_EDF = experts.w13_E2FD, experts.w2_EDF
     x_TD = x_TD.to(w13_EXD.dtype)
@@ -74,4 +79,29 @@ def triton_moe_forward(
     return gemm_combine(
         h_NF, token_idx_N, order_N, counts_E, w2_EDF, weights_TK, experts.b2_ED,
         weighted=not routing.apply_on_input, deterministic=deterministic, config=config2, autotune=tune,
+    )
+
+
+def _fp8_forward(x_TD: torch.Tensor, routing: Routing, experts: Fp8Experts, deterministic: bool) -> torch.Tensor:
+    """The FP8 launches: shuffle, ``group_quant(x_TD)``, GEMM 1 (+ quantised h), GEMM 2 + combine."""
+    from moe.kernels.fp8_grouped_gemm import BATCH_INVARIANT, fp8_gemm_act, fp8_gemm_combine, group_quant
+    from moe.kernels.index_shuffle import index_shuffle
+
+    cfg = experts.config
+    scheme = experts.scheme.value
+    weights_TK = routing.weights_TK.float().contiguous()
+    config = BATCH_INVARIANT if deterministic else None
+    # 1. counting sort of the routed rows by expert; 2. x_TD in e4m3, one scale per token and 128 columns
+    order_N, token_idx_N, _, counts_E, _ = index_shuffle(routing.ids_TK.contiguous(), experts.num_experts)
+    xq_TD, x_scale_TG = group_quant(x_TD)
+    # 3. gathered rows @ w13 -> activation -> h_NF, quantised per row and 128 columns in the epilogue
+    hq_NF, h_scale_NG = fp8_gemm_act(
+        xq_TD, x_scale_TG, token_idx_N, order_N, counts_E, experts.w13_E2FD, experts.w13_scale, scheme,
+        cfg.activation.value, experts.b13_E2F, weights_TK if routing.apply_on_input else None,
+        cfg.swiglu_alpha, cfg.swiglu_limit, config=config,
+    )
+    # 4. h_NF @ w2 -> weighted sum back to the tokens
+    return fp8_gemm_combine(
+        hq_NF, h_scale_NG, token_idx_N, order_N, counts_E, experts.w2_EDF, experts.w2_scale, scheme, weights_TK,
+        experts.b2_ED, weighted=not routing.apply_on_input, deterministic=deterministic, config=config,
     )

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import nn
 
+from moe.config import Quant
 from moe.experts import Experts
-from moe.layer import MoE
 from quant.fp8 import Scheme, quantize_weight
-from routing.config import enum_field
 from quant.fp8_experts import Fp8Experts
+from routing.config import enum_field
 
 
 def quantize_fp8(module_or_weights: nn.Module | torch.Tensor, scheme: Scheme | str = Scheme.BLOCK):
@@ -17,8 +19,11 @@ def quantize_fp8(module_or_weights: nn.Module | torch.Tensor, scheme: Scheme | s
 
     - a tensor ``[..., O, D]``: returns ``(q, scale)`` (see ``quant.fp8.quantize_weight``);
     - an ``moe.MoE`` or any module containing them: replaces each layer's ``experts`` with ``Fp8Experts``
-      in place and returns the module. Routers, shared experts and gates keep their precision.
+      in place (and sets ``layer.config.quant``) and returns the module. Routers, shared experts and gates keep
+      their precision. ``MoEConfig(quant="fp8-block")`` builds such a layer directly.
     """
+    from moe.layer import MoE  # moe.layer builds Fp8Experts: imported on use to keep the import graph acyclic
+
     scheme = enum_field(Scheme, "scheme", scheme)
     if isinstance(module_or_weights, torch.Tensor):
         return quantize_weight(module_or_weights, scheme)
@@ -29,6 +34,8 @@ def quantize_fp8(module_or_weights: nn.Module | torch.Tensor, scheme: Scheme | s
         ex = layer.experts
         if not isinstance(ex, Experts):
             raise ValueError(f"experts of type {type(ex).__name__} cannot be quantised again")
+        config = dataclasses.replace(layer.config, quant=Quant(f"fp8-{scheme.value}"))
         with torch.no_grad():
-            layer.experts = Fp8Experts(layer.config, scheme, ex.w13_E2FD, ex.w2_EDF, ex.b13_E2F, ex.b2_ED)
+            layer.experts = Fp8Experts(dataclasses.replace(ex.config, quant=config.quant), ex.num_experts, weights=ex)
+        layer.config = config
     return module_or_weights

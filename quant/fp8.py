@@ -44,6 +44,23 @@ def dequantize_weight(q: torch.Tensor, scale: torch.Tensor, block: int | None = 
     return _untile(tiles * scale.unsqueeze(-2).unsqueeze(-1), O, D)
 
 
+def quantize_activation(x: torch.Tensor, group: int = BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per token and ``group`` columns (DeepSeek-V3's "dynamic" 1x128 activation scales): ``x [..., D]`` ->
+    ``(q [..., D] e4m3fn, scale [..., ceil(D/group)] fp32)``; a ragged last group is zero-padded."""
+    D = x.shape[-1]
+    groups = torch.nn.functional.pad(x.detach().float(), (0, -D % group)).unflatten(-1, (-1, group))
+    q, scale = quantize_weight(groups, Scheme.CHANNEL)
+    return q.flatten(-2)[..., :D], scale
+
+
+def fake_quantize_activation(x: torch.Tensor, group: int = BLOCK) -> torch.Tensor:
+    """``x`` through :func:`quantize_activation` and back, in fp32: the activations an FP8 GEMM multiplies."""
+    q, scale = quantize_activation(x, group)
+    D = x.shape[-1]
+    groups = torch.nn.functional.pad(q.float(), (0, -D % group)).unflatten(-1, (-1, group))
+    return (groups * scale.unsqueeze(-1)).flatten(-2)[..., :D]
+
+
 def _tiles(w: torch.Tensor, block: int) -> tuple[torch.Tensor, tuple[int, int]]:
     """``[..., O, D]`` -> zero-padded ``[..., O/b, b, D/b, b]`` view of tiles."""
     O, D = w.shape[-2:]

@@ -1,11 +1,14 @@
 """``Fp8Experts``: routed experts with e4m3fn weights, a drop-in for ``moe.experts.Experts``.
 
-Shape legend: E experts, D hidden, F expert FFN size, X = 2F (gated) or F, R routed rows sorted by expert.
+Shape legend: E experts, D hidden, F expert FFN size, X = 2F (gated) or F, R routed rows sorted by expert,
+H halves of ``w13`` (2 when gated: gate rows, then up rows; else 1).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import warnings
 
 import torch
 from torch import nn
@@ -14,32 +17,44 @@ from moe.activations import expert_activation
 from moe.backends import SKINNY_MAX_ROWS, expert_blocks, rows_ffn, transposed_ffn
 from moe.config import MoEConfig
 from moe.cpu_gemm import dequantize_fp8, skinny_gemm_available, skinny_gemm_fp8
+from moe.experts import Experts
 from quant.fp8 import BLOCK, Scheme, dequantize_weight, quantize_weight
 
 
 class Fp8Experts(nn.Module):
-    """``Fp8Experts(config, scheme, w13_E2FD, w2_EDF, b13_E2F=None, b2_ED=None)(x_RD, counts_E) -> y_RD``.
+    """``Fp8Experts(config, num_local_experts=None, weights=None)(x_RD, counts_E) -> y_RD``.
 
-    Buffers: ``w13_E2FD`` / ``w2_EDF`` (e4m3fn) with ``w13_scale`` / ``w2_scale`` (fp32; ``[E, X]`` for
-    ``channel``, ``[E, ceil(X/128), ceil(D/128)]`` for ``block``). Biases stay in high precision.
+    ``config.quant`` picks the scheme. ``weights``: an ``Experts`` whose weights are quantised (default: fresh
+    ones, initialised as ``Experts`` initialises them). Buffers: ``w13_E2FD`` / ``w2_EDF`` (e4m3fn) with
+    ``w13_scale`` / ``w2_scale`` (fp32). ``fp8-channel``: ``[E, X]`` / ``[E, D]``, one scale per output row.
+    ``fp8-block``: DeepSeek-V3 ``weight_scale_inv`` blocks of 128x128, ``w2_scale [E, ceil(D/128),
+    ceil(F/128)]``; ``w13``'s gate and up halves each have blocks of their own, ``w13_scale [E, H *
+    ceil(X/H/128), ceil(D/128)]``, so per-expert checkpoints (gate_proj, up_proj) load bit-exactly whatever F is.
+    Biases stay in high precision. ``.to(dtype)`` moves these tensors between devices but keeps their dtypes.
+
     CPU: few rows per expert go through the skinny GEMM, dequantising in registers (a quarter of the fp32
-    weight bytes); more rows dequantise that expert's weights once and use BLAS.
+    weight bytes); more rows dequantise that expert's weights once and use BLAS. GPU: the Triton FP8 grouped
+    GEMM (``moe.kernels.fp8_grouped_gemm``) when the layer's backend is ``triton``.
     """
 
-    def __init__(self, config: MoEConfig, scheme: Scheme | str, w13_E2FD: torch.Tensor, w2_EDF: torch.Tensor,
-                 b13_E2F: torch.Tensor | None = None, b2_ED: torch.Tensor | None = None) -> None:
+    SCALES = {"w13_E2FD": "w13_scale", "w2_EDF": "w2_scale"}  # weight buffer -> its scale buffer
+
+    def __init__(self, config: MoEConfig, num_local_experts: int | None = None, weights: Experts | None = None) -> None:
         super().__init__()
+        if config.quant is None:
+            raise ValueError("Fp8Experts needs config.quant ('fp8-channel' or 'fp8-block'), got None")
         self.config = config
-        self.scheme = Scheme(scheme)
+        self.scheme = Scheme(config.quant.scheme)
         self.block = BLOCK if self.scheme is Scheme.BLOCK else None
-        q13, s13 = quantize_weight(w13_E2FD, self.scheme)
-        q2, s2 = quantize_weight(w2_EDF, self.scheme)
-        self.register_buffer("w13_E2FD", q13)
-        self.register_buffer("w13_scale", s13)
-        self.register_buffer("w2_EDF", q2)
-        self.register_buffer("w2_scale", s2)
-        self.b13_E2F = None if b13_E2F is None else nn.Parameter(b13_E2F.detach().clone(), requires_grad=False)
-        self.b2_ED = None if b2_ED is None else nn.Parameter(b2_ED.detach().clone(), requires_grad=False)
+        if weights is None:
+            weights = Experts(dataclasses.replace(config, quant=None), num_local_experts)
+        for name in self.SCALES:
+            q, scale = self._quantize(name, getattr(weights, name))
+            self.register_buffer(name, q)
+            self.register_buffer(self.SCALES[name], scale)
+        b13, b2 = weights.b13_E2F, weights.b2_ED
+        self.b13_E2F = None if b13 is None else nn.Parameter(b13.detach().clone(), requires_grad=False)
+        self.b2_ED = None if b2 is None else nn.Parameter(b2.detach().clone(), requires_grad=False)
         # Reused fp32 home for one dequantised expert: fresh pages for ~35 MB per expert per call cost more
         # than the dequantisation itself (first-touch page faults). Not part of the state dict.
         self._scratch: torch.Tensor | None = None
@@ -48,10 +63,92 @@ class Fp8Experts(nn.Module):
     def num_experts(self) -> int:
         return self.w13_E2FD.shape[0]
 
+    # -- layout: rows of a weight come in H halves, each quantised as a matrix of its own ----------------------
+    def _half_rows(self, name: str) -> int:
+        halves = 2 if name == "w13_E2FD" and self.config.activation.gated else 1
+        rows = self.config.w13_rows if name == "w13_E2FD" else self.config.hidden_size
+        return rows // halves
+
+    def _quantize(self, name: str, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``w [..., k * half, in]`` (whole halves of ``name``'s rows) -> ``(q, scale)`` in this layout."""
+        half = self._half_rows(name)
+        if w.shape[-2] % half:
+            raise ValueError(f"{name}: {w.shape[-2]} rows are not whole halves of {half} rows")
+        q, scale = quantize_weight(w.unflatten(-2, (w.shape[-2] // half, half)), self.scheme)
+        return q.flatten(-3, -2), (scale.flatten(-3, -2) if self.block else scale.flatten(-2, -1))
+
+    def _dequantize(self, name: str, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        k = q.shape[-2] // self._half_rows(name)
+        scale = scale.unflatten(-2 if self.block else -1, (k, -1))
+        return dequantize_weight(q.unflatten(-2, (k, -1)), scale, self.block).flatten(-3, -2)
+
+    def _halves(self, name: str, e: int) -> list[tuple[torch.Tensor, torch.Tensor, slice]]:
+        """Expert ``e``'s ``(q, scale, rows)`` per half of ``name`` (contiguous views)."""
+        q, scale = getattr(self, name)[e], getattr(self, self.SCALES[name])[e]
+        half = self._half_rows(name)
+        step = scale.shape[0] * half // q.shape[0]  # scale rows per half
+        return [(q[h * half:(h + 1) * half], scale[h * step:(h + 1) * step], slice(h * half, (h + 1) * half))
+                for h in range(q.shape[0] // half)]
+
+    def scale_index(self, name: str, index: tuple) -> tuple:
+        """The index of ``name``'s scale buffer that holds the scales of ``getattr(self, name)[index]``.
+
+        ``index`` is ``()``, ``(e,)`` or ``(e, rows)`` with ``rows`` a slice over whole halves.
+        """
+        if len(index) < 2:
+            return index
+        *lead, rows = index
+        half = self._half_rows(name)
+        start, stop, _ = rows.indices(getattr(self, name).shape[1])
+        if start % half or stop % half:
+            raise ValueError(f"rows {start}:{stop} of {name} must cover whole halves of {half} rows")
+        step = getattr(self, self.SCALES[name]).shape[1] * half // getattr(self, name).shape[1]
+        return (*lead, slice(start // half * step, stop // half * step))
+
+    # -- filling from checkpoints (serve.loader) ---------------------------------------------------------------
+    @torch.no_grad()
+    def load_weight(self, name: str, index: tuple, w: torch.Tensor) -> None:
+        """Quantise high-precision ``w`` into ``getattr(self, name)[index]`` and its scales."""
+        self._store(name, index, *self._quantize(name, w))
+
+    @torch.no_grad()
+    def load_fp8(self, name: str, index: tuple, q: torch.Tensor, scale_inv: torch.Tensor) -> None:
+        """Copy a checkpoint's e4m3 ``q`` into ``getattr(self, name)[index]``; ``scale_inv`` is its DeepSeek-V3
+        128x128 block grid, ``q`` taken as one matrix. Bit-exact when that grid is this layout's (one half at a
+        time, as per-expert checkpoints store them, or halves of whole blocks); else dequantised and quantised."""
+        rows, cols = q.shape[-2:]
+        grid = (*q.shape[:-2], -(-rows // BLOCK), -(-cols // BLOCK))
+        if tuple(scale_inv.shape) != grid:
+            raise ValueError(f"scale_inv {tuple(scale_inv.shape)} of {name} rows {tuple(q.shape)} must be {grid}")
+        half = self._half_rows(name)
+        if self.scheme is Scheme.BLOCK and (rows == half or half % BLOCK == 0):
+            self._store(name, index, q, scale_inv.float())
+            return
+        warnings.warn(f"{name}: the checkpoint's 128x128 blocks differ from {self.scheme.value} scales here; "
+                      "re-quantising (not bit-exact)")
+        self.load_weight(name, index, dequantize_weight(q, scale_inv.float(), BLOCK))
+
+    def _store(self, name: str, index: tuple, q: torch.Tensor, scale: torch.Tensor) -> None:
+        target, scales = getattr(self, name)[index], getattr(self, self.SCALES[name])[self.scale_index(name, index)]
+        if q.shape != target.shape or scale.shape != scales.shape:
+            raise ValueError(f"{name}{list(index)}: got q {tuple(q.shape)} and scale {tuple(scale.shape)}, expected "
+                             f"{tuple(target.shape)} and {tuple(scales.shape)}")
+        target.copy_(q)
+        scales.copy_(scale)
+
+    def _apply(self, fn, recurse=True):
+        # Module.to(dtype), .half(), .float() cast every floating tensor, e4m3 and scales included: the expert
+        # storage follows the device only.
+        def keep_dtype(t: torch.Tensor) -> torch.Tensor:
+            moved = fn(t)
+            return moved if moved.dtype == t.dtype else t.to(moved.device)
+
+        return super()._apply(keep_dtype, recurse)
+
+    # -- compute --------------------------------------------------------------------------------------------------
     def dequantized(self) -> tuple[torch.Tensor, torch.Tensor]:
         """fp32 ``(w13_E2FD, w2_EDF)``: the weights the FP8 experts actually compute with."""
-        return (dequantize_weight(self.w13_E2FD, self.w13_scale, self.block),
-                dequantize_weight(self.w2_EDF, self.w2_scale, self.block))
+        return tuple(self._dequantize(n, getattr(self, n), getattr(self, s)) for n, s in self.SCALES.items())
 
     def forward(self, x_RD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
         cfg = self.config
@@ -60,29 +157,38 @@ class Fp8Experts(nn.Module):
         x_RD = x_RD.float().contiguous()
         y_RD = torch.empty(x_RD.shape[0], self.w2_EDF.shape[1], dtype=torch.float32, device=x_RD.device)
         skinny = x_RD.device.type == "cpu" and skinny_gemm_available()
-        blk = self.block or 0
         for e, start, end in expert_blocks(counts_E):
             b13 = None if self.b13_E2F is None else self.b13_E2F[e].float()
             b2 = None if self.b2_ED is None else self.b2_ED[e].float()
             if skinny and end - start <= SKINNY_MAX_ROWS:
-                q13, s13, q2, s2 = self.w13_E2FD[e], self.w13_scale[e], self.w2_EDF[e], self.w2_scale[e]
-                rows_ffn(x_RD[start:end], lambda x: skinny_gemm_fp8(x, q13, s13, blk),
-                         lambda a, out: skinny_gemm_fp8(a, q2, s2, blk, out), act, b13, b2, y_RD[start:end])
+                rows_ffn(x_RD[start:end], functools.partial(self._skinny13, e),
+                         lambda a, out, e=e: self._skinny("w2_EDF", e, a, out), act, b13, b2, y_RD[start:end])
             else:
                 w13, w2 = self._dequantized_expert(e, skinny)
                 transposed_ffn(x_RD[start:end], w13, w2, act, b13, b2, y_RD[start:end])
         return y_RD
 
+    def _skinny13(self, e: int, x_MD: torch.Tensor) -> torch.Tensor:
+        h_MX = torch.empty(x_MD.shape[0], self.w13_E2FD.shape[1])
+        return self._skinny("w13_E2FD", e, x_MD, h_MX)
+
+    def _skinny(self, name: str, e: int, x_MD: torch.Tensor, out_MO: torch.Tensor) -> torch.Tensor:
+        for q, scale, rows in self._halves(name, e):
+            skinny_gemm_fp8(x_MD, q, scale, self.block or 0, out_MO[:, rows])
+        return out_MO
+
     def _dequantized_expert(self, e: int, fast: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        if fast:  # one vectorised pass in C into the reused scratch; torch's fp8 -> fp32 cast is far slower
-            (X, D), (_, F) = self.w13_E2FD.shape[1:], self.w2_EDF.shape[1:]
-            if self._scratch is None or self._scratch.numel() != X * D + D * F:
-                self._scratch = torch.empty(X * D + D * F)
-            blk = self.block or 0
-            return (dequantize_fp8(self.w13_E2FD[e], self.w13_scale[e], blk, self._scratch[: X * D].view(X, D)),
-                    dequantize_fp8(self.w2_EDF[e], self.w2_scale[e], blk, self._scratch[X * D:].view(D, F)))
-        return (dequantize_weight(self.w13_E2FD[e], self.w13_scale[e], self.block),
-                dequantize_weight(self.w2_EDF[e], self.w2_scale[e], self.block))
+        if not fast:
+            return tuple(self._dequantize(n, getattr(self, n)[e], getattr(self, s)[e]) for n, s in self.SCALES.items())
+        # one vectorised pass in C into the reused scratch; torch's fp8 -> fp32 cast is far slower
+        (X, D), (_, F) = self.w13_E2FD.shape[1:], self.w2_EDF.shape[1:]
+        if self._scratch is None or self._scratch.numel() != X * D + D * F:
+            self._scratch = torch.empty(X * D + D * F)
+        out = {"w13_E2FD": self._scratch[: X * D].view(X, D), "w2_EDF": self._scratch[X * D:].view(D, F)}
+        for name, w in out.items():
+            for q, scale, rows in self._halves(name, e):
+                dequantize_fp8(q, scale, self.block or 0, w[rows])
+        return out["w13_E2FD"], out["w2_EDF"]
 
     def weight_bytes(self) -> int:
         """Bytes of expert weights as stored: FP8 values, their scales and the biases."""

@@ -7,8 +7,11 @@ from pathlib import Path
 
 import torch
 
+from moe.config import Quant
+
 DEFAULT_MODEL = Path(__file__).parent / "default_model"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+QUANTIZATIONS = tuple(q.value for q in Quant)
 
 
 @dataclass
@@ -22,6 +25,9 @@ class EngineConfig:
     Scheduling: at most ``max_num_seqs`` running sequences, ``max_num_batched_tokens`` tokens per step (decodes
     first, prompts chunked into the rest), ``max_queued_requests`` waiting. ``seed`` drives unseeded sampling.
     ``hypermoe``: None serves the checkpoint as it is; True/False require it to be / not be a HyperMoE checkpoint.
+    ``quantization``: routed-expert weights in FP8, ``"fp8-block"`` (128x128 block scales) or ``"fp8-channel"``
+    (per-row scales); a high-precision checkpoint is quantised while loading. None serves the checkpoint as it is
+    (FP8 experts when its ``config.json`` has an FP8 ``quantization_config``).
     """
 
     model: str | None = None
@@ -37,6 +43,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     seed: int = 0
     hypermoe: bool | None = None
+    quantization: str | None = None
 
     def __post_init__(self) -> None:
         self.model = str(DEFAULT_MODEL if self.model is None else self.model)
@@ -44,6 +51,8 @@ class EngineConfig:
             self.tokenizer = self.model
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype ({self.dtype!r}) is not one of: {', '.join(DTYPES)}")
+        if self.quantization is not None and self.quantization not in QUANTIZATIONS:
+            raise ValueError(f"quantization ({self.quantization!r}) is not one of: {', '.join(QUANTIZATIONS)}")
         for name in ("block_size", "kv_cache_bytes", "max_num_seqs", "max_num_batched_tokens",
                      "max_queued_requests"):
             value = getattr(self, name)

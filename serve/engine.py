@@ -57,7 +57,7 @@ class LLMEngine:
 
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
-        self.model = load_model(config.model, config.torch_dtype, config.hypermoe)
+        self.model = load_model(config.model, config.torch_dtype, config.hypermoe, config.quantization)
         mc = self.model.config
         self.tokenizer = Tokenizer(config.tokenizer) if config.tokenizer else None
         self.max_model_len = config.max_model_len or mc.max_position_embeddings

@@ -4,6 +4,9 @@ One table, :func:`tensor_map`, says where every on-disk tensor lives in our mode
 with ``param[index]`` shaped like the tensor. Loading copies through it, :func:`save_safetensors` reads through
 it, and a coverage check proves it fills every parameter. Everything is checked before serving starts:
 unknown architectures, missing or mis-shaped tensors raise ``ValueError`` naming the key.
+
+FP8: routed experts become ``quant.Fp8Experts`` when asked (``quantization=``, quantised while loading) or when
+``config.json`` declares DeepSeek-V3 / ``transformers`` FP8 (e4m3 tensors, ``<key>_scale_inv`` block scales).
 """
 
 from __future__ import annotations
@@ -20,9 +23,17 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from hypermoe import HyperMoEConfig, HyperMoELayer
+from moe.config import Quant
+from quant import Fp8Experts, quantize_fp8
+from quant.fp8 import BLOCK, FP8, dequantize_weight
+from routing.config import enum_field
 from serve.models import Family, ModelConfig, MoEDecoder, family_for
 
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # buffers some old checkpoints carry; we recompute them
+SCALE_SUFFIX = "_scale_inv"  # DeepSeek-V3 / transformers FP8: "<key>_scale_inv" holds <key>'s 128x128 block scales
+# config.json's quantization_config of the FP8 checkpoints we read and write (DeepSeek-V3, transformers "fp8")
+QUANTIZATION_CONFIG = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                       "weight_block_size": [BLOCK, BLOCK]}
 
 
 @dataclass(frozen=True)
@@ -49,6 +60,31 @@ def read_config(path: str | Path) -> tuple[dict, Family, ModelConfig]:
         extra = eos if isinstance(eos, list) else [] if eos is None else [eos]
         config.eos_token_ids = tuple(dict.fromkeys(config.eos_token_ids + tuple(extra)))
     return hf, family, config
+
+
+def checkpoint_quant(hf: dict) -> Quant | None:
+    """The FP8 format ``config.json``'s ``quantization_config`` declares (None: none); ``ValueError`` naming the
+    field for formats we cannot serve."""
+    qc = hf.get("quantization_config")
+    if qc is None:
+        return None
+    # transformers' FineGrainedFP8Config defaults for keys DeepSeek-V3's config.json leaves out, and vice versa
+    defaults = {"fmt": "e4m3", "activation_scheme": "dynamic", "scale_fmt": "float", "expert_dtype": "fp8"}
+    accepted = {**defaults, **QUANTIZATION_CONFIG}
+    for key, wanted in accepted.items():
+        value = qc.get(key, defaults.get(key))
+        if (list(value) if isinstance(value, (list, tuple)) else value) != wanted:
+            raise ValueError(f"quantization_config.{key} ({value!r}) is not supported; FP8 checkpoints must have "
+                             f"{', '.join(f'{k}={v!r}' for k, v in accepted.items())}")
+    return Quant.FP8_BLOCK
+
+
+def _resolve_quant(quantization: str | Quant | None, on_disk: Quant | None, path: Path) -> Quant | None:
+    wanted = None if quantization is None else enum_field(Quant, "quantization", quantization)
+    if on_disk is None or wanted in (None, on_disk):
+        return wanted or on_disk
+    raise ValueError(f"quantization ({wanted.value!r}) does not match checkpoint {path}, which is "
+                     f"{on_disk.value!r} (config.json quantization_config)")
 
 
 def _hypermoe_config(raw, config: ModelConfig) -> HyperMoEConfig:
@@ -164,28 +200,36 @@ def _moe_entries(config: ModelConfig, family: Family, layer: int, keys: set[str]
     return entries
 
 
-def _build(config: ModelConfig, dtype: torch.dtype) -> MoEDecoder:
+def _build(config: ModelConfig, dtype: torch.dtype, quant: Quant | None = None) -> MoEDecoder:
     with torch.device("meta"):
         model = MoEDecoder(config)
-    model = model.to_empty(device="cpu").to(dtype)
+        if quant is not None:
+            quantize_fp8(model, quant.scheme)
+    model = model.to_empty(device="cpu").to(dtype)  # FP8 experts keep their e4m3 and fp32 tensors
     if config.tie_word_embeddings:  # to_empty re-creates parameters one module at a time
         model.lm_head.weight = model.embed_tokens.weight
     model.init_buffers()
     return model.eval().requires_grad_(False)
 
 
-def load_model(path: str | Path, dtype: torch.dtype = torch.float32, hypermoe: bool | None = None) -> MoEDecoder:
+def load_model(path: str | Path, dtype: torch.dtype = torch.float32, hypermoe: bool | None = None,
+               quantization: str | Quant | None = None) -> MoEDecoder:
     """Build and fill a :class:`MoEDecoder` from a HF directory; raises ``ValueError`` naming any bad key.
 
-    ``hypermoe``: None serves what the checkpoint is; True/False insist that it is / is not a HyperMoE one."""
+    ``hypermoe``: None serves what the checkpoint is; True/False insist that it is / is not a HyperMoE one.
+    ``quantization`` (``"fp8-block"``, ``"fp8-channel"``): FP8 routed experts, quantised while loading from a
+    high-precision checkpoint. None serves what the checkpoint is: FP8 experts for an FP8 checkpoint (DeepSeek-V3
+    / ``transformers`` format: e4m3 tensors with ``<key>_scale_inv`` 128x128 block scales), copied bit-exactly.
+    Its other FP8 tensors (attention, shared experts, dense MLPs) are dequantised to ``dtype``; routers and
+    shared-expert gates are always high precision."""
     path = Path(path)
-    _, family, config = read_config(path)
+    hf, family, config = read_config(path)
     if hypermoe is not None and hypermoe != (config.hypermoe is not None):
         raise ValueError(f"hypermoe ({hypermoe}) but checkpoint {path} is {'' if config.hypermoe else 'not '}a "
                          "HyperMoE checkpoint (config.json key 'hypermoe')")
-    model = _build(config, dtype)
-    params = dict(model.named_parameters())
-    filled = dict.fromkeys(params, 0)
+    model = _build(config, dtype, _resolve_quant(quantization, checkpoint_quant(hf), path))
+    targets = _targets(model)
+    filled = dict.fromkeys(targets, 0)
     with contextlib.ExitStack() as stack:
         handles = {}
         for file in _files(path):
@@ -193,29 +237,81 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, hypermoe: b
             handles.update(dict.fromkeys(handle.keys(), handle))
         entries = tensor_map(config, family, set(handles))
         for entry in entries:
-            if entry.hf_key not in handles:
-                raise ValueError(f"checkpoint {path} is missing tensor {entry.hf_key!r}")
-            target = params[entry.param][entry.index]
-            shape = tuple(handles[entry.hf_key].get_slice(entry.hf_key).get_shape())
-            if shape != tuple(target.shape):
-                raise ValueError(f"tensor {entry.hf_key!r} has shape {shape}, expected {tuple(target.shape)}")
-            target.copy_(handles[entry.hf_key].get_tensor(entry.hf_key))
-            filled[entry.param] += target.numel()
-        used = {e.hf_key for e in entries}
+            _load_entry(model, targets, filled, handles, entry, path)
+        used = {e.hf_key for e in entries} | {e.hf_key + SCALE_SUFFIX for e in entries}
         unused = sorted(k for k in handles if k not in used and not k.endswith(IGNORED_SUFFIXES))
     if unused:
         warnings.warn(f"checkpoint {path} has {len(unused)} tensors the model does not use, e.g. {unused[:3]}")
     for name, count in filled.items():
-        if count != params[name].numel():  # a bug in tensor_map, not in the checkpoint
-            raise ValueError(f"parameter {name!r} filled {count} of {params[name].numel()} elements")
+        if count != targets[name].numel():  # a bug in tensor_map, not in the checkpoint
+            raise ValueError(f"parameter {name!r} filled {count} of {targets[name].numel()} elements")
     return model
 
 
+def _targets(model: MoEDecoder) -> dict[str, torch.Tensor]:
+    """Every tensor a checkpoint fills: the parameters, and the FP8 experts' e4m3 weights and scales."""
+    targets = dict(model.named_parameters())
+    for prefix, module in model.named_modules():
+        if isinstance(module, Fp8Experts):
+            targets.update((f"{prefix}.{name}", buf) for name, buf in module.named_buffers())
+    return targets
+
+
+def _load_entry(model: MoEDecoder, targets: dict, filled: dict, handles: dict, entry: Entry, path: Path) -> None:
+    """Copy one checkpoint tensor into its slice: quantised into FP8 experts, dequantised elsewhere."""
+    key = entry.hf_key
+    if key not in handles:
+        raise ValueError(f"checkpoint {path} is missing tensor {key!r}")
+    target = targets[entry.param][entry.index]
+    shape = tuple(handles[key].get_slice(key).get_shape())
+    if shape != tuple(target.shape):
+        raise ValueError(f"tensor {key!r} has shape {shape}, expected {tuple(target.shape)}")
+    tensor = handles[key].get_tensor(key)
+    scale_key = key + SCALE_SUFFIX
+    scale_inv = handles[scale_key].get_tensor(scale_key) if scale_key in handles else None
+    if (tensor.dtype == FP8) != (scale_inv is not None):
+        raise ValueError(f"tensor {key!r} is {tensor.dtype} but checkpoint {path} "
+                         f"{'has no' if scale_inv is None else 'has a'} {scale_key!r}")
+    owner_name, _, name = entry.param.rpartition(".")
+    owner = model.get_submodule(owner_name)
+    if isinstance(owner, Fp8Experts):
+        try:
+            if scale_inv is None:
+                owner.load_weight(name, entry.index, tensor)
+            else:
+                owner.load_fp8(name, entry.index, tensor, scale_inv)
+        except ValueError as err:
+            raise ValueError(f"tensor {key!r}: {err}") from None
+        scale_name = f"{owner_name}.{Fp8Experts.SCALES[name]}"
+        filled[scale_name] += targets[scale_name][owner.scale_index(name, entry.index)].numel()
+    elif scale_inv is not None:
+        grid = (*shape[:-2], -(-shape[-2] // BLOCK), -(-shape[-1] // BLOCK))
+        if tuple(scale_inv.shape) != grid:
+            raise ValueError(f"tensor {scale_key!r} has shape {tuple(scale_inv.shape)}, expected {grid}")
+        target.copy_(dequantize_weight(tensor, scale_inv.float(), BLOCK))
+    else:
+        target.copy_(tensor)
+    filled[entry.param] += target.numel()
+
+
 def save_safetensors(model: MoEDecoder, family: Family, path: str | Path, dtype: torch.dtype | None = None) -> None:
-    """Write ``model.safetensors`` with the per-expert key names ``transformers`` uses for ``family``."""
-    params = dict(model.named_parameters())
+    """Write ``model.safetensors`` with the per-expert key names ``transformers`` uses for ``family``.
+
+    ``fp8-block`` experts are written as they are, e4m3 with ``<key>_scale_inv`` (add :data:`QUANTIZATION_CONFIG`
+    to ``config.json`` as ``quantization_config``); ``dtype`` applies to the other tensors."""
+    targets = _targets(model)
     tensors = {}
     for entry in tensor_map(model.config, family):
-        t = params[entry.param].detach()[entry.index]
-        tensors[entry.hf_key] = t.to(dtype or t.dtype).contiguous()
+        owner_name, _, name = entry.param.rpartition(".")
+        owner = model.get_submodule(owner_name)
+        t = targets[entry.param].detach()[entry.index]
+        if not isinstance(owner, Fp8Experts):
+            tensors[entry.hf_key] = t.to(dtype or t.dtype).contiguous()
+            continue
+        if owner.block is None:
+            raise ValueError(f"{owner_name} is {owner.config.quant.value!r}: only 'fp8-block' experts have a "
+                             "checkpoint format (DeepSeek-V3 weight_scale_inv)")
+        scales = targets[f"{owner_name}.{Fp8Experts.SCALES[name]}"][owner.scale_index(name, entry.index)]
+        tensors[entry.hf_key] = t.contiguous()
+        tensors[entry.hf_key + SCALE_SUFFIX] = scales.contiguous()
     save_file(tensors, str(Path(path) / "model.safetensors"), metadata={"format": "pt"})

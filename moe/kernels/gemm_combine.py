@@ -60,6 +60,16 @@ def _gemm_combine_kernel(
         h_ptrs += BLOCK_K * stride_hf
         w_ptrs += BLOCK_K * stride_wf
     # 3. epilogue: bias, routing weight, then scatter-add by token or store by pair index
+    combine_epilogue(acc, rows, row_ok, cols, col_ok, expert, token_ptr, order_ptr, topk_w_ptr, b_ptr, y_ptr,
+                     stride_be, stride_bd, stride_yr, stride_yd, HAS_BIAS, SCALE_OUTPUT, ATOMIC)
+
+
+@triton.jit
+def combine_epilogue(acc, rows, row_ok, cols, col_ok, expert, token_ptr, order_ptr, topk_w_ptr, b_ptr, y_ptr,
+                     stride_be, stride_bd, stride_yr, stride_yd,
+                     HAS_BIAS: tl.constexpr, SCALE_OUTPUT: tl.constexpr, ATOMIC: tl.constexpr):
+    """fp32 tile ``acc [rows, cols]`` of expert ``expert`` -> + bias, x routing weight -> ``y`` (shared with the
+    FP8 kernel)."""
     if HAS_BIAS:
         acc += tl.load(b_ptr + expert * stride_be + cols * stride_bd, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     pair = tl.load(order_ptr + rows, mask=row_ok, other=0)
@@ -139,12 +149,7 @@ def gemm_combine(
     N, dev = h_NF.shape[0], h_NF.device
     if N == 0:
         return torch.zeros(T, D, dtype=torch.float32, device=dev)
-    atomic = K > 1 and not deterministic
-    if K == 1 or atomic:
-        y_TD = (torch.zeros if atomic else torch.empty)(T, D, dtype=torch.float32, device=dev)
-        out_RD = y_TD  # K == 1: pair index n is the token t
-    else:
-        out_RD = torch.empty(N, D, dtype=torch.float32, device=dev)
+    out_RD, atomic = combine_buffer(T, K, D, deterministic, dev)
     bias = b2_ED if b2_ED is not None else counts_E.view(1, -1)  # placeholder pointer when there is no bias
     args = (
         h_NF, token_idx_N, order_N, topk_weights_TK, counts_E, w2_EDF, bias, out_RD,
@@ -157,9 +162,24 @@ def gemm_combine(
         E_POW2=max(16, triton.next_power_of_2(E)),
         DOT_PRECISION="ieee" if h_NF.dtype == torch.float32 else "tf32",
     )
+    return combine_finish(out_RD, T, K, atomic)
+
+
+def combine_buffer(T: int, K: int, D: int, deterministic: bool, device) -> tuple[torch.Tensor, bool]:
+    """``(out, atomic)``: where the combine tiles write (``y_TD`` itself, zeroed when atomic; or the ``[N, D]``
+    pair buffer of the deterministic combine) and whether they scatter-add."""
+    atomic = K > 1 and not deterministic
+    if K == 1 or atomic:  # K == 1: pair index n is the token t
+        return (torch.zeros if atomic else torch.empty)(T, D, dtype=torch.float32, device=device), atomic
+    return torch.empty(T * K, D, dtype=torch.float32, device=device), atomic
+
+
+def combine_finish(out: torch.Tensor, T: int, K: int, atomic: bool) -> torch.Tensor:
+    """``y_TD`` from :func:`combine_buffer`'s ``out`` once the tiles have written it."""
     if K == 1 or atomic:
-        return y_TD
-    y_TD = torch.empty(T, D, dtype=torch.float32, device=dev)
+        return out
+    D = out.shape[1]
+    y_TD = torch.empty(T, D, dtype=torch.float32, device=out.device)
     BLOCK_T, BLOCK_D = 16, min(256, triton.next_power_of_2(D))
-    _sum_over_k_kernel[(triton.cdiv(T, BLOCK_T), triton.cdiv(D, BLOCK_D))](out_RD, y_TD, T, D, K, BLOCK_T, BLOCK_D)
+    _sum_over_k_kernel[(triton.cdiv(T, BLOCK_T), triton.cdiv(D, BLOCK_D))](out, y_TD, T, D, K, BLOCK_T, BLOCK_D)
     return y_TD
