@@ -3,10 +3,14 @@
 Shape legend: L MoE layers, E experts, T tokens, K top-k, W window steps.
 
 ``RoutingStats.attach(model)`` hooks every ``moe.MoE`` of a model (layer order = module order) through its
-``on_routing`` observer; each forward adds a ``bincount`` of its routed expert ids to a ``[L, E]`` int64
-buffer, on the device, with no host synchronisation. ``step()`` closes one step (the serving engine calls it
-once per engine step) into a ring of the last ``window`` steps, so the windowed and the cumulative loads can
-both be read. Reading (``to_dict``, ``cumulative_counts().tolist()``) is the only host sync.
+``on_routing`` observer; each forward adds its routed expert ids to a ``[L, E]`` int64 buffer with
+``index_add_``, on the device, with no host synchronisation (``torch.bincount`` would sync on CUDA: it reads
+the largest id to size its output). ``step()`` closes one step (the serving engine calls it once per engine
+step) into a ring of the last ``window`` steps, so the windowed and the cumulative loads can both be read.
+Reading (``to_dict``, ``cumulative_counts().tolist()``) is the only host sync.
+
+Example: 1 layer, E=4, window=2; steps routing experts ``[0]``, ``[1]``, ``[2]`` (3 tokens each, K=1) ->
+cumulative ``[[3, 3, 3, 0]]``, windowed ``[[0, 3, 3, 0]]`` (step 0 fell out of the window).
 """
 
 from __future__ import annotations
@@ -22,48 +26,73 @@ FORMAT = "moe-routing-stats/1"
 
 
 class RoutingStats:
+    """Token counts ``[L, E]`` (int64, on the model's device): cumulative and over the last ``window`` steps.
+
+    ``expert_bytes`` (weight bytes of one routed expert as stored, e.g. ``3*D*F*4`` for an fp32 SwiGLU expert),
+    ``top_k`` and ``model`` are optional facts for reports; ``attach`` fills the first two from the model.
+    """
+
     def __init__(self, num_layers: int, num_experts: int, window: int = 100, layer_names: list[str] | None = None,
-                 device: torch.device | str = "cpu") -> None:
+                 device: torch.device | str = "cpu", model: str | None = None) -> None:
         if num_layers < 1 or num_experts < 1 or window < 1:
             raise ValueError(f"num_layers ({num_layers}), num_experts ({num_experts}) and window ({window}) "
                              "must be >= 1")
         self.num_layers, self.num_experts, self.window = num_layers, num_experts, window
         self.layer_names = layer_names or [str(i) for i in range(num_layers)]
+        if len(self.layer_names) != num_layers:
+            raise ValueError(f"layer_names has {len(self.layer_names)} names for num_layers ({num_layers})")
+        self.model = model
+        self.top_k: int | None = None
+        self.expert_bytes: int | None = None
         self.current_LE = torch.zeros(num_layers, num_experts, dtype=torch.int64, device=device)
         self.total_LE = torch.zeros_like(self.current_LE)
         self.ring_WLE = torch.zeros(window, num_layers, num_experts, dtype=torch.int64, device=device)
         self.steps = 0
         self._hooked: list[nn.Module] = []
-        self._lock = threading.Lock()  # step() vs readers on other threads (a server's /metrics scrape)
+        self._lock = threading.RLock()  # step() vs readers on other threads (a server's /metrics scrape)
 
     # -- collecting ---------------------------------------------------------------------------------------------
     @classmethod
-    def attach(cls, model: nn.Module, window: int = 100) -> "RoutingStats":
-        """Count the routing of every ``moe.MoE`` in ``model``; ``ValueError`` if it has none."""
+    def attach(cls, model: nn.Module, window: int = 100, name: str | None = None) -> "RoutingStats":
+        """Count the routing of every ``moe.MoE`` in ``model`` (a layer, a serving model, a patched HF model);
+        ``ValueError`` if it has none. A layer's previous observer is replaced."""
         from moe.layer import MoE
 
-        layers = [(name, m) for name, m in model.named_modules() if isinstance(m, MoE)]
+        layers = [(layer_name, m) for layer_name, m in model.named_modules() if isinstance(m, MoE)]
         if not layers:
             raise ValueError(f"model ({type(model).__name__}) has no moe.MoE layers to observe")
         experts = {m.config.num_experts for _, m in layers}
         if len(experts) != 1:
             raise ValueError(f"MoE layers disagree on num_experts ({sorted(experts)})")
-        device = next(layers[0][1].parameters()).device
-        stats = cls(len(layers), experts.pop(), window, [name for name, _ in layers], device)
+        first = layers[0][1]
+        device = first.router.weight.device
+        stats = cls(len(layers), experts.pop(), window, [n or "0" for n, _ in layers], device, name)
+        top_ks = {m.config.top_k for _, m in layers}
+        stats.top_k = top_ks.pop() if len(top_ks) == 1 else None
+        stats.expert_bytes = expert_weight_bytes(first)
         for index, (_, module) in enumerate(layers):
             module.on_routing = _Recorder(stats, index)
             stats._hooked.append(module)
         return stats
 
     def detach(self) -> None:
+        """Stop counting (only the observers this object installed are removed)."""
         for module in self._hooked:
-            module.on_routing = None
+            if isinstance(module.on_routing, _Recorder) and module.on_routing.stats is self:
+                module.on_routing = None
         self._hooked = []
 
     def record(self, layer: int, ids_TK: torch.Tensor, valid_T: torch.Tensor | None = None) -> None:
-        """Add one forward's routing of ``layer``; ``valid_T`` (bool) excludes padding tokens."""
-        ids = ids_TK if valid_T is None else ids_TK[valid_T]
-        self.current_LE[layer] += torch.bincount(ids.reshape(-1).long(), minlength=self.num_experts)
+        """Add one forward's routing of ``layer``; ``valid_T`` (bool ``[T]``) excludes padding tokens.
+
+        No host sync: a masked ``index_add_`` (padding adds 0) instead of boolean indexing or ``bincount``.
+        """
+        ids_N = ids_TK.reshape(-1).long()
+        if valid_T is None:
+            ones_N = torch.ones(ids_N.shape, dtype=torch.int64, device=ids_N.device)
+        else:
+            ones_N = valid_T.to(torch.int64)[:, None].expand(ids_TK.shape).reshape(-1)
+        self.current_LE[layer].index_add_(0, ids_N, ones_N)
 
     def step(self) -> None:
         """Close the current step: it enters the cumulative counts and the window ring."""
@@ -85,35 +114,45 @@ class RoutingStats:
             return self.ring_WLE.sum(dim=0)
 
     def to_dict(self) -> dict:
-        return {"format": FORMAT, "num_layers": self.num_layers, "num_experts": self.num_experts,
-                "layer_names": self.layer_names, "steps": self.steps, "window": self.window,
-                "cumulative": self.cumulative_counts().tolist(), "windowed": self.window_counts().tolist()}
+        """JSON-able snapshot (what ``GET /v1/moe/routing`` serves and ``save`` writes)."""
+        with self._lock:  # one consistent snapshot: counts and steps of the same instant
+            cumulative, windowed, steps = self.cumulative_counts().tolist(), self.window_counts().tolist(), self.steps
+        return {"format": FORMAT, "model": self.model, "num_layers": self.num_layers,
+                "num_experts": self.num_experts, "top_k": self.top_k, "layer_names": list(self.layer_names),
+                "expert_bytes": self.expert_bytes, "steps": steps, "window": self.window,
+                "window_steps": min(steps, self.window), "cumulative": cumulative, "windowed": windowed}
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict()))
 
     @classmethod
     def from_dict(cls, data: dict) -> "RoutingStats":
-        """Rebuild (read-only use: the window ring is summarised into its last slot)."""
+        """Rebuild from ``to_dict`` output (read-only use: the window ring is summarised into one slot).
+        Any inconsistency raises a one-line ``ValueError``."""
         if not isinstance(data, dict) or data.get("format") != FORMAT:
-            raise ValueError(f"not a routing statistics file (format {data.get('format') if isinstance(data, dict) else None!r}, "
-                             f"expected {FORMAT!r})")
+            found = data.get("format") if isinstance(data, dict) else type(data).__name__
+            raise ValueError(f"not a routing statistics file (format {found!r}, expected {FORMAT!r})")
         try:
             L, E = int(data["num_layers"]), int(data["num_experts"])
-            stats = cls(L, E, int(data["window"]), list(data["layer_names"]))
+            stats = cls(L, E, int(data["window"]), [str(n) for n in data["layer_names"]], model=data.get("model"))
             total = torch.tensor(data["cumulative"], dtype=torch.int64)
             windowed = torch.tensor(data["windowed"], dtype=torch.int64)
-        except (KeyError, TypeError, ValueError) as e:
-            raise ValueError(f"routing statistics are malformed: {e}") from None
+            stats.steps = int(data.get("steps", 0))
+            stats.top_k = None if data.get("top_k") is None else int(data["top_k"])
+            stats.expert_bytes = None if data.get("expert_bytes") is None else int(data["expert_bytes"])
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+            detail = f"missing key {e}" if isinstance(e, KeyError) else str(e).splitlines()[0]
+            raise ValueError(f"routing statistics are malformed: {detail}") from None
         for name, t in (("cumulative", total), ("windowed", windowed)):
-            if tuple(t.shape) != (L, E) or bool((t < 0).any()):
-                raise ValueError(f"routing statistics {name} has shape {tuple(t.shape)} (expected [{L}, {E}]) "
-                                 "or negative counts")
-        if len(stats.layer_names) != L:
-            raise ValueError(f"routing statistics list {len(stats.layer_names)} layer names for {L} layers")
+            if tuple(t.shape) != (L, E):
+                raise ValueError(f"routing statistics {name} has shape {tuple(t.shape)}, expected ({L}, {E}) "
+                                 "from num_layers and num_experts")
+            if bool((t < 0).any()):
+                raise ValueError(f"routing statistics {name} has negative counts")
+        if bool((windowed > total).any()):
+            raise ValueError("routing statistics windowed counts exceed the cumulative counts")
         stats.total_LE.copy_(total)
         stats.ring_WLE[-1].copy_(windowed)
-        stats.steps = int(data.get("steps", 0))
         return stats
 
     @classmethod
@@ -123,6 +162,14 @@ class RoutingStats:
         except (OSError, ValueError) as e:
             raise ValueError(f"cannot read routing statistics {str(path)!r}: {e}") from None
         return cls.from_dict(data)
+
+
+def expert_weight_bytes(layer: nn.Module) -> int:
+    """Bytes of one routed expert of an ``moe.MoE`` as stored: its parameters and buffers (weights, biases, FP8
+    scales) over its local experts. For a SwiGLU expert without biases that is ``3*D*F*element_size``."""
+    experts = layer.experts
+    tensors = list(experts.parameters()) + list(experts.buffers())
+    return sum(t.numel() * t.element_size() for t in tensors) // experts.num_experts
 
 
 class _Recorder:
