@@ -50,7 +50,7 @@ def shard_moe(module: nn.Module, group: dist.ProcessGroup | None = None, *, plac
     for name, layer in layers:
         comm = EPComm(group, timeout_s)
         chosen = _placement_for(placement, name, layer.config.num_experts, comm.world_size)
-        table = chosen.slot_table(next(layer.experts.parameters()).device)
+        table = chosen.slot_table(layer.experts.w13_E2FD.device)
         layer.experts = local_experts(layer.experts, chosen.local_experts(comm.rank))
         if dispatcher == "all_to_all":
             layer.dispatcher = AllToAllDispatcher(table, comm)
