@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import os
 import socket
 import sys
@@ -24,6 +25,7 @@ from torch import nn
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.common import interleaved_medians, memory_read_bandwidth, rel_err  # noqa: E402
 from moe import MoE  # noqa: E402
+from hypermoe import HyperMoEConfig  # noqa: E402
 from quant import quantize_fp8  # noqa: E402
 
 
@@ -76,6 +78,14 @@ def build_deepspeed(block, D: int, F_: int, E: int, K: int):
     return ds
 
 
+def with_hypermoe(layer: MoE) -> MoE:
+    """``layer`` plus a HyperMoE adapter (default config), sharing its router and routed expert weights."""
+    hyper = MoE(dataclasses.replace(layer.config, hypermoe=HyperMoEConfig())).eval()
+    missing, unexpected = hyper.load_state_dict(layer.state_dict(), strict=False)
+    assert not unexpected and all(k.startswith("hypermoe.") for k in missing)
+    return hyper
+
+
 def dense_roofline_fns(N: int, D: int, F_: int):
     """Two dense GEMM pairs with the FLOPs of N routed rows through one expert-shaped MLP."""
     x, w13, w2 = torch.randn(N, D), torch.randn(2 * F_, D), torch.randn(D, F_)
@@ -97,6 +107,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--no-deepspeed", action="store_true")
     ap.add_argument("--no-fp8", action="store_true", help="skip the FP8 (channel, block) rows")
+    ap.add_argument("--no-hypermoe", action="store_true", help="skip the HyperMoE overhead rows")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -108,7 +119,8 @@ def main() -> None:
     ours = MoE.from_hf(blocks["eager"])
     ds = None if args.no_deepspeed else build_deepspeed(blocks["eager"], D, F_, E, K)
     fp8 = {} if args.no_fp8 else {s: quantize_fp8(copy.deepcopy(ours), s) for s in ("channel", "block")}
-    fp8_rows = []
+    hyper = None if args.no_hypermoe else with_hypermoe(ours)
+    fp8_rows, hyper_rows = [], []
     expert_bytes = (blocks["eager"].experts.gate_up_proj[0].numel() + blocks["eager"].experts.down_proj[0].numel()) * 4
     print(f"layer D={D} F={F_} E={E} K={K} fp32, {args.threads} threads; memory read bandwidth {bandwidth / 1e9:.1f} GB/s")
     header = (f"{'T':>5} {'ours ms':>9} {'hf eager':>9} {'hf gmm':>9} {'deepspeed':>9} {'dense ms':>9} {'mem ms':>8} |"
@@ -121,6 +133,8 @@ def main() -> None:
             fns["deepspeed"] = lambda: ds(x)
         fns.update(dense_roofline_fns(T * K, D, F_))
         fns.update({f"fp8 {s}": (lambda m=m: m(x)) for s, m in fp8.items()})
+        if hyper is not None:
+            fns["hypermoe"] = lambda: hyper(x)
         fns["bandwidth probe"] = probe.sum
         with torch.no_grad():
             err = rel_err(ours(x), blocks["eager"](x))
@@ -138,7 +152,10 @@ def main() -> None:
             with torch.no_grad():
                 errs = {s: rel_err(m(x), ours(x)) for s, m in fp8.items()}
             fp8_rows.append((T, t["ours"], {s: (t[f"fp8 {s}"], errs[s]) for s in fp8}))
+        if hyper is not None:
+            hyper_rows.append((T, t["ours"], t["hypermoe"]))
     print_fp8(fp8_rows)
+    print_hypermoe(hyper_rows)
 
 
 def print_fp8(rows) -> None:
@@ -149,6 +166,15 @@ def print_fp8(rows) -> None:
     for T, t32, by in rows:
         (tc, ec), (tb, eb) = by["channel"], by["block"]
         print(f"{T:>5} {t32 * 1e3:9.2f} {tc * 1e3:9.2f} {tb * 1e3:9.2f} | {t32 / tc:9.2f}x {t32 / tb:10.2f}x {ec:8.1e} {eb:8.1e}")
+
+
+def print_hypermoe(rows) -> None:
+    if not rows:
+        return
+    print("\nHyperMoE (adapter from the unselected experts, cached per selected set) vs our plain layer, same run")
+    print(f"{'T':>5} {'plain ms':>9} {'hyper ms':>9} | {'overhead':>9}  (target <= 10% at T >= 32)")
+    for T, plain, hyper in rows:
+        print(f"{T:>5} {plain * 1e3:9.2f} {hyper * 1e3:9.2f} | {100 * (hyper / plain - 1):+8.1f}%")
 
 
 if __name__ == "__main__":

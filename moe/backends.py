@@ -21,7 +21,7 @@ import torch
 
 from moe.activations import expert_activation
 from moe.config import Activation
-from moe.cpu_gemm import skinny_gemm, skinny_gemm_available
+from moe.cpu_gemm import skinny_gemm, skinny_gemm_available, skinny_gemm_grouped
 
 # Up to this many rows per expert the CPU skinny GEMM beats BLAS (measured crossover on AVX2, 2 threads).
 SKINNY_MAX_ROWS = 32
@@ -49,6 +49,8 @@ def loop_ffn(
     skinny = (w13_LXD.dtype == torch.float32 and x_RD.device.type == "cpu" and not wants_grad
               and skinny_gemm_available())
     act = functools.partial(expert_activation, activation=activation, alpha=alpha, limit=limit)
+    if skinny and x_RD.shape[0] and int(counts_L.max()) <= SKINNY_MAX_ROWS:  # NOTE: host sync (CPU only: free)
+        return grouped_skinny_ffn(x_RD, counts_L, w13_LXD, w2_LDF, act, b13_LX, b2_LD)
     for e, start, end in expert_blocks(counts_L):
         b13, b2 = (None if b13_LX is None else b13_LX[e]), (None if b2_LD is None else b2_LD[e])
         if skinny and end - start <= SKINNY_MAX_ROWS:
@@ -61,6 +63,20 @@ def loop_ffn(
             w13, w2 = w13_LXD[e], w2_LDF[e]
             rows_ffn(x_RD[start:end], lambda x, w=w13: torch.mm(x, w.t()),
                      lambda a, out, w=w2: _mm_into(a, w.t(), out), act, b13, b2, y_RD[start:end])
+    return y_RD
+
+
+def grouped_skinny_ffn(x_RD, counts_L, w13_LXD, w2_LDF, act, b13_LX, b2_LD) -> torch.Tensor:
+    """Every expert holding few rows (decode): both GEMMs as one skinny-GEMM call each over all experts and the
+    activation once over all rows (it is row-wise), instead of a few ops per expert."""
+    h_RX = skinny_gemm_grouped(x_RD, w13_LXD, counts_L)
+    if b13_LX is not None:
+        bias_RX = b13_LX.repeat_interleave(counts_L, dim=0)
+        h_RX[: bias_RX.shape[0]] += bias_RX
+    y_RD = skinny_gemm_grouped(act(h_RX).contiguous(), w2_LDF, counts_L)
+    if b2_LD is not None:
+        bias_RD = b2_LD.repeat_interleave(counts_L, dim=0)
+        y_RD[: bias_RD.shape[0]] += bias_RD
     return y_RD
 
 

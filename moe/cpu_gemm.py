@@ -55,6 +55,9 @@ def _library() -> ctypes.CDLL | None:
     lib.skinny_gemm_nt.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_long, ctypes.c_void_p,
                                    ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_long, ctypes.c_int]
     lib.skinny_gemm_nt.restype = None
+    L, P = ctypes.c_long, ctypes.c_void_p
+    lib.skinny_gemm_grouped_nt.argtypes = [P, L, L, L, L, L, P, P, L, P, L, ctypes.c_int]
+    lib.skinny_gemm_grouped_nt.restype = None
     lib.skinny_gemm_nt_fp8.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_long, ctypes.c_void_p,
                                        ctypes.c_long, ctypes.c_int, ctypes.c_void_p, ctypes.c_long, ctypes.c_long,
                                        ctypes.c_void_p, ctypes.c_long, ctypes.c_int]
@@ -75,6 +78,26 @@ def skinny_gemm(x_MD: torch.Tensor, w_OD: torch.Tensor, out_MO: torch.Tensor | N
     lib.skinny_gemm_nt(w_OD.data_ptr(), w_OD.shape[0], x_MD.shape[1], w_OD.stride(0), x_MD.data_ptr(), x_MD.shape[0],
                        x_MD.stride(0), out_MO.data_ptr(), out_MO.stride(0), torch.get_num_threads())
     return out_MO
+
+
+def skinny_gemm_grouped(x_RD: torch.Tensor, w_LOD: torch.Tensor, counts_L: torch.Tensor) -> torch.Tensor:
+    """``y_RO``: each expert's rows ``x_RD[start_e : start_e + counts_L[e]] @ w_LOD[e].T`` in one call (rows
+    sorted by expert; fp32, CPU). Rows past ``counts_L.sum()`` are left unwritten.
+
+    Example: ``counts_L = [2, 0, 1]`` -> rows 0-1 through ``w_LOD[0]``, row 2 through ``w_LOD[2]``.
+    """
+    L, O, D = w_LOD.shape
+    counts = counts_L.to(torch.int64).contiguous()
+    if counts.shape != (L,) or w_LOD.stride(1) < D:
+        raise ValueError(f"counts_L {tuple(counts_L.shape)} must be [{L}] for w_LOD {tuple(w_LOD.shape)} with "
+                         f"unit-stride rows, got strides {w_LOD.stride()}")
+    if bool((counts < 0).any()) or int(counts.sum()) > x_RD.shape[0]:
+        raise ValueError(f"counts_L ({counts.tolist()}) must be >= 0 and sum to at most the {x_RD.shape[0]} rows of x_RD")
+    lib, y_RO = _prepare(x_RD, w_LOD[0] if L else w_LOD.new_empty(O, D), None, torch.float32)
+    lib.skinny_gemm_grouped_nt(w_LOD.data_ptr(), L, O, D, w_LOD.stride(1), w_LOD.stride(0), x_RD.data_ptr(),
+                               counts.data_ptr(), x_RD.stride(0), y_RO.data_ptr(), y_RO.stride(0),
+                               torch.get_num_threads())
+    return y_RO
 
 
 def skinny_gemm_fp8(

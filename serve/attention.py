@@ -10,7 +10,7 @@ of a sequence at position ``p`` writes its K/V to slot ``block_table[p // BS] * 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -55,21 +55,30 @@ class PrefillChunk:
 
 @dataclass
 class DecodeGroup:
-    """Consecutive one-token sequences of the step, attended in one batch padded to the longest of them."""
+    """Consecutive one-token sequences of the step, attended in one batch (padded to the longest of them on the
+    torch path; the C kernel reads each sequence's own keys)."""
 
     start: int
     tables_BM: torch.Tensor  # int64, padded with block 0
-    mask_B11S: torch.Tensor  # additive float mask: 0 where slot s holds one of the sequence's keys, else -inf
     lens_B: torch.Tensor  # int64 keys per sequence
+    block_size: int
+    _mask: torch.Tensor | None = field(default=None, repr=False)
 
     @classmethod
     def build(cls, start: int, tables: list[list[int]], lens: list[int], block_size: int) -> "DecodeGroup":
         width = -(-max(lens) // block_size)
         tables_BM = torch.tensor([t[:width] + [0] * (width - len(t[:width])) for t in tables])
-        mask_BS = torch.arange(width * block_size)[None, :] >= torch.tensor(lens)[:, None]
-        # additive, built once per step: SDPA would convert a boolean mask in every layer
-        return cls(start, tables_BM, torch.zeros(mask_BS.shape).masked_fill_(mask_BS, float("-inf"))[:, None, None],
-                   torch.tensor(lens))
+        return cls(start, tables_BM, torch.tensor(lens), block_size)
+
+    @property
+    def mask_B11S(self) -> torch.Tensor:
+        """Additive float mask: 0 where slot s holds one of the sequence's keys, else -inf. Built on first use
+        (the torch path; once per step, not per layer: SDPA would convert a boolean mask in every layer)."""
+        if self._mask is None:
+            slots = self.tables_BM.shape[1] * self.block_size
+            mask_BS = torch.arange(slots)[None, :] >= self.lens_B[:, None]
+            self._mask = torch.zeros(mask_BS.shape).masked_fill_(mask_BS, float("-inf"))[:, None, None]
+        return self._mask
 
 
 class PagedAttention:

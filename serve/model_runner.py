@@ -53,7 +53,8 @@ class ModelRunner:
                 last_rows.append(len(ids) - 1)
                 sampled.append(i)
         lens = [seqs[i].num_computed + 1 for i in decodes]
-        bounds = split_by_length(lens) + [len(lens)]
+        # the C kernel reads each sequence's own keys: one group; the torch path pads a group to its longest
+        bounds = (([0] if lens else []) if self.cache.c_decode else split_by_length(lens)) + [len(lens)]
         groups = [DecodeGroup.build(a, [seqs[i].block_table for i in decodes[a:b]], lens[a:b], bs)
                   for a, b in zip(bounds, bounds[1:])]
         return StepInputs(torch.tensor(ids), torch.tensor(positions), torch.tensor(slots), groups, prefills,

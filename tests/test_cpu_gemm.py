@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from moe.cpu_gemm import skinny_gemm, skinny_gemm_available
+from moe.cpu_gemm import skinny_gemm, skinny_gemm_available, skinny_gemm_grouped
 
 pytestmark = pytest.mark.skipif(not skinny_gemm_available(), reason="needs an AVX2+FMA CPU and a C compiler")
 
@@ -33,3 +33,21 @@ def test_bad_inputs_raise():
         skinny_gemm(torch.randn(2, 3).double(), torch.randn(4, 3))
     with pytest.raises(ValueError, match="unit-stride"):
         skinny_gemm(torch.randn(3, 2).t(), torch.randn(4, 3))
+
+
+@pytest.mark.parametrize("counts, O, D", [([2, 0, 5], 13, 21), ([3, 1, 0, 7, 32, 2, 9, 4], 37, 29), ([1], 4, 8),
+                                          ([0, 0], 8, 8)])
+def test_grouped_matches_per_expert_matmul(counts, O, D):
+    w_LOD, counts_L = torch.randn(len(counts), O, D), torch.tensor(counts)
+    x_RD = torch.randn(sum(counts), D)
+    y = skinny_gemm_grouped(x_RD, w_LOD, counts_L)
+    starts = [sum(counts[:e]) for e in range(len(counts))]
+    expected = torch.cat([x_RD[s:s + n] @ w_LOD[e].t() for e, (s, n) in enumerate(zip(starts, counts))])
+    torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_grouped_refuses_counts_beyond_the_rows():
+    with pytest.raises(ValueError, match="sum to at most the 3 rows"):
+        skinny_gemm_grouped(torch.randn(3, 8), torch.randn(2, 4, 8), torch.tensor([2, 2]))
+    with pytest.raises(ValueError, match="must be \\[2\\]"):
+        skinny_gemm_grouped(torch.randn(3, 8), torch.randn(2, 4, 8), torch.tensor([3]))

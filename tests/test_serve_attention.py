@@ -63,7 +63,7 @@ def test_split_by_length():
     assert split_by_length([500] * 40) == [0] and split_by_length([]) == []
 
 
-@pytest.mark.parametrize("dh", [24, 12], ids=["vector-path", "scalar-path"])
+@pytest.mark.parametrize("dh", [16, 24, 128, 12], ids=["one-tile", "by-slice", "by-slice-128", "scalar-path"])
 def test_c_decode_kernel_reads_only_each_sequences_keys(poison_empty, dh):
     """Long and short contexts, GQA groups of 3, blocks scattered; padding slots hold NaN and must not leak."""
     if not paged_decode_available(torch.zeros(1)):

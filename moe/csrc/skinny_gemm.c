@@ -76,6 +76,33 @@ void skinny_gemm_nt(const float *W, long O, long D, long ldw, const float *X, lo
 }
 
 
+/* Every expert at once: Y[r] = X[r] . W[e]^T for the rows r of expert e, rows sorted by expert, counts[e] rows
+ * each (all of them few). One parallel region over (expert, weight-row block) pairs instead of one call per
+ * expert: with small experts the per-call cost (Python, thread wake-up) is what a decode step pays. */
+void skinny_gemm_grouped_nt(const float *W, long L, long O, long D, long ldw, long lde, const float *X,
+                            const long *counts, long ldx, float *Y, long ldy, int num_threads) {
+    long starts[L > 0 ? L : 1];
+    long rows = 0;
+    for (long e = 0; e < L; e++) { starts[e] = rows; rows += counts[e]; }
+    long blocks = (O + OB - 1) / OB;
+#pragma omp parallel for schedule(dynamic, 16) num_threads(num_threads)
+    for (long eb = 0; eb < L * blocks; eb++) {
+        long e = eb / blocks, o = (eb % blocks) * OB, M = counts[e];
+        if (M <= 0) continue;
+        const float *w = W + e * lde + o * ldw, *x = X + starts[e] * ldx;
+        float *y = Y + starts[e] * ldy + o;
+        if (O - o < OB) {
+            rows_scalar(w, ldw, (int)(O - o), x, ldx, M, D, y, ldy);
+            continue;
+        }
+        const float *next = O - o >= 2 * OB ? w + OB * ldw : 0;
+        long m = 0;
+        for (; m + 3 <= M; m += 3, next = 0) tile(w, ldw, x + m * ldx, ldx, 3, D, y + m * ldy, ldy, next);
+        if (M - m == 2) tile(w, ldw, x + m * ldx, ldx, 2, D, y + m * ldy, ldy, next);
+        if (M - m == 1) tile(w, ldw, x + m * ldx, ldx, 1, D, y + m * ldy, ldy, next);
+    }
+}
+
 /* ---- FP8 (e4m3fn) weights: the same tiling, converting each weight vector in registers. ----
  * e4m3 -> fp32: move sign to bit 31 and exponent+mantissa to bits 20..26, then multiply by 2^120 to move the
  * exponent bias from 7 to 127 (subnormals come out right too). The 2^120 is folded into the scale.

@@ -9,6 +9,8 @@
 #include <stdint.h>
 #include <stdlib.h>
 
+#define ALWAYS_INLINE static inline __attribute__((always_inline))
+
 static inline float dot(const float *restrict a, const float *restrict b, long n) {
     float acc = 0.0f;
 #pragma omp simd reduction(+ : acc)
@@ -38,8 +40,14 @@ static inline __m256 exp256(__m256 x) {
 // In place: p = softmax(p) over n values.
 static void softmax(float *p, long n) {
     float m = -INFINITY, sum = 0.0f;
-    for (long t = 0; t < n; t++) m = p[t] > m ? p[t] : m;
     long t = 0;
+    __m256 vmax = _mm256_set1_ps(-INFINITY);
+    for (; t + 8 <= n; t += 8) vmax = _mm256_max_ps(vmax, _mm256_loadu_ps(p + t));
+    float lanes[8];
+    _mm256_storeu_ps(lanes, vmax);
+    for (int i = 0; i < 8; i++) m = lanes[i] > m ? lanes[i] : m;
+    for (; t < n; t++) m = p[t] > m ? p[t] : m;
+    t = 0;
     const __m256 vm = _mm256_set1_ps(m);
     __m256 vsum = _mm256_setzero_ps();
     for (; t + 8 <= n; t += 8) {
@@ -47,7 +55,6 @@ static void softmax(float *p, long n) {
         _mm256_storeu_ps(p + t, e);
         vsum = _mm256_add_ps(vsum, e);
     }
-    float lanes[8];
     _mm256_storeu_ps(lanes, vsum);
     for (int i = 0; i < 8; i++) sum += lanes[i];
     for (; t < n; t++) sum += (p[t] = expf(p[t] - m));
@@ -89,9 +96,57 @@ static void scores(const float *restrict q, const float *restrict k, long n, lon
     for (; j < n; j++) out[j] = scale * dot(q, k + j * D, D);
 }
 
-// out[g, :] = sum_t p[g, t] v_t over the paged value rows, D % 8 == 0: one 8-wide column slice at a time,
-// kept in registers (four accumulators hide the FMA latency).
-static void weighted_rows(const float *p, long L, long G, const float *vh, const int64_t *table, long BS, long D,
+// Pull one block of the cache (BS rows of D floats) towards L1 while the current one is computed: the blocks of a
+// sequence are scattered over the pool, so the hardware prefetcher does not see the next one coming.
+ALWAYS_INLINE void prefetch_block(const float *block, long BS, long D) {
+    for (long off = 0; off < BS * D; off += 16) _mm_prefetch((const char *)(block + off), _MM_HINT_T0);
+}
+
+// The weighted sum in one register tile: NA (<= 8) accumulators, each a (query head, 8-column slice) pair (p_off:
+// that head's row of p, v_off: the slice's column), updated from every value row in turn: each row is loaded
+// once and the NA independent FMA chains hide the FMA latency.
+ALWAYS_INLINE void pv_tile(const int NA, const float *p, const long *p_off, const long *v_off, long L,
+                           const float *vh, const int64_t *table, long BS, long D, float *out) {
+    __m256 acc[8];
+    for (int i = 0; i < NA; i++) acc[i] = _mm256_setzero_ps();
+    for (long blk = 0, t = 0; t < L; blk++) {
+        const float *vb = vh + table[blk] * BS * D;
+        const long n = L - t < BS ? L - t : BS;
+        if (t + BS < L) prefetch_block(vh + table[blk + 1] * BS * D, BS, D);
+        for (long j = 0; j < n; j++, t++) {
+            const float *vt = vb + j * D;
+            for (int i = 0; i < NA; i++)
+                acc[i] = _mm256_fmadd_ps(_mm256_broadcast_ss(p + p_off[i] + t), _mm256_loadu_ps(vt + v_off[i]), acc[i]);
+        }
+    }
+    for (int i = 0; i < NA; i++) _mm256_storeu_ps(out + p_off[i] / L * D + v_off[i], acc[i]);
+}
+
+// out[g, :] = sum_t p[g, t] v_t over the paged value rows when G * D <= 64 (all (head, 8-column slice) pairs fit
+// one register tile): each value row is read once, the next block prefetched.
+static void weighted_rows_one_tile(const float *p, long L, long G, const float *vh, const int64_t *table, long BS,
+                                   long D, float *out) {
+    const long slices = D / 8;
+    long p_off[8], v_off[8];
+    for (long i = 0; i < G * slices; i++) {
+        p_off[i] = i / slices * L;
+        v_off[i] = i % slices * 8;
+    }
+    switch (G * slices) {  // a constant tile width per case: the accumulators stay in registers
+        case 8: pv_tile(8, p, p_off, v_off, L, vh, table, BS, D, out); break;
+        case 7: pv_tile(7, p, p_off, v_off, L, vh, table, BS, D, out); break;
+        case 6: pv_tile(6, p, p_off, v_off, L, vh, table, BS, D, out); break;
+        case 5: pv_tile(5, p, p_off, v_off, L, vh, table, BS, D, out); break;
+        case 4: pv_tile(4, p, p_off, v_off, L, vh, table, BS, D, out); break;
+        case 3: pv_tile(3, p, p_off, v_off, L, vh, table, BS, D, out); break;
+        case 2: pv_tile(2, p, p_off, v_off, L, vh, table, BS, D, out); break;
+        default: pv_tile(1, p, p_off, v_off, L, vh, table, BS, D, out); break;
+    }
+}
+
+// The same for G * D > 64: one (head, 8-column slice) pair at a time, its accumulator split four ways to hide the
+// FMA latency; the pass re-reads the value rows from L2.
+static void weighted_rows_by_slice(const float *p, long L, long G, const float *vh, const int64_t *table, long BS, long D,
                           float *out) {
     for (long c = 0; c < D; c += 8) {
         for (long g = 0; g < G; g++) {
@@ -118,6 +173,9 @@ void paged_decode_attention(const float *q, const float *k, const float *v, long
                             long NB, long BS, const int64_t *tables, long M, const int64_t *lens, float scale,
                             float *out, int num_threads) {
     const long G = H / Hkv, head_stride = NB * BS * D;
+    // small heads (G * D <= 64): one register tile for the weighted sum and software prefetch of the next block
+    // (measured 15-25% faster on the default model; for D = 128 the old per-slice order measured faster)
+    const int one_tile = D % 8 == 0 && G * D <= 64;
 #pragma omp parallel for collapse(2) schedule(dynamic) num_threads(num_threads)
     for (long b = 0; b < B; b++) {
         for (long hk = 0; hk < Hkv; hk++) {
@@ -131,6 +189,7 @@ void paged_decode_attention(const float *q, const float *k, const float *v, long
             for (long blk = 0, t = 0; t < L; blk++, t += BS) {
                 const float *kb = kh + table[blk] * BS * D;
                 const long n = L - t < BS ? L - t : BS;
+                if (one_tile && t + BS < L) prefetch_block(kh + table[blk + 1] * BS * D, BS, D);
                 for (long g = 0; g < G; g++) scores(qg + g * D, kb, n, D, scale, p + g * L + t);
             }
             // 2. softmax over t, per query head
@@ -138,7 +197,7 @@ void paged_decode_attention(const float *q, const float *k, const float *v, long
             // 3. out_g = sum_t p[g, t] v_t
             float *og = out + (b * H + hk * G) * D;
             if (D % 8 == 0) {
-                weighted_rows(p, L, G, vh, table, BS, D, og);
+                (one_tile ? weighted_rows_one_tile : weighted_rows_by_slice)(p, L, G, vh, table, BS, D, og);
                 free(p);
                 continue;
             }
