@@ -105,7 +105,10 @@ class HyperMoELayer(nn.Module):
         # generated for this batch; 3. each token through its set's adapter
         uniq_UK, rank_U, inverse_T, counts_U = self.group_sets(ids_TK)
         if rank_U is not None and self._use_table():
-            params, rows = self._adapter_table(x_TD.device), rank_U.tolist()  # NOTE: host sync, as below
+            params = self._adapter_table(x_TD.device)
+            if rank_U.shape[0] > 1 and table_gemm_available(x_TD, params):  # one set: one GEMM pair below
+                return apply_table_adapters(x_TD, rank_U[inverse_T], params)
+            rows = rank_U.tolist()  # NOTE: host sync, as below
         else:
             params, rows = self.generate(uniq_UK), list(range(uniq_UK.shape[0]))
         return apply_adapters(x_TD, inverse_T, counts_U.tolist(), params, rows)  # NOTE: host sync (set sizes)
@@ -176,6 +179,34 @@ def apply_adapters(
     pieces = [apply_adapter(x_MD, params, row) for x_MD, row in zip(x_TD[order_T].split(counts_U), rows)]
     y_sorted_TD = torch.cat(pieces)
     return y_sorted_TD.new_empty(y_sorted_TD.shape).index_copy(0, order_T, y_sorted_TD)
+
+
+def table_gemm_available(x_TD: torch.Tensor, params: AdapterParams) -> bool:
+    """Whether :func:`apply_table_adapters` can run: fp32 on a CPU with the skinny GEMM (AVX2 and a C compiler)."""
+    from moe.cpu_gemm import skinny_gemm_available  # imported on use: moe.layer imports this package
+
+    return (x_TD.device.type == "cpu" and params.w_down_UAD.dtype == torch.float32 and not torch.is_grad_enabled()
+            and skinny_gemm_available())
+
+
+def apply_table_adapters(x_TD: torch.Tensor, rank_T: torch.Tensor, params: AdapterParams) -> torch.Tensor:
+    """Token ``t`` through adapter ``rank_T[t]`` of the whole table (``C`` adapters): tokens sorted by set, then
+    each adapter GEMM as one grouped call over the table (sets with no token are skipped), so the cost does not
+    grow with the number of sets in the batch. CPU, fp32, inference; the same math as :func:`apply_adapters`.
+
+    Example: ``rank_T = [3, 0, 3]`` -> sorted order ``[1, 0, 2]``, counts ``[1, 0, 0, 2, 0, ...]``: token 1 uses
+    adapter 0, tokens 0 and 2 adapter 3.
+    """
+    from moe.cpu_gemm import skinny_gemm_grouped
+
+    C = params.w_down_UAD.shape[0]
+    order_T = torch.argsort(rank_T, stable=True)
+    rank_sorted_T = rank_T[order_T]
+    counts_C = torch.bincount(rank_T, minlength=C)
+    h_TA = skinny_gemm_grouped(x_TD.float()[order_T], params.w_down_UAD, counts_C)
+    h_TA = F.relu(h_TA.add_(params.b_down_UA[rank_sorted_T]))
+    y_sorted_TD = skinny_gemm_grouped(h_TA, params.w_up_UDA, counts_C).add_(params.b_up_UD[rank_sorted_T])
+    return torch.empty_like(y_sorted_TD).index_copy_(0, order_T, y_sorted_TD)
 
 
 def share_hypernetwork(model: nn.Module) -> int:
