@@ -58,6 +58,22 @@ class RunningServer:
             time.sleep(0.1)
 
 
+def wait_healthy(server: RunningServer, timeout: float, poll_s: float = 0.2) -> None:
+    """Until ``GET /health`` answers 200; ``RuntimeError`` with the server's log if it exits or times out."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if server.process.poll() is not None:
+            raise RuntimeError(f"moe-serve exited with {server.process.returncode}:\n{server.log()}")
+        try:
+            if httpx.get(server.url + "/health", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"moe-serve did not become healthy:\n{server.log()}")
+        time.sleep(poll_s)
+
+
 @contextmanager
 def running_server(*overrides: str, startup_timeout: float = 90.0):
     """``moe-serve`` with Hydra ``overrides``; SIGTERM and a wait on exit (a leaked server fails the test)."""
@@ -71,18 +87,7 @@ def running_server(*overrides: str, startup_timeout: float = 90.0):
         process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
     server = RunningServer(f"http://127.0.0.1:{port}", process, log_path)
     try:
-        deadline = time.monotonic() + startup_timeout
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"moe-serve exited with {process.returncode}:\n{server.log()}")
-            try:
-                if httpx.get(server.url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"moe-serve did not become healthy:\n{server.log()}")
-            time.sleep(0.2)
+        wait_healthy(server, startup_timeout)
         yield server
     finally:
         if process.poll() is None:

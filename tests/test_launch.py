@@ -19,7 +19,7 @@ import httpx
 import pytest
 from openai import OpenAI
 
-from serve_server import RunningServer, free_port, running_server
+from serve_server import RunningServer, free_port, running_server, wait_healthy
 
 EP2 = ("parallel=ep2", "launcher.master_port=0")
 PROMPTS = ["def fibonacci(n):", "import os\n", "class Stack:\n    def push(self, item):",
@@ -86,18 +86,7 @@ def submitit_server(sweep_dir: Path, *overrides: str, startup_timeout: float = 1
         process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     server = RunningServer(f"http://127.0.0.1:{port}", process, log_path)
     try:
-        deadline = time.monotonic() + startup_timeout
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"moe-serve exited with {process.returncode}:\n{server.log()}")
-            try:
-                if httpx.get(server.url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"moe-serve did not become healthy:\n{server.log()}")
-            time.sleep(0.5)
+        wait_healthy(server, startup_timeout, poll_s=0.5)
         yield server, sweep_dir / "0"
     finally:
         if process.poll() is None:
