@@ -21,7 +21,7 @@ import torch
 
 from moe.activations import expert_activation
 from moe.config import Activation
-from moe.cpu_gemm import skinny_gemm, skinny_gemm_available, skinny_gemm_grouped
+from moe.cpu_gemm import decode_moe, skinny_gemm, skinny_gemm_available, skinny_gemm_grouped
 
 # Up to this many rows per expert the CPU skinny GEMM beats BLAS (measured crossover on AVX2, 2 threads).
 SKINNY_MAX_ROWS = 32
@@ -64,6 +64,23 @@ def loop_ffn(
             rows_ffn(x_RD[start:end], lambda x, w=w13: torch.mm(x, w.t()),
                      lambda a, out, w=w2: _mm_into(a, w.t(), out), act, b13, b2, y_RD[start:end])
     return y_RD
+
+
+def cpu_decode_moe(x_TD: torch.Tensor, routing, experts) -> torch.Tensor | None:
+    """The whole routed pass (shuffle, grouped FFN, weighted combine) as :func:`moe.cpu_gemm.decode_moe` when
+    it applies: CPU, fp32 plain experts without biases, weights on the output, the C library present, and at
+    most ``SKINNY_MAX_ROWS`` rows per expert (decode). Else None: the caller runs the step by step path, which
+    gives bit-identical results (same GEMM kernel, order and rounding)."""
+    w13, w2 = experts.w13_E2FD, experts.w2_EDF
+    if (x_TD.device.type != "cpu" or w13.dtype != torch.float32 or experts.b13_E2F is not None
+            or experts.b2_ED is not None or routing.apply_on_input or not skinny_gemm_available()):
+        return None
+    cfg = experts.config
+    act = functools.partial(expert_activation, activation=cfg.activation, alpha=cfg.swiglu_alpha,
+                            limit=cfg.swiglu_limit)
+    return decode_moe(x_TD.float().contiguous(), routing.ids_TK.to(torch.int32).contiguous(),
+                      routing.weights_TK.float().contiguous(),
+                      w13.contiguous(), w2.contiguous(), act, SKINNY_MAX_ROWS)
 
 
 def grouped_skinny_ffn(x_RD, counts_L, w13_LXD, w2_LDF, act, b13_LX, b2_LD) -> torch.Tensor:

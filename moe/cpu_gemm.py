@@ -17,11 +17,14 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 _SOURCE = Path(__file__).parent / "csrc" / "skinny_gemm.c"
-_FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC"]
+# -ffp-contract=off: a * b + c written as two operations stays two roundings (as torch computes it); the kernels
+# ask for their FMAs explicitly.
+_FLAGS = ["-O3", "-mavx2", "-mfma", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC"]
 
 
 def build_library(source_path: Path, flags: list[str] = _FLAGS) -> ctypes.CDLL | None:
@@ -58,6 +61,10 @@ def _library() -> ctypes.CDLL | None:
     L, P = ctypes.c_long, ctypes.c_void_p
     lib.skinny_gemm_grouped_nt.argtypes = [P, L, L, L, L, L, P, P, L, P, L, ctypes.c_int]
     lib.skinny_gemm_grouped_nt.restype = None
+    lib.moe_decode_up.argtypes = [P, L, L, L, P, L, P, L, L, L, L, L, P, P, P, P, ctypes.c_int]
+    lib.moe_decode_up.restype = ctypes.c_int
+    lib.moe_decode_down.argtypes = [P, L, P, L, L, L, P, L, P, P, L, L, P, P, P, ctypes.c_int]
+    lib.moe_decode_down.restype = None
     lib.skinny_gemm_nt_fp8.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_long, ctypes.c_void_p,
                                        ctypes.c_long, ctypes.c_int, ctypes.c_void_p, ctypes.c_long, ctypes.c_long,
                                        ctypes.c_void_p, ctypes.c_long, ctypes.c_int]
@@ -98,6 +105,48 @@ def skinny_gemm_grouped(x_RD: torch.Tensor, w_LOD: torch.Tensor, counts_L: torch
                                counts.data_ptr(), x_RD.stride(0), y_RO.data_ptr(), y_RO.stride(0),
                                torch.get_num_threads())
     return y_RO
+
+
+def decode_moe(x_TD: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Tensor, w13_EXD: torch.Tensor,
+               w2_EDF: torch.Tensor, activation: Callable[[torch.Tensor], torch.Tensor],
+               max_rows: int) -> torch.Tensor | None:
+    """A whole routed-expert pass for few rows per expert: ``y_TD = sum_k w_tk * expert_{id_tk}(x_t)`` in fp32,
+    as two C calls around ``activation`` (``h_NX -> a_NF``, row-wise). None (nothing computed) when an expert
+    gets more than ``max_rows`` rows. The same math, summation order and rounding as shuffle -> ``loop_ffn`` ->
+    ``weighted_sum``; no biases.
+
+    Example: ``ids_TK = [[1, 0], [1, 2]]`` (T=2, K=2) -> sorted pairs ``[1, 0, 2, 3]`` (expert 0 row: pair 1;
+    expert 1: pairs 0, 2; expert 2: pair 3); ``y_0 = w_00 * e1(x_0) + w_01 * e0(x_0)``.
+    """
+    lib = _library()
+    T, D = x_TD.shape
+    (E, X, Dw), (_, Dy, F) = w13_EXD.shape, w2_EDF.shape
+    K = ids_TK.shape[1]
+    ok = (lib is not None and x_TD.dtype == w13_EXD.dtype == w2_EDF.dtype == weights_TK.dtype == torch.float32
+          and ids_TK.dtype == torch.int32 and Dw == D == Dy and tuple(weights_TK.shape) == (T, K)
+          and all(t.device.type == "cpu" and t.is_contiguous() for t in (x_TD, ids_TK, weights_TK, w13_EXD, w2_EDF)))
+    if not ok:
+        raise ValueError(f"decode_moe: contiguous CPU fp32 x_TD {tuple(x_TD.shape)}, w13 {tuple(w13_EXD.shape)}, "
+                         f"w2 {tuple(w2_EDF.shape)}, weights {tuple(weights_TK.shape)} and int32 ids "
+                         f"{tuple(ids_TK.shape)} expected (and the C library: see skinny_gemm_available)")
+    N = T * K
+    order_N, counts_E = torch.empty(N, dtype=torch.int64), torch.empty(E, dtype=torch.int64)
+    xs_ND, h_NX = torch.empty(N, D), torch.empty(N, X)
+    status = lib.moe_decode_up(x_TD.data_ptr(), T, D, x_TD.stride(0), ids_TK.data_ptr(), K, w13_EXD.data_ptr(), E, X,
+                               w13_EXD.stride(1), w13_EXD.stride(0), max_rows, order_N.data_ptr(),
+                               counts_E.data_ptr(), xs_ND.data_ptr(), h_NX.data_ptr(), torch.get_num_threads())
+    if status == -2:
+        raise ValueError(f"decode_moe: expert ids must be in [0, {E}), got {ids_TK.min().item()}..{ids_TK.max().item()}")
+    if status:
+        return None
+    a_NF = activation(h_NX).contiguous()
+    if tuple(a_NF.shape) != (N, F) or a_NF.dtype != torch.float32:
+        raise ValueError(f"decode_moe: activation gave {tuple(a_NF.shape)} {a_NF.dtype}, expected ({N}, {F}) fp32")
+    y_TD, ys_ND, pos_N = torch.empty(T, D), torch.empty(N, D), torch.empty(N, dtype=torch.int64)
+    lib.moe_decode_down(a_NF.data_ptr(), F, w2_EDF.data_ptr(), D, w2_EDF.stride(1), w2_EDF.stride(0),
+                        counts_E.data_ptr(), E, order_N.data_ptr(), weights_TK.data_ptr(), T, K, pos_N.data_ptr(),
+                        ys_ND.data_ptr(), y_TD.data_ptr(), torch.get_num_threads())
+    return y_TD
 
 
 def skinny_gemm_fp8(

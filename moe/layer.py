@@ -13,6 +13,7 @@ from torch import nn
 
 from all_to_all.dispatcher import Dispatcher, LocalDispatcher
 from hypermoe import HyperMoELayer, HyperNetwork
+from moe.backends import cpu_decode_moe
 from moe.config import Backend, MoEConfig
 from moe.experts import Experts
 from moe.shared import SharedExpert
@@ -73,11 +74,14 @@ class MoE(nn.Module):
         fused = isinstance(self.dispatcher, LocalDispatcher) and type(self.experts) in (Experts, Fp8Experts)
         # The Triton kernels are inference-only: under autograd the torch path (differentiable) runs instead.
         wants_grad = torch.is_grad_enabled() and (x_TD.requires_grad or self.experts.w13_E2FD.requires_grad)
+        y_TD = None
         if self.backend is Backend.TRITON and fused and not wants_grad:
             from moe.triton_backend import triton_moe_forward  # shuffle + both grouped GEMMs + combine, fused
 
             y_TD = triton_moe_forward(x_TD, routing, self.experts, self.config.deterministic)
-        else:
+        elif self.backend is Backend.TORCH and fused and not wants_grad and type(self.experts) is Experts:
+            y_TD = cpu_decode_moe(x_TD, routing, self.experts)  # two C calls; None unless CPU decode-sized
+        if y_TD is None:
             x_RD, counts, meta = self.dispatcher.dispatch(x_TD, routing)
             y_RD = self.experts(x_RD, counts)
             y_TD = self.dispatcher.combine(y_RD, meta)

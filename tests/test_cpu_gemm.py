@@ -51,3 +51,46 @@ def test_grouped_refuses_counts_beyond_the_rows():
         skinny_gemm_grouped(torch.randn(3, 8), torch.randn(2, 4, 8), torch.tensor([2, 2]))
     with pytest.raises(ValueError, match="must be \\[2\\]"):
         skinny_gemm_grouped(torch.randn(3, 8), torch.randn(2, 4, 8), torch.tensor([3]))
+
+
+def _step_by_step(x_TD, ids_TK, weights_TK, w13_EXD, w2_EDF, activation):
+    """shuffle -> gather -> loop_ffn -> weighted_sum: the layer's path when decode_moe does not apply."""
+    from all_to_all.dispatcher import inverse_permutation, weighted_sum
+    from moe.backends import loop_ffn
+    from moe.shuffle import shuffle
+
+    shuf = shuffle(ids_TK, w13_EXD.shape[0])
+    y_RD = loop_ffn(x_TD.index_select(0, shuf.token_idx_N), shuf.counts_E, w13_EXD, w2_EDF, activation)
+    weights_N = weights_TK.reshape(-1)[shuf.order_N]
+    return weighted_sum(y_RD, inverse_permutation(shuf.order_N), weights_N, x_TD.shape[0], False)
+
+
+@pytest.mark.parametrize("T, D, F, E, K", [(1, 128, 128, 8, 2), (33, 48, 40, 8, 3), (222, 20, 12, 64, 2),
+                                           (5, 21, 13, 4, 1)])
+@pytest.mark.parametrize("activation", ["swiglu", "gelu"])
+def test_decode_moe_is_bit_identical_to_the_step_by_step_path(T, D, F, E, K, activation):
+    from moe.activations import expert_activation
+    from moe.config import Activation
+    from moe.cpu_gemm import decode_moe
+
+    act = Activation(activation)
+    X = 2 * F if act.gated else F
+    x, w13, w2 = torch.randn(T, D), torch.randn(E, X, D) * D**-0.5, torch.randn(E, D, F) * F**-0.5
+    ids = torch.stack([torch.randperm(E)[:K] for _ in range(T)]).int()
+    ids[ids == 1] = 0 if E > 2 else ids[ids == 1]  # expert 1 gets no rows
+    weights = torch.rand(T, K)
+    y = decode_moe(x, ids, weights, w13, w2, lambda h: expert_activation(h, act), max_rows=T * K)
+    assert y is not None and torch.equal(y, _step_by_step(x, ids, weights, w13, w2, act))
+
+
+def test_decode_moe_declines_many_rows_and_refuses_bad_ids():
+    from moe.activations import expert_activation
+    from moe.config import Activation
+    from moe.cpu_gemm import decode_moe
+
+    x, w13, w2 = torch.randn(4, 16), torch.randn(2, 16, 16), torch.randn(2, 16, 8)
+    act = lambda h: expert_activation(h, Activation.SWIGLU)  # noqa: E731
+    ids = torch.tensor([[0], [0], [0], [1]], dtype=torch.int32)
+    assert decode_moe(x, ids, torch.ones(4, 1), w13, w2, act, max_rows=2) is None  # expert 0 has 3 rows
+    with pytest.raises(ValueError, match="must be in \\[0, 2\\)"):
+        decode_moe(x, ids + 1, torch.ones(4, 1), w13, w2, act, max_rows=8)

@@ -31,6 +31,27 @@ def test_swiglu_matches_reference(T, E, K):
     _check(layer, torch.randn(T, 48))
 
 
+@pytest.mark.parametrize("T, taken", [(1, True), (33, True), (222, False)])  # 222 x 2 rows / 8 experts: > 32 each
+def test_decode_sized_cpu_calls_take_the_two_call_path(T, taken, monkeypatch):
+    from moe import cpu_gemm
+    from moe.cpu_gemm import skinny_gemm_available
+
+    if not skinny_gemm_available():
+        pytest.skip("needs an AVX2+FMA CPU and a C compiler")
+    seen = []
+    real = cpu_gemm.decode_moe
+
+    def recorded(*args, **kwargs):
+        y = real(*args, **kwargs)
+        seen.append(y is not None)
+        return y
+
+    monkeypatch.setattr("moe.backends.decode_moe", recorded)
+    layer = _randomise(MoE(MoEConfig(48, 40, 8, 2)))
+    _check(layer, torch.randn(T, 48))  # the layer runs once (the reference has its own math)
+    assert seen == [taken]
+
+
 @pytest.mark.parametrize("activation", list(Activation))
 def test_every_activation_with_biases_and_shared_expert(activation):
     cfg = MoEConfig(40, 24, 6, 2, activation=activation, expert_bias=True, shared_ffn_size=20,

@@ -103,6 +103,64 @@ void skinny_gemm_grouped_nt(const float *W, long L, long O, long D, long ldw, lo
     }
 }
 
+/* ---- A decode-sized MoE layer in two calls (few rows per expert), around the activation done by the caller. ----
+ * Part 1: stable counting sort of the N = T*K routed rows by expert (order[i] = routed pair of sorted row i,
+ * pair n = t*K + k), the token rows gathered into xs, H = xs . W13[e]^T per expert block. Returns 0; -1 when an
+ * expert would get more than max_rows rows (the caller's GEMMs are then faster); -2 for an id outside [0, E).
+ * counts and order are written in every case, nothing else on failure. */
+int moe_decode_up(const float *X, long T, long D, long ldx, const int32_t *ids, long K, const float *W13, long E,
+                  long O, long ldw, long lde, long max_rows, long *order, long *counts, float *xs, float *H,
+                  int num_threads) {
+    const long N = T * K;
+    long next[E > 0 ? E : 1];
+    for (long e = 0; e < E; e++) counts[e] = 0;
+    for (long n = 0; n < N; n++) {
+        if (ids[n] < 0 || ids[n] >= E) return -2;
+        counts[ids[n]]++;
+    }
+    long start = 0, most = 0;
+    for (long e = 0; e < E; e++) {
+        next[e] = start;
+        start += counts[e];
+        most = counts[e] > most ? counts[e] : most;
+    }
+    for (long n = 0; n < N; n++) order[next[ids[n]]++] = n;
+    if (most > max_rows) return -1;
+    for (long i = 0; i < N; i++) {
+        const float *src = X + (order[i] / K) * ldx;
+        for (long d = 0; d < D; d++) xs[i * D + d] = src[d];
+    }
+    skinny_gemm_grouped_nt(W13, E, O, D, ldw, lde, xs, counts, D, H, O, num_threads);
+    return 0;
+}
+
+/* Part 2: ys = A . W2[e]^T per expert block (A [N, F] sorted rows, after the activation), then
+ * Y[t] = sum over k in order of weights[t, k] * ys[row of pair t*K+k], each product rounded before the add:
+ * the order and rounding of moe.reference / all_to_all.dispatcher.weighted_sum. pos: N longs of scratch. */
+void moe_decode_down(const float *A, long F, const float *W2, long D, long ldw, long lde, const long *counts,
+                     long E, const long *order, const float *weights, long T, long K, long *pos, float *ys,
+                     float *Y, int num_threads) {
+    const long N = T * K;
+    skinny_gemm_grouped_nt(W2, E, D, F, ldw, lde, A, counts, F, ys, D, num_threads);
+    for (long i = 0; i < N; i++) pos[order[i]] = i;
+    for (long t = 0; t < T; t++) {
+        float *y = Y + t * D;
+        for (long k = 0; k < K; k++) {
+            const __m256 w = _mm256_set1_ps(weights[t * K + k]);
+            const float *r = ys + pos[t * K + k] * D;
+            long d = 0;
+            for (; d + 8 <= D; d += 8) {
+                const __m256 p = _mm256_mul_ps(w, _mm256_loadu_ps(r + d));
+                _mm256_storeu_ps(y + d, k ? _mm256_add_ps(_mm256_loadu_ps(y + d), p) : p);
+            }
+            for (; d < D; d++) {  /* built with -ffp-contract=off: the product is rounded, as in torch */
+                const float p = weights[t * K + k] * r[d];
+                y[d] = k ? y[d] + p : p;
+            }
+        }
+    }
+}
+
 /* ---- FP8 (e4m3fn) weights: the same tiling, converting each weight vector in registers. ----
  * e4m3 -> fp32: move sign to bit 31 and exponent+mantissa to bits 20..26, then multiply by 2^120 to move the
  * exponent bias from 7 to 127 (subnormals come out right too). The 2^120 is folded into the scale.
