@@ -122,7 +122,7 @@ def main() -> None:
     parser.add_argument("--max-num-seqs", type=int, default=64, help="the engine's running-sequence limit")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3, help="engine and transformers runs alternated; best of each")
     parser.add_argument("--model", default=str(DEFAULT_MODEL))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)

@@ -64,15 +64,14 @@ def route(
         top_logits_TK, ids_TK = torch.topk(logits_TE, k, dim=-1)
         return _finish(torch.softmax(top_logits_TK, dim=-1), config), ids_TK
 
-    if config.scoring is Scoring.SOFTMAX:
-        scores_TE = torch.softmax(logits_TE, dim=-1)
-    else:
-        scores_TE = torch.sigmoid(logits_TE)
     # Logits order the experts exactly as their scores do, without the ties of a saturated sigmoid (1.0) or
     # an underflowed softmax (0.0); only a bias or a top-2 group sum needs the scores themselves.
     order_preserved = correction_bias_E is None and (
         config.num_groups == 1 or config.group_score is GroupScore.MAX
     )
+    scores_TE = None
+    if not (order_preserved and config.renormalize):  # else the scores of all E experts are never read
+        scores_TE = torch.softmax(logits_TE, dim=-1) if config.scoring is Scoring.SOFTMAX else torch.sigmoid(logits_TE)
     choice_TE = logits_TE if order_preserved else scores_TE
     if correction_bias_E is not None:
         choice_TE = choice_TE + correction_bias_E
