@@ -79,6 +79,40 @@ def skinny_gemm_available() -> bool:
     return _library() is not None
 
 
+_BLOCK_SOURCE = Path(__file__).parent / "csrc" / "block_gemm.c"
+
+
+@functools.lru_cache(maxsize=1)
+def _block_library() -> ctypes.CDLL | None:
+    lib = build_library(_BLOCK_SOURCE)
+    if lib is None:
+        return None
+    L, P = ctypes.c_long, ctypes.c_void_p
+    lib.block_gemm_grouped_nt.argtypes = [P, L, L, L, L, L, P, P, L, P, L, ctypes.c_int]
+    lib.block_gemm_grouped_nt.restype = ctypes.c_int
+    return lib
+
+
+def block_gemm_available() -> bool:
+    return _block_library() is not None
+
+
+def block_gemm_grouped(x_RD: torch.Tensor, w_LOD: torch.Tensor, counts_L: torch.Tensor) -> torch.Tensor:
+    """:func:`skinny_gemm_grouped` for many rows per expert (prefill): ``csrc/block_gemm.c``'s register-tiled
+    kernel, threads splitting each expert's weight rows. Same contract: rows sorted by expert, fp32, CPU."""
+    lib = _block_library()
+    if lib is None:
+        raise RuntimeError("block GEMM unavailable (needs an AVX2+FMA CPU and a C compiler); check block_gemm_available()")
+    counts, y_RO = _grouped_checks(x_RD, w_LOD, counts_L)
+    L, O, D = w_LOD.shape
+    status = lib.block_gemm_grouped_nt(w_LOD.data_ptr(), L, O, D, w_LOD.stride(1), w_LOD.stride(0), x_RD.data_ptr(),
+                                       counts.data_ptr(), x_RD.stride(0), y_RO.data_ptr(), y_RO.stride(0),
+                                       torch.get_num_threads())
+    if status:
+        raise MemoryError(f"block_gemm_grouped: no memory for the packing buffers of x_RD {tuple(x_RD.shape)}")
+    return y_RO
+
+
 def skinny_gemm(x_MD: torch.Tensor, w_OD: torch.Tensor, out_MO: torch.Tensor | None = None) -> torch.Tensor:
     """``x_MD @ w_OD.T`` in fp32 on the CPU. Rows of ``x``, ``w`` and ``out`` must be unit-stride."""
     lib, out_MO = _prepare(x_MD, w_OD, out_MO, torch.float32)
@@ -93,6 +127,16 @@ def skinny_gemm_grouped(x_RD: torch.Tensor, w_LOD: torch.Tensor, counts_L: torch
 
     Example: ``counts_L = [2, 0, 1]`` -> rows 0-1 through ``w_LOD[0]``, row 2 through ``w_LOD[2]``.
     """
+    counts, y_RO = _grouped_checks(x_RD, w_LOD, counts_L)
+    L, O, D = w_LOD.shape
+    _library().skinny_gemm_grouped_nt(w_LOD.data_ptr(), L, O, D, w_LOD.stride(1), w_LOD.stride(0), x_RD.data_ptr(),
+                                      counts.data_ptr(), x_RD.stride(0), y_RO.data_ptr(), y_RO.stride(0),
+                                      torch.get_num_threads())
+    return y_RO
+
+
+def _grouped_checks(x_RD: torch.Tensor, w_LOD: torch.Tensor, counts_L: torch.Tensor):
+    """int64 ``counts`` and a fresh ``y_RO`` after the shape, dtype, stride and count checks of both kernels."""
     L, O, D = w_LOD.shape
     counts = counts_L.to(torch.int64).contiguous()
     if counts.shape != (L,) or w_LOD.stride(1) < D:
@@ -100,11 +144,8 @@ def skinny_gemm_grouped(x_RD: torch.Tensor, w_LOD: torch.Tensor, counts_L: torch
                          f"unit-stride rows, got strides {w_LOD.stride()}")
     if bool((counts < 0).any()) or int(counts.sum()) > x_RD.shape[0]:
         raise ValueError(f"counts_L ({counts.tolist()}) must be >= 0 and sum to at most the {x_RD.shape[0]} rows of x_RD")
-    lib, y_RO = _prepare(x_RD, w_LOD[0] if L else w_LOD.new_empty(O, D), None, torch.float32)
-    lib.skinny_gemm_grouped_nt(w_LOD.data_ptr(), L, O, D, w_LOD.stride(1), w_LOD.stride(0), x_RD.data_ptr(),
-                               counts.data_ptr(), x_RD.stride(0), y_RO.data_ptr(), y_RO.stride(0),
-                               torch.get_num_threads())
-    return y_RO
+    _, y_RO = _prepare(x_RD, w_LOD[0] if L else w_LOD.new_empty(O, D), None, torch.float32)
+    return counts, y_RO
 
 
 def decode_moe(x_TD: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Tensor, w13_EXD: torch.Tensor,

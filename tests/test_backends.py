@@ -23,7 +23,7 @@ def _blocks(counts, D=40, F=24, activation=Activation.SWIGLU, bias=False):
 
 
 @pytest.mark.parametrize("ffn", [loop_ffn, grouped_mm_ffn])
-@pytest.mark.parametrize("counts", [[1], [2, 0, 7, 32, 1], [0, 3, 0, 40], [5, 0, 0, 0, 2, 33, 1, 0], [400, 0, 7]])
+@pytest.mark.parametrize("counts", [[1], [2, 0, 7, 32, 1], [60, 0, 90, 51], [0, 3, 0, 40], [5, 0, 0, 0, 2, 33, 1, 0], [400, 0, 7]])
 @pytest.mark.parametrize("activation, bias", [(Activation.SWIGLU, False), (Activation.SWIGLU_OAI, True),
                                               (Activation.GELU, True)])
 def test_strategy_matches_reference(ffn, counts, activation, bias):

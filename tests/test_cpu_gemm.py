@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from moe.cpu_gemm import skinny_gemm, skinny_gemm_available, skinny_gemm_grouped
+from moe.cpu_gemm import block_gemm_grouped, skinny_gemm, skinny_gemm_available, skinny_gemm_grouped
 
 pytestmark = pytest.mark.skipif(not skinny_gemm_available(), reason="needs an AVX2+FMA CPU and a C compiler")
 
@@ -46,9 +46,21 @@ def test_grouped_matches_per_expert_matmul(counts, O, D):
     torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("counts, O, D", [([2, 0, 37], 13, 21), ([17, 33, 16], 100, 300), ([5], 6, 4100),
+                                          ([0, 0], 8, 8)])  # D=4100: two k blocks (4096 + 4)
+def test_block_grouped_matches_per_expert_matmul(counts, O, D):
+    w_LOD, counts_L = torch.randn(len(counts), O, D), torch.tensor(counts)
+    x_RD = torch.randn(sum(counts), D)
+    y = block_gemm_grouped(x_RD, w_LOD, counts_L)
+    starts = [sum(counts[:e]) for e in range(len(counts))]
+    expected = torch.cat([x_RD[s:s + n] @ w_LOD[e].t() for e, (s, n) in enumerate(zip(starts, counts))])
+    torch.testing.assert_close(y, expected, rtol=1e-4, atol=1e-4 * D**0.5)
+
+
 def test_grouped_refuses_counts_beyond_the_rows():
-    with pytest.raises(ValueError, match="sum to at most the 3 rows"):
-        skinny_gemm_grouped(torch.randn(3, 8), torch.randn(2, 4, 8), torch.tensor([2, 2]))
+    for grouped in (skinny_gemm_grouped, block_gemm_grouped):
+        with pytest.raises(ValueError, match="sum to at most the 3 rows"):
+            grouped(torch.randn(3, 8), torch.randn(2, 4, 8), torch.tensor([2, 2]))
     with pytest.raises(ValueError, match="must be \\[2\\]"):
         skinny_gemm_grouped(torch.randn(3, 8), torch.randn(2, 4, 8), torch.tensor([3]))
 
