@@ -1,10 +1,14 @@
-"""The CPU skinny GEMM (``csrc/skinny_gemm.c``): ``y_MO = x_MD @ w_OD.T`` for the few rows of decode.
+"""The CPU GEMM kernels of the torch backend, compiled from ``csrc/`` on first use.
 
-BLAS sgemm repacks the whole weight on every call, which for an expert holding a handful of token rows
-costs more than the multiply (measured ~17 GFLOP/s per core at M=8 on the AVX2 CPU we develop on); the
-kernel streams each weight row once and reaches ~2x that. It is compiled on first use with the system C
-compiler into a per-user cache (about a second) and needs an AVX2+FMA CPU; where either is missing
-``skinny_gemm_available()`` is False and callers use torch's GEMM instead.
+- ``csrc/skinny_gemm.c``: ``y_MO = x_MD @ w_OD.T`` for the few rows of decode (per expert, grouped over all
+  experts, with FP8 weights), and the two-call decode MoE (:func:`decode_moe`). BLAS sgemm repacks the whole
+  weight on every call, which for an expert holding a handful of token rows costs more than the multiply
+  (measured ~17 GFLOP/s per core at M=8 on the AVX2 CPU we develop on); the kernel streams each weight row once
+  and reaches ~2x that.
+- ``csrc/block_gemm.c``: the grouped GEMM for prefill-sized expert blocks (tens to hundreds of rows each).
+
+Each is compiled with the system C compiler into a per-user cache (about a second) and needs an AVX2+FMA CPU;
+where either is missing ``*_available()`` is False and callers use torch's GEMM instead.
 """
 
 from __future__ import annotations
