@@ -57,7 +57,7 @@ def loop_ffn(
     if skinny and x_RD.shape[0] and int(counts_L.max()) <= SKINNY_MAX_ROWS:  # NOTE: host sync (CPU only: free)
         return grouped_ffn(skinny_gemm_grouped, x_RD, counts_L, w13_LXD, w2_LDF, act, b13_LX, b2_LD)
     if skinny and block_gemm_available():
-        active = int((counts_L > 0).sum())
+        active = int((counts_L > 0).sum())  # NOTE: host sync (CPU only, as above)
         if active and BLOCK_GEMM_ROWS[0] <= x_RD.shape[0] / active < BLOCK_GEMM_ROWS[1]:
             return grouped_ffn(block_gemm_grouped, x_RD, counts_L, w13_LXD, w2_LDF, act, b13_LX, b2_LD)
     for e, start, end in expert_blocks(counts_L):

@@ -146,7 +146,7 @@ def _grouped_checks(x_RD: torch.Tensor, w_LOD: torch.Tensor, counts_L: torch.Ten
     if counts.shape != (L,) or w_LOD.stride(1) < D:
         raise ValueError(f"counts_L {tuple(counts_L.shape)} must be [{L}] for w_LOD {tuple(w_LOD.shape)} with "
                          f"unit-stride rows, got strides {w_LOD.stride()}")
-    if bool((counts < 0).any()) or int(counts.sum()) > x_RD.shape[0]:
+    if bool((counts < 0).any()) or int(counts.sum()) > x_RD.shape[0]:  # NOTE: host sync (CPU kernels only)
         raise ValueError(f"counts_L ({counts.tolist()}) must be >= 0 and sum to at most the {x_RD.shape[0]} rows of x_RD")
     _, y_RO = _prepare(x_RD, w_LOD[0] if L else w_LOD.new_empty(O, D), None, torch.float32)
     return counts, y_RO
