@@ -54,6 +54,21 @@ static void rows_scalar(const float *w, long ldw, int nw, const float *x, long l
         }
 }
 
+/* Rows o .. o+OB (fewer at the end: nw) of W against all M token rows: y[m][i] for the block starting at w. */
+static void weight_block(const float *w, long ldw, long nw, const float *x, long ldx, long M, long D, float *y,
+                         long ldy) {
+    if (nw < OB) {
+        rows_scalar(w, ldw, (int)nw, x, ldx, M, D, y, ldy);
+        return;
+    }
+    /* While the first token tile computes on this block, pull the next block into L1. */
+    const float *next = nw >= 2 * OB ? w + OB * ldw : 0;
+    long m = 0;
+    for (; m + 3 <= M; m += 3, next = 0) tile(w, ldw, x + m * ldx, ldx, 3, D, y + m * ldy, ldy, next);
+    if (M - m == 2) tile(w, ldw, x + m * ldx, ldx, 2, D, y + m * ldy, ldy, next);
+    if (M - m == 1) tile(w, ldw, x + m * ldx, ldx, 1, D, y + m * ldy, ldy, next);
+}
+
 /* Y [M, O] (row stride ldy) = X [M, D] (row stride ldx) . W [O, D]^T (row stride ldw). */
 void skinny_gemm_nt(const float *W, long O, long D, long ldw, const float *X, long M, long ldx,
                     float *Y, long ldy, int num_threads) {
@@ -61,17 +76,7 @@ void skinny_gemm_nt(const float *W, long O, long D, long ldw, const float *X, lo
 #pragma omp parallel for schedule(dynamic, 16) num_threads(num_threads)
     for (long b = 0; b < blocks; b++) {
         long o = b * OB;
-        const float *w = W + o * ldw;
-        if (O - o < OB) {
-            rows_scalar(w, ldw, (int)(O - o), X, ldx, M, D, Y + o, ldy);
-            continue;
-        }
-        /* While the first token tile computes on this block, pull the next block into L1. */
-        const float *next = O - o >= 2 * OB ? w + OB * ldw : 0;
-        long m = 0;
-        for (; m + 3 <= M; m += 3, next = 0) tile(w, ldw, X + m * ldx, ldx, 3, D, Y + m * ldy + o, ldy, next);
-        if (M - m == 2) tile(w, ldw, X + m * ldx, ldx, 2, D, Y + m * ldy + o, ldy, next);
-        if (M - m == 1) tile(w, ldw, X + m * ldx, ldx, 1, D, Y + m * ldy + o, ldy, next);
+        weight_block(W + o * ldw, ldw, O - o, X, ldx, M, D, Y + o, ldy);
     }
 }
 
@@ -87,19 +92,10 @@ void skinny_gemm_grouped_nt(const float *W, long L, long O, long D, long ldw, lo
     long blocks = (O + OB - 1) / OB;
 #pragma omp parallel for schedule(dynamic, 16) num_threads(num_threads)
     for (long eb = 0; eb < L * blocks; eb++) {
-        long e = eb / blocks, o = (eb % blocks) * OB, M = counts[e];
-        if (M <= 0) continue;
-        const float *w = W + e * lde + o * ldw, *x = X + starts[e] * ldx;
-        float *y = Y + starts[e] * ldy + o;
-        if (O - o < OB) {
-            rows_scalar(w, ldw, (int)(O - o), x, ldx, M, D, y, ldy);
-            continue;
-        }
-        const float *next = O - o >= 2 * OB ? w + OB * ldw : 0;
-        long m = 0;
-        for (; m + 3 <= M; m += 3, next = 0) tile(w, ldw, x + m * ldx, ldx, 3, D, y + m * ldy, ldy, next);
-        if (M - m == 2) tile(w, ldw, x + m * ldx, ldx, 2, D, y + m * ldy, ldy, next);
-        if (M - m == 1) tile(w, ldw, x + m * ldx, ldx, 1, D, y + m * ldy, ldy, next);
+        long e = eb / blocks, o = (eb % blocks) * OB;
+        if (counts[e] > 0)
+            weight_block(W + e * lde + o * ldw, ldw, O - o, X + starts[e] * ldx, ldx, counts[e], D,
+                         Y + starts[e] * ldy + o, ldy);
     }
 }
 
