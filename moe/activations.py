@@ -26,3 +26,21 @@ def expert_activation(
     gate = gate.clamp(max=limit)
     up = up.clamp(min=-limit, max=limit)
     return gate * torch.sigmoid(gate * alpha) * (up + 1)
+
+
+def expert_activation_(
+    h13_RX: torch.Tensor, activation: Activation, alpha: float = 1.702, limit: float = 7.0
+) -> torch.Tensor:
+    """:func:`expert_activation` along the last dim computed in place: overwrites ``h13_RX`` and returns a view of
+    it (gated: the gate half, row stride 2F), so a large block needs no new ``[R, F]`` buffers. Same values as
+    the out-of-place form (the same elementwise ops, rounded the same way)."""
+    if not activation.gated:
+        return torch.ops.aten.gelu.out(h13_RX, out=h13_RX) if activation is Activation.GELU else F.relu_(h13_RX)
+    gate, up = h13_RX.chunk(2, dim=-1)
+    if activation is Activation.SWIGLU:
+        return F.silu(gate, inplace=True).mul_(up)
+    if activation is Activation.GEGLU:
+        return torch.ops.aten.gelu.out(gate, out=gate).mul_(up)
+    gate.clamp_(max=limit)
+    up.clamp_(min=-limit, max=limit).add_(1)
+    return gate.mul_(torch.sigmoid(gate * alpha)).mul_(up)

@@ -19,10 +19,11 @@ from typing import Callable, Iterator
 
 import torch
 
-from moe.activations import expert_activation
+from moe.activations import expert_activation, expert_activation_
 from moe.config import Activation
 from moe.cpu_gemm import (block_gemm_available, block_gemm_grouped, decode_moe, skinny_gemm, skinny_gemm_available,
                           skinny_gemm_grouped)
+from moe.workspace import scratch
 
 # Up to this many rows per expert the CPU skinny GEMM beats BLAS (measured crossover on AVX2, 2 threads).
 SKINNY_MAX_ROWS = 32
@@ -30,10 +31,11 @@ SKINNY_MAX_ROWS = 32
 # wins between the two (MKL, AVX2, 2 threads: 90 vs 50 GFLOP/s at M=128; in the layer, 530 vs 612 ms of GEMM
 # at T=2048, M~512).
 ROW_LAYOUT_MIN_ROWS = 384
-# Mean rows per expert (over experts with rows) for which the grouped block GEMM (csrc/block_gemm.c) beats the
-# per-expert BLAS calls (layer benchmark shape, 1 and 2 threads: 1.05-1.25x from 64 to 384 rows; 0.9-0.96x at
-# 16-32 rows; 0.96-0.98x at 512 rows).
-BLOCK_GEMM_ROWS = (48, 448)
+# From this many mean rows per expert (over experts with rows) the grouped block GEMM (csrc/block_gemm.c) takes
+# every block: on the layer benchmark's GEMM shapes (Zen 4, 2 threads) it beat the per-expert BLAS calls by
+# 1.2-2x from 24 to 1024 rows (AVX-512 kernel; the AVX2 one 1.05-1.8x), and below 24 rows the skinny kernel or
+# the per-expert path wins.
+BLOCK_GEMM_MIN_ROWS = 24
 
 
 def loop_ffn(
@@ -54,12 +56,13 @@ def loop_ffn(
     skinny = (w13_LXD.dtype == torch.float32 and x_RD.device.type == "cpu" and not wants_grad
               and skinny_gemm_available())
     act = functools.partial(expert_activation, activation=activation, alpha=alpha, limit=limit)
+    act_ = functools.partial(expert_activation_, activation=activation, alpha=alpha, limit=limit)
     if skinny and x_RD.shape[0] and int(counts_L.max()) <= SKINNY_MAX_ROWS:  # NOTE: host sync (CPU only: free)
-        return grouped_ffn(skinny_gemm_grouped, x_RD, counts_L, w13_LXD, w2_LDF, act, b13_LX, b2_LD)
+        return grouped_ffn(skinny_gemm_grouped, x_RD, counts_L, w13_LXD, w2_LDF, act_, b13_LX, b2_LD)
     if skinny and block_gemm_available():
         active = int((counts_L > 0).sum())  # NOTE: host sync (CPU only, as above)
-        if active and BLOCK_GEMM_ROWS[0] <= x_RD.shape[0] / active < BLOCK_GEMM_ROWS[1]:
-            return grouped_ffn(block_gemm_grouped, x_RD, counts_L, w13_LXD, w2_LDF, act, b13_LX, b2_LD)
+        if active and x_RD.shape[0] / active >= BLOCK_GEMM_MIN_ROWS:
+            return grouped_ffn(block_gemm_grouped, x_RD, counts_L, w13_LXD, w2_LDF, act_, b13_LX, b2_LD)
     for e, start, end in expert_blocks(counts_L):
         b13, b2 = (None if b13_LX is None else b13_LX[e]), (None if b2_LD is None else b2_LD[e])
         if skinny and end - start <= SKINNY_MAX_ROWS:
@@ -92,14 +95,16 @@ def cpu_decode_moe(x_TD: torch.Tensor, routing, experts) -> torch.Tensor | None:
                       w13.contiguous(), w2.contiguous(), act, SKINNY_MAX_ROWS)
 
 
-def grouped_ffn(grouped_gemm, x_RD, counts_L, w13_LXD, w2_LDF, act, b13_LX, b2_LD) -> torch.Tensor:
+def grouped_ffn(grouped_gemm, x_RD, counts_L, w13_LXD, w2_LDF, act_, b13_LX, b2_LD) -> torch.Tensor:
     """Both GEMMs as one ``grouped_gemm`` call each over all experts (the skinny kernel for decode, the block
-    kernel for prefill) and the activation once over all rows (it is row-wise), instead of a few ops per expert."""
-    h_RX = grouped_gemm(x_RD, w13_LXD, counts_L)
+    kernel for prefill) and the in-place activation ``act_`` once over all rows (it is row-wise), instead of a
+    few ops per expert. ``h_RX`` lives in this thread's scratch buffer (``moe.workspace``): at prefill sizes a
+    fresh one costs more in page faults than the activation itself."""
+    h_RX = grouped_gemm(x_RD, w13_LXD, counts_L, scratch("moe.h13", (x_RD.shape[0], w13_LXD.shape[1])))
     if b13_LX is not None:
         bias_RX = b13_LX.repeat_interleave(counts_L, dim=0)
         h_RX[: bias_RX.shape[0]] += bias_RX
-    y_RD = grouped_gemm(act(h_RX).contiguous(), w2_LDF, counts_L)
+    y_RD = grouped_gemm(act_(h_RX), w2_LDF, counts_L)
     if b2_LD is not None:
         bias_RD = b2_LD.repeat_interleave(counts_L, dim=0)
         y_RD[: bias_RD.shape[0]] += bias_RD

@@ -3,7 +3,10 @@
 import pytest
 import torch
 
-from moe.cpu_gemm import block_gemm_grouped, skinny_gemm, skinny_gemm_available, skinny_gemm_grouped
+import functools
+
+from moe.cpu_gemm import (block_gemm_grouped, block_gemm_has_avx512, skinny_gemm, skinny_gemm_available,
+                          skinny_gemm_grouped)
 
 pytestmark = pytest.mark.skipif(not skinny_gemm_available(), reason="needs an AVX2+FMA CPU and a C compiler")
 
@@ -36,11 +39,17 @@ def test_bad_inputs_raise():
 
 
 GROUPED_CASES = [([2, 0, 5], 13, 21), ([3, 1, 0, 7, 32, 2, 9, 4], 37, 29), ([1], 4, 8), ([0, 0], 8, 8)]
-BLOCK_CASES = [([2, 0, 37], 13, 21), ([17, 33, 16], 100, 300), ([5], 6, 4100)]  # D=4100: two k blocks (4096 + 4)
+# Tails in every dimension of both micro-kernels (12 x 32 and 6 x 16 tiles, 8 x 8 packing transposes);
+# D=4100: two k blocks (4096 + 4).
+BLOCK_CASES = [([2, 0, 37], 13, 21), ([17, 33, 16], 100, 300), ([5], 6, 4100), ([25, 12, 6, 7], 64, 72),
+               ([13, 40], 33, 17)]
+# The AVX2 micro-kernel forced where the CPU also has AVX-512 (else the same kernel twice).
+BLOCK_AVX2 = functools.partial(block_gemm_grouped, avx512=False)
+BLOCK_KERNELS = [block_gemm_grouped] + ([BLOCK_AVX2] if block_gemm_has_avx512() else [])
 
 
 @pytest.mark.parametrize("grouped, counts, O, D", [(skinny_gemm_grouped, *c) for c in GROUPED_CASES]
-                         + [(block_gemm_grouped, *c) for c in GROUPED_CASES + BLOCK_CASES])
+                         + [(k, *c) for k in BLOCK_KERNELS for c in GROUPED_CASES + BLOCK_CASES])
 def test_grouped_matches_per_expert_matmul(grouped, counts, O, D):
     w_LOD, counts_L = torch.randn(len(counts), O, D), torch.tensor(counts)
     x_RD = torch.randn(sum(counts), D)
