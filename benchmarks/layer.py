@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.common import interleaved_medians, memory_read_bandwidth, rel_err  # noqa: E402
+from benchmarks.common import fma_peak_flops, interleaved_medians, memory_read_bandwidth, rel_err  # noqa: E402
 from moe import MoE  # noqa: E402
 from hypermoe import HyperMoEConfig  # noqa: E402
 from quant import quantize_fp8  # noqa: E402
@@ -115,6 +115,7 @@ def main() -> None:
 
     probe = torch.ones(256 * 2**20 // 4)  # streamed by a `sum` timed among the peers: bandwidth under the same load
     bandwidth = memory_read_bandwidth()
+    peak = fma_peak_flops(args.threads) or float("nan")
     blocks = build_hf_blocks(D, F_, E, K)
     ours = MoE.from_hf(blocks["eager"])
     ds = None if args.no_deepspeed else build_deepspeed(blocks["eager"], D, F_, E, K)
@@ -122,9 +123,11 @@ def main() -> None:
     hyper = None if args.no_hypermoe else with_hypermoe(ours)
     fp8_rows, hyper_rows = [], []
     expert_bytes = (blocks["eager"].experts.gate_up_proj[0].numel() + blocks["eager"].experts.down_proj[0].numel()) * 4
-    print(f"layer D={D} F={F_} E={E} K={K} fp32, {args.threads} threads; memory read bandwidth {bandwidth / 1e9:.1f} GB/s")
+    print(f"layer D={D} F={F_} E={E} K={K} fp32, {args.threads} threads; memory read bandwidth {bandwidth / 1e9:.1f} GB/s;"
+          f" FMA peak {peak / 1e9:.0f} GFLOP/s")
+    print("% peak: the layer's expert FLOPs (6 T K D F) / its time / the FMA peak")
     header = (f"{'T':>5} {'ours ms':>9} {'hf eager':>9} {'hf gmm':>9} {'deepspeed':>9} {'dense ms':>9} {'mem ms':>8} |"
-              f" {'vs best HF':>10} {'vs DS':>6} {'% dense':>8} {'% memory':>8} {'err':>8}")
+              f" {'vs best HF':>10} {'vs DS':>6} {'% dense':>8} {'% memory':>8} {'% peak':>7} {'err':>8}")
     print(header)
     for T in args.tokens:
         x = torch.randn(1, T, D)
@@ -149,7 +152,7 @@ def main() -> None:
         ms = lambda s: f"{s * 1e3:9.2f}"  # noqa: E731
         print(f"{T:>5} {ms(t['ours'])} {ms(t['hf eager'])} {ms(t['hf gmm'])} {ms(ds_t)} {ms(dense)} {memory * 1e3:8.2f} |"
               f" {best_hf / t['ours']:9.2f}x {ds_t / t['ours']:5.2f}x {dense / t['ours']:7.0%} {memory / t['ours']:8.0%}"
-              f" {err:8.1e}")
+              f" {6 * T * K * D * F_ / t['ours'] / peak:7.0%} {err:8.1e}")
         if fp8:
             with torch.no_grad():
                 errs = {s: rel_err(m(x), ours(x)) for s, m in fp8.items()}

@@ -185,8 +185,10 @@ ALWAYS_INLINE float row_scale(const float *scale, long scale_ld, int block, long
     return block ? scale[(o / block) * scale_ld + d / block] : scale[o];
 }
 
+/* As tile(), with e4m3 weights; the lines [pf_lo, pf_hi) of the next block's rows go to L2 meanwhile. */
 ALWAYS_INLINE void tile_fp8(const uint8_t *w, long ldw, long o, const float *scale, long scale_ld, int block,
-                            const float *x, long ldx, const int NX, long D, float *y, long ldy) {
+                            const float *x, long ldx, const int NX, long D, float *y, long ldy,
+                            const uint8_t *prefetch, long pf_lo, long pf_hi) {
     const float pow2_120 = 1.329227995784916e+36f;
     __m256 acc[OB][3];
     __m256 sc[OB];
@@ -200,6 +202,8 @@ ALWAYS_INLINE void tile_fp8(const uint8_t *w, long ldw, long o, const float *sca
             for (int i = 0; i < OB; i++) sc[i] = _mm256_set1_ps(row_scale(scale, scale_ld, block, o + i, d) * pow2_120);
         __m256 xv[3];
         for (int j = 0; j < NX; j++) xv[j] = _mm256_loadu_ps(x + j * ldx + d);
+        if (prefetch && (d & 63) == 0 && d >= pf_lo && d < pf_hi)  /* one 64-byte line per row every 8 steps */
+            for (int i = 0; i < OB; i++) _mm_prefetch((const char *)(prefetch + i * ldw + d), _MM_HINT_T1);
         for (int i = 0; i < OB; i++) {
             __m256 wv = fp8x8_to_f32(w + i * ldw + d, sc[i]);
             for (int j = 0; j < NX; j++) acc[i][j] = _mm256_fmadd_ps(wv, xv[j], acc[i][j]);
@@ -240,10 +244,17 @@ void skinny_gemm_nt_fp8(const uint8_t *W, long O, long D, long ldw, const float 
             rows_scalar_fp8(w, ldw, o, nw, scale, scale_ld, block, X, ldx, M, D, Y + o, ldy);
             continue;
         }
-        long m = 0;
-        for (; m + 3 <= M; m += 3) tile_fp8(w, ldw, o, scale, scale_ld, block, X + m * ldx, ldx, 3, D, Y + m * ldy + o, ldy);
-        if (M - m == 2) tile_fp8(w, ldw, o, scale, scale_ld, block, X + m * ldx, ldx, 2, D, Y + m * ldy + o, ldy);
-        if (M - m == 1) tile_fp8(w, ldw, o, scale, scale_ld, block, X + m * ldx, ldx, 1, D, Y + m * ldy + o, ldy);
+        /* the next block into L2 while this one computes, in equal shares over the token tiles (as weight_block) */
+        const uint8_t *next = O - o >= 2 * OB ? w + OB * ldw : 0;
+        const long tiles = (M + 2) / 3, share = (D / tiles + 63) & ~63L;
+        long m = 0, t = 0;
+        for (; m + 3 <= M; m += 3, t++)
+            tile_fp8(w, ldw, o, scale, scale_ld, block, X + m * ldx, ldx, 3, D, Y + m * ldy + o, ldy, next, t * share,
+                     t == tiles - 1 ? D : (t + 1) * share);
+        if (M - m == 2)
+            tile_fp8(w, ldw, o, scale, scale_ld, block, X + m * ldx, ldx, 2, D, Y + m * ldy + o, ldy, next, t * share, D);
+        if (M - m == 1)
+            tile_fp8(w, ldw, o, scale, scale_ld, block, X + m * ldx, ldx, 1, D, Y + m * ldy + o, ldy, next, t * share, D);
     }
 }
 
