@@ -84,6 +84,8 @@ def cpu_decode_moe(x_TD: torch.Tensor, routing, experts) -> torch.Tensor | None:
     most ``SKINNY_MAX_ROWS`` rows per expert (decode). Else None: the caller runs the step by step path, which
     gives bit-identical results (same GEMM kernel, order and rounding)."""
     w13, w2 = experts.w13_E2FD, experts.w2_EDF
+    if x_TD.shape[0] * routing.ids_TK.shape[1] > w13.shape[0] * SKINNY_MAX_ROWS:
+        return None  # some expert must get more than SKINNY_MAX_ROWS rows: skip the C call's counting sort
     if (x_TD.device.type != "cpu" or w13.dtype != torch.float32 or experts.b13_E2F is not None
             or experts.b2_ED is not None or routing.apply_on_input or not skinny_gemm_available()):
         return None
