@@ -42,7 +42,9 @@ def build_library(source_path: Path, flags: list[str] = _FLAGS) -> ctypes.CDLL |
     if compiler is None or not source_path.exists():
         return None
     source = source_path.read_bytes()
-    digest = hashlib.sha256(source + " ".join(flags).encode()).hexdigest()[:16]
+    # the headers next to it too: an edited header must rebuild every library that includes it
+    headers = b"".join(h.read_bytes() for h in sorted(source_path.parent.glob("*.h")))
+    digest = hashlib.sha256(source + headers + " ".join(flags).encode()).hexdigest()[:16]
     cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "moe-serve"
     target = cache / f"{source_path.stem}-{digest}.so"
     if not target.exists():
@@ -96,6 +98,9 @@ def _block_library() -> ctypes.CDLL | None:
     L, P = ctypes.c_long, ctypes.c_void_p
     lib.block_gemm_grouped_nt.argtypes = [P, L, L, L, L, L, P, P, L, P, L, ctypes.c_int, ctypes.c_int]
     lib.block_gemm_grouped_nt.restype = ctypes.c_int
+    lib.block_gemm_grouped_fp8_nt.argtypes = [P, L, L, L, L, L, P, L, L, ctypes.c_int, P, P, L, P, L, ctypes.c_int,
+                                              ctypes.c_int]
+    lib.block_gemm_grouped_fp8_nt.restype = ctypes.c_int
     lib.block_gemm_has_avx512.argtypes = []
     lib.block_gemm_has_avx512.restype = ctypes.c_int
     return lib
@@ -129,6 +134,31 @@ def block_gemm_grouped(x_RD: torch.Tensor, w_LOD: torch.Tensor, counts_L: torch.
     return y_RO
 
 
+def block_gemm_grouped_fp8(x_RD: torch.Tensor, q_LOD: torch.Tensor, scale: torch.Tensor, block: int,
+                           counts_L: torch.Tensor, out_RO: torch.Tensor | None = None,
+                           avx512: bool = True) -> torch.Tensor:
+    """:func:`block_gemm_grouped` with e4m3fn weights ``q_LOD``, converted to fp32 as the kernel packs them (each
+    weight byte read once). ``scale``: per expert what :func:`skinny_gemm_fp8` takes, ``[L, O]`` (``block ==
+    0``) or ``[L, ceil(O/block), ceil(D/block)]``; views are fine as long as the last dim is unit-stride."""
+    lib = _block_library()
+    if lib is None:
+        raise RuntimeError("block GEMM unavailable (needs an AVX2+FMA CPU and a C compiler); check block_gemm_available()")
+    counts, y_RO = _grouped_checks(x_RD, q_LOD, counts_L, out_RO, torch.float8_e4m3fn)
+    L, O, D = q_LOD.shape
+    expected = (L, O) if block == 0 else (L, -(-O // block), -(-D // block))
+    if (block % 8 or tuple(scale.shape) != expected or scale.dtype != torch.float32 or scale.device.type != "cpu"
+            or scale.stride(-1) != 1):
+        raise ValueError(f"scale {tuple(scale.shape)} {scale.dtype} strides {scale.stride()} / block {block}: expected "
+                         f"a CPU fp32 {expected} with a unit last stride and block 0 or a multiple of 8")
+    status = lib.block_gemm_grouped_fp8_nt(q_LOD.data_ptr(), L, O, D, q_LOD.stride(1), q_LOD.stride(0),
+                                           scale.data_ptr(), scale.stride(0), scale.stride(1) if block else 0, block,
+                                           x_RD.data_ptr(), counts.data_ptr(), x_RD.stride(0), y_RO.data_ptr(),
+                                           y_RO.stride(0), torch.get_num_threads(), int(avx512))
+    if status:
+        raise MemoryError(f"block_gemm_grouped_fp8: no memory for the packing buffers of x_RD {tuple(x_RD.shape)}")
+    return y_RO
+
+
 def skinny_gemm(x_MD: torch.Tensor, w_OD: torch.Tensor, out_MO: torch.Tensor | None = None) -> torch.Tensor:
     """``x_MD @ w_OD.T`` in fp32 on the CPU. Rows of ``x``, ``w`` and ``out`` must be unit-stride."""
     lib, out_MO = _prepare(x_MD, w_OD, out_MO, torch.float32)
@@ -152,9 +182,10 @@ def skinny_gemm_grouped(x_RD: torch.Tensor, w_LOD: torch.Tensor, counts_L: torch
     return y_RO
 
 
-def _grouped_checks(x_RD: torch.Tensor, w_LOD: torch.Tensor, counts_L: torch.Tensor, out_RO: torch.Tensor | None):
+def _grouped_checks(x_RD: torch.Tensor, w_LOD: torch.Tensor, counts_L: torch.Tensor, out_RO: torch.Tensor | None,
+                    w_dtype: torch.dtype = torch.float32):
     """int64 ``counts`` and ``out_RO`` (or a fresh ``y_RO``) after the shape, dtype, stride and count checks of
-    both kernels."""
+    the grouped kernels."""
     L, O, D = w_LOD.shape
     counts = counts_L.to(torch.int64).contiguous()
     if counts.shape != (L,) or w_LOD.stride(1) < D:
@@ -162,7 +193,7 @@ def _grouped_checks(x_RD: torch.Tensor, w_LOD: torch.Tensor, counts_L: torch.Ten
                          f"unit-stride rows, got strides {w_LOD.stride()}")
     if bool((counts < 0).any()) or int(counts.sum()) > x_RD.shape[0]:  # NOTE: host sync (CPU kernels only)
         raise ValueError(f"counts_L ({counts.tolist()}) must be >= 0 and sum to at most the {x_RD.shape[0]} rows of x_RD")
-    _, y_RO = _prepare(x_RD, w_LOD[0] if L else w_LOD.new_empty(O, D), out_RO, torch.float32)
+    _, y_RO = _prepare(x_RD, w_LOD[0] if L else w_LOD.new_empty(O, D), out_RO, w_dtype)
     return counts, y_RO
 
 

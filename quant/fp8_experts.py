@@ -13,10 +13,11 @@ import warnings
 import torch
 from torch import nn
 
-from moe.activations import expert_activation
-from moe.backends import SKINNY_MAX_ROWS, expert_blocks, rows_ffn, transposed_ffn
+from moe.activations import expert_activation, expert_activation_
+from moe.backends import BLOCK_GEMM_MIN_ROWS, SKINNY_MAX_ROWS, expert_blocks, grouped_ffn, rows_ffn, transposed_ffn
 from moe.config import MoEConfig
-from moe.cpu_gemm import dequantize_fp8, skinny_gemm_available, skinny_gemm_fp8
+from moe.cpu_gemm import (block_gemm_available, block_gemm_grouped_fp8, dequantize_fp8, skinny_gemm_available,
+                          skinny_gemm_fp8)
 from moe.experts import Experts
 from quant.fp8 import BLOCK, Scheme, dequantize_weight, quantize_weight
 
@@ -33,7 +34,9 @@ class Fp8Experts(nn.Module):
     Biases stay in high precision. ``.to(dtype)`` moves these tensors between devices but keeps their dtypes.
 
     CPU: few rows per expert go through the skinny GEMM, dequantising in registers (a quarter of the fp32
-    weight bytes); more rows dequantise that expert's weights once and use BLAS. GPU: the Triton FP8 grouped
+    weight bytes); prefill-sized blocks through the grouped block GEMM, which converts each weight as it packs it
+    (``moe.cpu_gemm.block_gemm_grouped_fp8``); other blocks (and autograd) dequantise that expert's weights once
+    and use BLAS. GPU: the Triton FP8 grouped
     GEMM (``moe.kernels.fp8_grouped_gemm``) when the layer's backend is ``triton``.
     """
 
@@ -155,8 +158,13 @@ class Fp8Experts(nn.Module):
         act = functools.partial(expert_activation, activation=cfg.activation, alpha=cfg.swiglu_alpha,
                                 limit=cfg.swiglu_limit)
         x_RD = x_RD.float().contiguous()
-        y_RD = torch.empty(x_RD.shape[0], self.w2_EDF.shape[1], dtype=torch.float32, device=x_RD.device)
         skinny = x_RD.device.type == "cpu" and skinny_gemm_available()
+        if skinny and self._takes_block_gemm(x_RD, counts_E):
+            act_ = functools.partial(expert_activation_, activation=cfg.activation, alpha=cfg.swiglu_alpha,
+                                     limit=cfg.swiglu_limit)
+            b13, b2 = (None if b is None else b.float() for b in (self.b13_E2F, self.b2_ED))
+            return grouped_ffn(self._grouped_gemm, x_RD, counts_E, self.w13_E2FD, self.w2_EDF, act_, b13, b2)
+        y_RD = torch.empty(x_RD.shape[0], self.w2_EDF.shape[1], dtype=torch.float32, device=x_RD.device)
         for e, start, end in expert_blocks(counts_E):
             b13 = None if self.b13_E2F is None else self.b13_E2F[e].float()
             b2 = None if self.b2_ED is None else self.b2_ED[e].float()
@@ -167,6 +175,29 @@ class Fp8Experts(nn.Module):
                 w13, w2 = self._dequantized_expert(e, skinny)
                 transposed_ffn(x_RD[start:end], w13, w2, act, b13, b2, y_RD[start:end])
         return y_RD
+
+    def _takes_block_gemm(self, x_RD: torch.Tensor, counts_E: torch.Tensor) -> bool:
+        """Prefill-sized: more than ``SKINNY_MAX_ROWS`` rows for some expert and ``BLOCK_GEMM_MIN_ROWS`` on average
+        (as ``moe.backends.loop_ffn`` decides for fp32 weights); never under autograd (no backward in C)."""
+        if not block_gemm_available() or (torch.is_grad_enabled() and x_RD.requires_grad) or not x_RD.shape[0]:
+            return False
+        active = int((counts_E > 0).sum())  # NOTE: host sync (CPU only: free)
+        return int(counts_E.max()) > SKINNY_MAX_ROWS and x_RD.shape[0] / active >= BLOCK_GEMM_MIN_ROWS
+
+    def _grouped_gemm(self, x_RD: torch.Tensor, q_LOD: torch.Tensor, counts_E: torch.Tensor,
+                      out_RO: torch.Tensor | None = None) -> torch.Tensor:
+        """``grouped_ffn``'s GEMM over every expert for ``q_LOD`` (``self.w13_E2FD`` or ``self.w2_EDF``): one
+        block-GEMM call per half of its rows, each half with its own scales."""
+        name = "w13_E2FD" if q_LOD is self.w13_E2FD else "w2_EDF"
+        if out_RO is None:
+            out_RO = torch.empty(x_RD.shape[0], q_LOD.shape[1])
+        scale, half = getattr(self, self.SCALES[name]), self._half_rows(name)
+        step = scale.shape[1] * half // q_LOD.shape[1]  # scale rows per half
+        for h in range(q_LOD.shape[1] // half):
+            rows = slice(h * half, (h + 1) * half)
+            block_gemm_grouped_fp8(x_RD, q_LOD[:, rows], scale[:, h * step:(h + 1) * step], self.block or 0, counts_E,
+                                   out_RO[:, rows])
+        return out_RO
 
     def _skinny13(self, e: int, x_MD: torch.Tensor) -> torch.Tensor:
         h_MX = torch.empty(x_MD.shape[0], self.w13_E2FD.shape[1])

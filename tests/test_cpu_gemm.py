@@ -109,3 +109,49 @@ def test_decode_moe_declines_many_rows_and_refuses_bad_ids():
     assert decode_moe(x, ids, torch.ones(4, 1), w13, w2, act, max_rows=2) is None  # expert 0 has 3 rows
     with pytest.raises(ValueError, match="must be in \\[0, 2\\)"):
         decode_moe(x, ids + 1, torch.ones(4, 1), w13, w2, act, max_rows=8)
+
+
+@pytest.mark.parametrize("avx512", [True, False] if block_gemm_has_avx512() else [True])
+@pytest.mark.parametrize("scheme", ["channel", "block"])
+@pytest.mark.parametrize("counts, O, D", [([30, 0, 77], 100, 300), ([13, 40], 256, 520), ([5], 33, 17),
+                                          ([9, 3], 24, 4100)])  # D=4100: two k blocks, the second mid-scale-block
+def test_grouped_fp8_block_gemm_matches_dequantised_matmul(counts, O, D, scheme, avx512):
+    from moe.cpu_gemm import block_gemm_grouped_fp8
+    from quant.fp8 import BLOCK, dequantize_weight, quantize_weight
+
+    q, scale = quantize_weight(torch.randn(len(counts), O, D), scheme)
+    block = 0 if scheme == "channel" else BLOCK
+    w = dequantize_weight(q, scale, block or None)
+    x_RD = torch.randn(sum(counts), D)
+    y = block_gemm_grouped_fp8(x_RD, q, scale, block, torch.tensor(counts), avx512=avx512)
+    starts = [sum(counts[:e]) for e in range(len(counts))]
+    expected = torch.cat([x_RD[s:s + n] @ w[e].t() for e, (s, n) in enumerate(zip(starts, counts))])
+    # the kernel folds 2^120 into the scale before multiplying (torch after): weights may differ by an ulp
+    tol = 1e-4 * max(1.0, (D / 100) ** 0.5)
+    torch.testing.assert_close(y, expected, rtol=tol, atol=tol)
+
+
+def test_grouped_fp8_block_gemm_takes_views_of_halves():
+    """Fp8Experts calls it per half of w13 (gate rows, up rows), each with its own rows of block scales."""
+    from moe.cpu_gemm import block_gemm_grouped_fp8
+    from quant.fp8 import BLOCK, dequantize_weight, quantize_weight
+
+    halves = [quantize_weight(torch.randn(2, 136, 200), "block") for _ in range(2)]
+    q, scale = torch.cat([h[0] for h in halves], 1), torch.cat([h[1] for h in halves], 1)  # [2, 272, 200], [2, 4, 2]
+    x_RD, counts = torch.randn(50, 200), torch.tensor([20, 30])
+    out = torch.full((50, 272), float("nan"))
+    for h, (qh, sh) in enumerate(halves):
+        block_gemm_grouped_fp8(x_RD, q[:, 136 * h:136 * (h + 1)], scale[:, 2 * h:2 * (h + 1)], BLOCK, counts,
+                               out[:, 136 * h:136 * (h + 1)])
+    w = torch.cat([dequantize_weight(qh, sh, BLOCK) for qh, sh in halves], 1)
+    expected = torch.cat([x_RD[:20] @ w[0].t(), x_RD[20:] @ w[1].t()])
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_grouped_fp8_block_gemm_refuses_a_wrong_scale_grid():
+    from moe.cpu_gemm import block_gemm_grouped_fp8
+    from quant.fp8 import BLOCK, quantize_weight
+
+    q, scale = quantize_weight(torch.randn(2, 136, 200), "block")
+    with pytest.raises(ValueError, match=r"expected a CPU fp32 \(2, 2, 2\)"):
+        block_gemm_grouped_fp8(torch.randn(4, 200), q, scale[:, :1], BLOCK, torch.tensor([2, 2]))

@@ -9,13 +9,18 @@
  * row and k), so Y is written once per k block with plain vector stores. AVX-512: 12 x 32 (24 zmm accumulators,
  * two weight loads and twelve broadcasts per 24 FMAs); AVX2: 6 x 16 (12 ymm, two loads and six broadcasts per
  * 12 FMAs). K is blocked only beyond KC, where the weight block would leave L2.
+ * FP8 (e4m3fn) weights are converted to fp32 while they are packed, so they are read once, as bytes, and the
+ * micro-kernels are the same.
  */
 #include <immintrin.h>
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 #ifdef _OPENMP
 #include <omp.h>
 #endif
+
+#include "fp8_e4m3.h"
 
 #define KC 4096 /* k block: the whole of K up to here (a 32 x 4096 weight block is 512 KB, within L2) */
 
@@ -118,6 +123,51 @@ static void pack_weights(const float *W, long ldw, long cols, long nr, long k0, 
     }
 }
 
+/* pack_weights for e4m3 rows: each 8 x 8 block converted (times its scale, scale_e as in fp8_e4m3.h) into a
+ * float tile, then transposed; scalar at the edges. `block` must be 0 or a multiple of 8 (one scale per 8 k).
+ * The scale pointers are found once per 8 rows and advanced at block boundaries: no division per element. */
+static void pack_weights_fp8(const uint8_t *W, long ldw, long o, const float *scale_e, long scale_ld, int block,
+                             long cols, long nr, long k0, long kc, float *wp) {
+    const long j8 = cols / 8 * 8, k8 = kc / 8 * 8;
+    float tile[8 * 8] __attribute__((aligned(32)));
+    for (long j = 0; j < j8; j += 8) {
+        const float *srow[8];
+        for (long i = 0; i < 8; i++) srow[i] = block ? scale_e + (o + j + i) / block * scale_ld : scale_e + o + j + i;
+        long kb = block ? k0 / block : 0, next = block ? (kb + 1) * block - k0 : kc;
+        for (long k = 0; k < k8; k += 8) {
+            if (k >= next) kb++, next += block;
+            for (long i = 0; i < 8; i++) {
+                const __m256 s = _mm256_set1_ps(srow[i][kb] * FP8_POW2_120);
+                _mm256_store_ps(tile + 8 * i, fp8x8_to_f32(W + (j + i) * ldw + k0 + k, s));
+            }
+            transpose8(tile, 8, wp + k * nr + j, nr);
+        }
+    }
+    for (long k = 0; k < kc; k++) {
+        for (long j = k < k8 ? j8 : 0; j < cols; j++)
+            wp[k * nr + j] = fp8_to_f32(W[j * ldw + k0 + k]) * row_scale(scale_e, scale_ld, block, o + j, k0 + k);
+        for (long j = cols; j < nr; j++) wp[k * nr + j] = 0.0f;
+    }
+}
+
+/* Where the weights come from: fp32 rows, or e4m3 rows with their scales (scale + e * scale_le per expert). */
+typedef struct {
+    const float *f32;
+    const uint8_t *fp8;
+    const float *scale;
+    long ldw, lde, scale_ld, scale_le;
+    int block;
+} weights;
+
+/* Rows o .. o + cols of expert e, k0 .. k0 + kc, packed as wp[k][nr]. */
+static void pack_expert_rows(const weights *w, long e, long o, long cols, long nr, long k0, long kc, float *wp) {
+    if (w->f32)
+        pack_weights(w->f32 + e * w->lde + o * w->ldw, w->ldw, cols, nr, k0, kc, wp);
+    else
+        pack_weights_fp8(w->fp8 + e * w->lde + o * w->ldw, w->ldw, o, w->scale + e * w->scale_le, w->scale_ld,
+                         w->block, cols, nr, k0, kc, wp);
+}
+
 static float *alloc_floats(long n) { /* 64-byte aligned; aligned_alloc wants a multiple of the alignment */
     return aligned_alloc(64, ((sizeof(float) * (n > 0 ? n : 1) + 63) / 64) * 64);
 }
@@ -125,10 +175,8 @@ static float *alloc_floats(long n) { /* 64-byte aligned; aligned_alloc wants a m
 /* 1 when the CPU has AVX-512F (the 12 x 32 micro-kernel can run), else 0. */
 int block_gemm_has_avx512(void) { return __builtin_cpu_supports("avx512f") ? 1 : 0; }
 
-/* avx512: 1 for the 12 x 32 micro-kernel (only where block_gemm_has_avx512()), 0 for the 6 x 16 AVX2 one.
- * Returns 0, or -1 (nothing written) if the packing buffers cannot be allocated. */
-int block_gemm_grouped_nt(const float *W, long L, long O, long D, long ldw, long lde, const float *X,
-                          const long *counts, long ldx, float *Y, long ldy, int num_threads, int avx512) {
+static int grouped(const weights *w, long L, long O, long D, const float *X, const long *counts, long ldx, float *Y,
+                   long ldy, int num_threads, int avx512) {
     const int wide = avx512 && block_gemm_has_avx512();
     const micro_kernel micro = wide ? micro_avx512 : micro_avx2;
     const long mr = wide ? 12 : 6, nr = wide ? 32 : 16, kcap = D < KC ? D : KC;
@@ -151,7 +199,7 @@ int block_gemm_grouped_nt(const float *W, long L, long O, long D, long ldw, long
         for (long e = 0; e < L; start += counts[e], e++) {
             const long M = counts[e], panels = (M + mr - 1) / mr, blocks = (O + nr - 1) / nr;
             if (M == 0) continue;
-            const float *We = W + e * lde, *Xe = X + start * ldx;
+            const float *Xe = X + start * ldx;
             float *Ye = Y + start * ldy;
 #pragma omp for schedule(static)
             for (long p = 0; p < panels; p++) {
@@ -164,7 +212,7 @@ int block_gemm_grouped_nt(const float *W, long L, long O, long D, long ldw, long
                 const long o = b * nr, cols = O - o < nr ? O - o : nr;
                 for (long k0 = 0; k0 < D; k0 += kcap) {
                     const long kc = D - k0 < kcap ? D - k0 : kcap;
-                    pack_weights(We + o * ldw, ldw, cols, nr, k0, kc, wp);
+                    pack_expert_rows(w, e, o, cols, nr, k0, kc, wp);
                     for (long p = 0; p < panels; p++) {
                         const long rows = M - p * mr < mr ? M - p * mr : mr;
                         micro(kc, wp, xp + p * mr * D + k0 * mr, Ye + p * mr * ldy + o, ldy, rows, cols, k0 > 0);
@@ -177,4 +225,23 @@ int block_gemm_grouped_nt(const float *W, long L, long O, long D, long ldw, long
     free(xp);
     free(wps);
     return 0;
+}
+
+/* avx512: 1 for the 12 x 32 micro-kernel (only where block_gemm_has_avx512()), 0 for the 6 x 16 AVX2 one.
+ * Returns 0, or -1 (nothing written) if the packing buffers cannot be allocated. */
+int block_gemm_grouped_nt(const float *W, long L, long O, long D, long ldw, long lde, const float *X,
+                          const long *counts, long ldx, float *Y, long ldy, int num_threads, int avx512) {
+    const weights w = {.f32 = W, .ldw = ldw, .lde = lde};
+    return grouped(&w, L, O, D, X, counts, ldx, Y, ldy, num_threads, avx512);
+}
+
+/* The same with e4m3fn weights W [L, O, D] converted while they are packed (each read once, as bytes): scale
+ * + e * scale_le is expert e's [O] (block == 0) or [ceil(O / block), ceil(D / block)] (row stride scale_ld)
+ * grid; block is 0 or a multiple of 8. */
+int block_gemm_grouped_fp8_nt(const uint8_t *W, long L, long O, long D, long ldw, long lde, const float *scale,
+                              long scale_le, long scale_ld, int block, const float *X, const long *counts, long ldx,
+                              float *Y, long ldy, int num_threads, int avx512) {
+    const weights w = {.fp8 = W, .scale = scale, .ldw = ldw, .lde = lde, .scale_ld = scale_ld, .scale_le = scale_le,
+                       .block = block};
+    return grouped(&w, L, O, D, X, counts, ldx, Y, ldy, num_threads, avx512);
 }

@@ -162,34 +162,14 @@ void moe_decode_down(const float *A, long F, const float *W2, long D, long ldw, 
     }
 }
 
-/* ---- FP8 (e4m3fn) weights: the same tiling, converting each weight vector in registers. ----
- * e4m3 -> fp32: move sign to bit 31 and exponent+mantissa to bits 20..26, then multiply by 2^120 to move the
- * exponent bias from 7 to 127 (subnormals come out right too). The 2^120 is folded into the scale.
- * Scales: block == 0: one per weight row (scale[o]); else one per (block x block) tile,
- * scale[(o / block) * scale_ld + d / block] (DeepSeek-V3 weight_scale_inv layout). */
-#include <stdint.h>
-
-ALWAYS_INLINE __m256 fp8x8_to_f32(const uint8_t *p, __m256 scale) {
-    __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p));
-    __m256i bits = _mm256_and_si256(_mm256_srai_epi32(_mm256_slli_epi32(b, 24), 4), _mm256_set1_epi32((int)0x87F00000));
-    return _mm256_mul_ps(_mm256_castsi256_ps(bits), scale);
-}
-
-ALWAYS_INLINE float fp8_to_f32(uint8_t v) {
-    union { uint32_t u; float f; } c;
-    c.u = ((uint32_t)(v & 0x80) << 24) | ((uint32_t)(v & 0x7F) << 20);
-    return c.f * 1.329227995784916e+36f; /* 2^120 */
-}
-
-ALWAYS_INLINE float row_scale(const float *scale, long scale_ld, int block, long o, long d) {
-    return block ? scale[(o / block) * scale_ld + d / block] : scale[o];
-}
+/* ---- FP8 (e4m3fn) weights: the same tiling, converting each weight vector in registers (fp8_e4m3.h). ---- */
+#include "fp8_e4m3.h"
 
 /* As tile(), with e4m3 weights; the lines [pf_lo, pf_hi) of the next block's rows go to L2 meanwhile. */
 ALWAYS_INLINE void tile_fp8(const uint8_t *w, long ldw, long o, const float *scale, long scale_ld, int block,
                             const float *x, long ldx, const int NX, long D, float *y, long ldy,
                             const uint8_t *prefetch, long pf_lo, long pf_hi) {
-    const float pow2_120 = 1.329227995784916e+36f;
+    const float pow2_120 = FP8_POW2_120;
     __m256 acc[OB][3];
     __m256 sc[OB];
     for (int i = 0; i < OB; i++) {
@@ -261,7 +241,7 @@ void skinny_gemm_nt_fp8(const uint8_t *W, long O, long D, long ldw, const float 
 /* OUT [O, D] (row stride ldo) = dequant(W [O, D] e4m3fn): the BLAS path's one pass over an expert's weights. */
 void dequantize_fp8(const uint8_t *W, long O, long D, long ldw, const float *scale, long scale_ld, int block,
                     float *OUT, long ldo, int num_threads) {
-    const float pow2_120 = 1.329227995784916e+36f;
+    const float pow2_120 = FP8_POW2_120;
 #pragma omp parallel for schedule(dynamic, 16) num_threads(num_threads)
     for (long o = 0; o < O; o++) {
         const uint8_t *w = W + o * ldw;
