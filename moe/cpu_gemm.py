@@ -15,6 +15,7 @@ where either is missing ``*_available()`` is False and callers use torch's GEMM 
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import hashlib
@@ -23,7 +24,7 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
@@ -69,6 +70,8 @@ def _library() -> ctypes.CDLL | None:
     L, P = ctypes.c_long, ctypes.c_void_p
     lib.skinny_gemm_grouped_nt.argtypes = [P, L, L, L, L, L, P, P, L, P, L, ctypes.c_int]
     lib.skinny_gemm_grouped_nt.restype = None
+    lib.skinny_gemm_use_avx512.argtypes = [ctypes.c_int]
+    lib.skinny_gemm_use_avx512.restype = ctypes.c_int
     lib.moe_decode_up.argtypes = [P, L, L, L, P, L, P, L, L, L, L, L, P, P, P, P, ctypes.c_int]
     lib.moe_decode_up.restype = ctypes.c_int
     lib.moe_decode_down.argtypes = [P, L, P, L, L, L, P, L, P, P, L, L, P, P, P, ctypes.c_int]
@@ -85,6 +88,21 @@ def _library() -> ctypes.CDLL | None:
 
 def skinny_gemm_available() -> bool:
     return _library() is not None
+
+
+@contextlib.contextmanager
+def skinny_gemm_avx2_tiles() -> Iterator[bool]:
+    """Within: the skinny kernels run their AVX2 tiles even where the CPU has AVX-512 (tests cover both). Yields
+    whether that changed anything (False: the CPU has no AVX-512, the AVX2 tiles run anyway)."""
+    lib = _library()
+    wide = bool(lib.skinny_gemm_use_avx512(1)) if lib is not None else False
+    if wide:
+        lib.skinny_gemm_use_avx512(0)
+    try:
+        yield wide
+    finally:
+        if wide:
+            lib.skinny_gemm_use_avx512(1)
 
 
 _BLOCK_SOURCE = Path(__file__).parent / "csrc" / "block_gemm.c"

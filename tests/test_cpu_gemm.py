@@ -6,14 +6,25 @@ import torch
 import functools
 
 from moe.cpu_gemm import (block_gemm_grouped, block_gemm_has_avx512, skinny_gemm, skinny_gemm_available,
-                          skinny_gemm_grouped)
+                          skinny_gemm_avx2_tiles, skinny_gemm_grouped)
 
 pytestmark = pytest.mark.skipif(not skinny_gemm_available(), reason="needs an AVX2+FMA CPU and a C compiler")
 
 
-@pytest.mark.parametrize("M", [1, 2, 3, 4, 5, 7, 33])
+@pytest.fixture(params=["native"] + (["avx2"] if block_gemm_has_avx512() else []))
+def skinny_isa(request):
+    """The skinny kernels' own tiles ("native": AVX-512 where the CPU has it) and, on such CPUs, the AVX2 ones."""
+    if request.param == "native":
+        yield request.param
+        return
+    with skinny_gemm_avx2_tiles() as changed:
+        assert changed
+        yield request.param
+
+
+@pytest.mark.parametrize("M", [1, 2, 3, 4, 5, 6, 7, 13, 33])
 @pytest.mark.parametrize("O, D", [(1, 1), (4, 8), (37, 29), (130, 261)])
-def test_matches_matmul(M, O, D):
+def test_matches_matmul(M, O, D, skinny_isa):
     x, w = torch.randn(M, D), torch.randn(O, D)
     out = torch.full((M, O), float("nan"))
     skinny_gemm(x, w, out_MO=out)
@@ -50,7 +61,7 @@ BLOCK_KERNELS = [block_gemm_grouped] + ([BLOCK_AVX2] if block_gemm_has_avx512() 
 
 @pytest.mark.parametrize("grouped, counts, O, D", [(skinny_gemm_grouped, *c) for c in GROUPED_CASES]
                          + [(k, *c) for k in BLOCK_KERNELS for c in GROUPED_CASES + BLOCK_CASES])
-def test_grouped_matches_per_expert_matmul(grouped, counts, O, D):
+def test_grouped_matches_per_expert_matmul(grouped, counts, O, D, skinny_isa):
     w_LOD, counts_L = torch.randn(len(counts), O, D), torch.tensor(counts)
     x_RD = torch.randn(sum(counts), D)
     y = grouped(x_RD, w_LOD, counts_L)
@@ -83,7 +94,7 @@ def _step_by_step(x_TD, ids_TK, weights_TK, w13_EXD, w2_EDF, activation):
 @pytest.mark.parametrize("T, D, F, E, K", [(1, 128, 128, 8, 2), (33, 48, 40, 8, 3), (222, 20, 12, 64, 2),
                                            (5, 21, 13, 4, 1)])
 @pytest.mark.parametrize("activation", ["swiglu", "gelu"])
-def test_decode_moe_is_bit_identical_to_the_step_by_step_path(T, D, F, E, K, activation):
+def test_decode_moe_is_bit_identical_to_the_step_by_step_path(T, D, F, E, K, activation, skinny_isa):
     from moe.activations import expert_activation
     from moe.config import Activation
     from moe.cpu_gemm import decode_moe
