@@ -36,8 +36,8 @@ class Fp8Experts(nn.Module):
     CPU: few rows per expert go through the skinny GEMM, dequantising in registers (a quarter of the fp32
     weight bytes); prefill-sized blocks through the grouped block GEMM, which converts each weight as it packs it
     (``moe.cpu_gemm.block_gemm_grouped_fp8``); other blocks (and autograd) dequantise that expert's weights once
-    and use BLAS. GPU: the Triton FP8 grouped
-    GEMM (``moe.kernels.fp8_grouped_gemm``) when the layer's backend is ``triton``.
+    and use BLAS. GPU: the Triton FP8 grouped GEMM (``moe.kernels.fp8_grouped_gemm``) when the layer's backend
+    is ``triton``.
     """
 
     SCALES = {"w13_E2FD": "w13_scale", "w2_EDF": "w2_scale"}  # weight buffer -> its scale buffer
