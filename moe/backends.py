@@ -58,13 +58,11 @@ def loop_ffn(
     skinny = (w13_LXD.dtype == torch.float32 and x_RD.device.type == "cpu" and not wants_grad
               and skinny_gemm_available())
     act = functools.partial(expert_activation, activation=activation, alpha=alpha, limit=limit)
-    act_ = functools.partial(expert_activation_, activation=activation, alpha=alpha, limit=limit)
-    if skinny and x_RD.shape[0] and int(counts_L.max()) <= SKINNY_MAX_ROWS:  # NOTE: host sync (CPU only: free)
-        return grouped_ffn(skinny_gemm_grouped, x_RD, counts_L, w13_LXD, w2_LDF, act_, b13_LX, b2_LD)
-    if skinny and block_gemm_available():
-        active = int((counts_L > 0).sum())  # NOTE: host sync (CPU only, as above)
-        if active and x_RD.shape[0] / active >= BLOCK_GEMM_MIN_ROWS:
-            return grouped_ffn(block_gemm_grouped, x_RD, counts_L, w13_LXD, w2_LDF, act_, b13_LX, b2_LD)
+    kernel = cpu_grouped_kernel(x_RD, counts_L) if skinny else None
+    if kernel is not None:
+        act_ = functools.partial(expert_activation_, activation=activation, alpha=alpha, limit=limit)
+        grouped_gemm = skinny_gemm_grouped if kernel == "skinny" else block_gemm_grouped
+        return grouped_ffn(grouped_gemm, x_RD, counts_L, w13_LXD, w2_LDF, act_, b13_LX, b2_LD)
     for e, start, end in expert_blocks(counts_L):
         b13, b2 = (None if b13_LX is None else b13_LX[e]), (None if b2_LD is None else b2_LD[e])
         if skinny and end - start <= SKINNY_MAX_ROWS:
@@ -78,6 +76,18 @@ def loop_ffn(
             rows_ffn(x_RD[start:end], lambda x, w=w13: torch.mm(x, w.t()),
                      lambda a, out, w=w2: _mm_into(a, w.t(), out), act, b13, b2, y_RD[start:end])
     return y_RD
+
+
+def cpu_grouped_kernel(x_RD: torch.Tensor, counts_L: torch.Tensor) -> str | None:
+    """Which grouped C kernel takes a CPU block of rows sorted by expert: ``"skinny"`` when every expert has at
+    most ``SKINNY_MAX_ROWS`` rows, ``"block"`` from ``BLOCK_GEMM_MIN_ROWS`` rows per expert on average (over
+    experts with rows), else None (per-expert calls). The caller checks dtype, device and autograd."""
+    if not x_RD.shape[0]:
+        return None
+    if int(counts_L.max()) <= SKINNY_MAX_ROWS:  # NOTE: host sync (CPU only: free)
+        return "skinny"
+    active = int((counts_L > 0).sum())  # NOTE: host sync (CPU only, as above)
+    return "block" if block_gemm_available() and x_RD.shape[0] / active >= BLOCK_GEMM_MIN_ROWS else None
 
 
 def cpu_decode_moe(x_TD: torch.Tensor, routing, experts) -> torch.Tensor | None:

@@ -14,10 +14,9 @@ import torch
 from torch import nn
 
 from moe.activations import expert_activation, expert_activation_
-from moe.backends import BLOCK_GEMM_MIN_ROWS, SKINNY_MAX_ROWS, expert_blocks, grouped_ffn, rows_ffn, transposed_ffn
+from moe.backends import SKINNY_MAX_ROWS, cpu_grouped_kernel, expert_blocks, grouped_ffn, rows_ffn, transposed_ffn
 from moe.config import MoEConfig
-from moe.cpu_gemm import (block_gemm_available, block_gemm_grouped_fp8, dequantize_fp8, skinny_gemm_available,
-                          skinny_gemm_fp8)
+from moe.cpu_gemm import block_gemm_grouped_fp8, dequantize_fp8, skinny_gemm_available, skinny_gemm_fp8
 from moe.experts import Experts
 from quant.fp8 import BLOCK, Scheme, dequantize_weight, quantize_weight
 
@@ -159,7 +158,9 @@ class Fp8Experts(nn.Module):
                                 limit=cfg.swiglu_limit)
         x_RD = x_RD.float().contiguous()
         skinny = x_RD.device.type == "cpu" and skinny_gemm_available()
-        if skinny and self._takes_block_gemm(x_RD, counts_E):
+        # prefill-sized blocks, as loop_ffn decides for fp32 weights; never under autograd (no backward in C)
+        wants_grad = torch.is_grad_enabled() and x_RD.requires_grad
+        if skinny and not wants_grad and cpu_grouped_kernel(x_RD, counts_E) == "block":
             act_ = functools.partial(expert_activation_, activation=cfg.activation, alpha=cfg.swiglu_alpha,
                                      limit=cfg.swiglu_limit)
             b13, b2 = (None if b is None else b.float() for b in (self.b13_E2F, self.b2_ED))
@@ -175,14 +176,6 @@ class Fp8Experts(nn.Module):
                 w13, w2 = self._dequantized_expert(e, skinny)
                 transposed_ffn(x_RD[start:end], w13, w2, act, b13, b2, y_RD[start:end])
         return y_RD
-
-    def _takes_block_gemm(self, x_RD: torch.Tensor, counts_E: torch.Tensor) -> bool:
-        """Prefill-sized: more than ``SKINNY_MAX_ROWS`` rows for some expert and ``BLOCK_GEMM_MIN_ROWS`` on average
-        (as ``moe.backends.loop_ffn`` decides for fp32 weights); never under autograd (no backward in C)."""
-        if not block_gemm_available() or (torch.is_grad_enabled() and x_RD.requires_grad) or not x_RD.shape[0]:
-            return False
-        active = int((counts_E > 0).sum())  # NOTE: host sync (CPU only: free)
-        return int(counts_E.max()) > SKINNY_MAX_ROWS and x_RD.shape[0] / active >= BLOCK_GEMM_MIN_ROWS
 
     def _grouped_gemm(self, x_RD: torch.Tensor, q_LOD: torch.Tensor, counts_E: torch.Tensor,
                       out_RO: torch.Tensor | None = None) -> torch.Tensor:

@@ -49,6 +49,12 @@ def test_bad_inputs_raise():
         skinny_gemm(torch.randn(3, 2).t(), torch.randn(4, 3))
 
 
+def _per_expert_matmul(x_RD, w_LOD, counts):
+    """The grouped kernels' contract in torch: expert e's rows (sorted by expert) times ``w_LOD[e].T``."""
+    starts = [sum(counts[:e]) for e in range(len(counts))]
+    return torch.cat([x_RD[s:s + n] @ w_LOD[e].t() for e, (s, n) in enumerate(zip(starts, counts))])
+
+
 GROUPED_CASES = [([2, 0, 5], 13, 21), ([3, 1, 0, 7, 32, 2, 9, 4], 37, 29), ([1], 4, 8), ([0, 0], 8, 8)]
 # Tails in every dimension of both micro-kernels (12 x 32 and 6 x 16 tiles, 8 x 8 packing transposes);
 # D=4100: two k blocks (4096 + 4).
@@ -65,8 +71,7 @@ def test_grouped_matches_per_expert_matmul(grouped, counts, O, D, skinny_isa):
     w_LOD, counts_L = torch.randn(len(counts), O, D), torch.tensor(counts)
     x_RD = torch.randn(sum(counts), D)
     y = grouped(x_RD, w_LOD, counts_L)
-    starts = [sum(counts[:e]) for e in range(len(counts))]
-    expected = torch.cat([x_RD[s:s + n] @ w_LOD[e].t() for e, (s, n) in enumerate(zip(starts, counts))])
+    expected = _per_expert_matmul(x_RD, w_LOD, counts)
     tol = 1e-5 * max(1.0, (D / 100) ** 0.5)  # fp32 sums of D products: the rounding grows like sqrt(D)
     torch.testing.assert_close(y, expected, rtol=tol, atol=tol)
 
@@ -135,8 +140,7 @@ def test_grouped_fp8_block_gemm_matches_dequantised_matmul(counts, O, D, scheme,
     w = dequantize_weight(q, scale, block or None)
     x_RD = torch.randn(sum(counts), D)
     y = block_gemm_grouped_fp8(x_RD, q, scale, block, torch.tensor(counts), avx512=avx512)
-    starts = [sum(counts[:e]) for e in range(len(counts))]
-    expected = torch.cat([x_RD[s:s + n] @ w[e].t() for e, (s, n) in enumerate(zip(starts, counts))])
+    expected = _per_expert_matmul(x_RD, w, counts)
     # the kernel folds 2^120 into the scale before multiplying (torch after): weights may differ by an ulp
     tol = 1e-4 * max(1.0, (D / 100) ** 0.5)
     torch.testing.assert_close(y, expected, rtol=tol, atol=tol)
@@ -155,7 +159,7 @@ def test_grouped_fp8_block_gemm_takes_views_of_halves():
         block_gemm_grouped_fp8(x_RD, q[:, 136 * h:136 * (h + 1)], scale[:, 2 * h:2 * (h + 1)], BLOCK, counts,
                                out[:, 136 * h:136 * (h + 1)])
     w = torch.cat([dequantize_weight(qh, sh, BLOCK) for qh, sh in halves], 1)
-    expected = torch.cat([x_RD[:20] @ w[0].t(), x_RD[20:] @ w[1].t()])
+    expected = _per_expert_matmul(x_RD, w, [20, 30])
     torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
 
 
