@@ -31,5 +31,24 @@ def poison_empty(monkeypatch):
     monkeypatch.setattr(torch, "empty", poisoned)
 
 
+def _cpu_has_avx512() -> bool:
+    from moe.cpu_gemm import block_gemm_has_avx512
+
+    return block_gemm_has_avx512()
+
+
+@pytest.fixture(params=["native"] + (["avx2"] if _cpu_has_avx512() else []))
+def skinny_isa(request):
+    """The skinny kernels' own tiles ("native": AVX-512 where the CPU has it) and, on such CPUs, the AVX2 ones."""
+    if request.param == "native":
+        yield request.param
+        return
+    from moe.cpu_gemm import skinny_gemm_avx2_tiles
+
+    with skinny_gemm_avx2_tiles() as changed:
+        assert changed
+        yield request.param
+
+
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("TRITON_INTERPRET", "0" if torch.cuda.is_available() else "1")  # CPU: Triton kernels run interpreted

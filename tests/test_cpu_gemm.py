@@ -6,20 +6,9 @@ import torch
 import functools
 
 from moe.cpu_gemm import (block_gemm_grouped, block_gemm_has_avx512, skinny_gemm, skinny_gemm_available,
-                          skinny_gemm_avx2_tiles, skinny_gemm_grouped)
+                          skinny_gemm_grouped)
 
 pytestmark = pytest.mark.skipif(not skinny_gemm_available(), reason="needs an AVX2+FMA CPU and a C compiler")
-
-
-@pytest.fixture(params=["native"] + (["avx2"] if block_gemm_has_avx512() else []))
-def skinny_isa(request):
-    """The skinny kernels' own tiles ("native": AVX-512 where the CPU has it) and, on such CPUs, the AVX2 ones."""
-    if request.param == "native":
-        yield request.param
-        return
-    with skinny_gemm_avx2_tiles() as changed:
-        assert changed
-        yield request.param
 
 
 @pytest.mark.parametrize("M", [1, 2, 3, 4, 5, 6, 7, 13, 33])

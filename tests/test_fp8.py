@@ -27,9 +27,10 @@ def test_quantize_layouts_and_error(shape, scheme):
 
 
 @pytest.mark.skipif(not skinny_gemm_available(), reason="needs an AVX2+FMA CPU and a C compiler")
-@pytest.mark.parametrize("M", [1, 4, 7])
-@pytest.mark.parametrize("O, D, scheme", [(37, 29, "channel"), (260, 300, "block"), (8, 256, "block")])
-def test_skinny_fp8_gemm_matches_dequantised_matmul(M, O, D, scheme):
+@pytest.mark.parametrize("M", [1, 4, 6, 7, 13])
+@pytest.mark.parametrize("O, D, scheme", [(37, 29, "channel"), (260, 300, "block"), (8, 256, "block"),
+                                          (36, 520, "channel")])
+def test_skinny_fp8_gemm_matches_dequantised_matmul(M, O, D, scheme, skinny_isa):
     q, scale = quantize_weight(torch.randn(O, D), scheme)
     block = 0 if scheme == "channel" else BLOCK
     x = torch.randn(M, D)

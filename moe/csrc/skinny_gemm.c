@@ -265,6 +265,68 @@ ALWAYS_INLINE void tile_fp8(const uint8_t *w, long ldw, long o, const float *sca
     }
 }
 
+/* tile_fp8() with 16-lane vectors where the CPU has AVX-512; NX <= 6. `block` must be 0 or a multiple of 16. */
+AVX512 ALWAYS_INLINE __m512 fp8x16_to_f32(const uint8_t *p, __m512 scale) {
+    const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)p));
+    const __m512i bits = _mm512_and_si512(_mm512_srai_epi32(_mm512_slli_epi32(b, 24), 4),
+                                          _mm512_set1_epi32((int)0x87F00000));
+    return _mm512_mul_ps(_mm512_castsi512_ps(bits), scale);
+}
+
+AVX512 ALWAYS_INLINE void tile_fp8_512(const uint8_t *w, long ldw, long o, const float *scale, long scale_ld,
+                                       int block, const float *x, long ldx, const int NX, long D, float *y, long ldy,
+                                       const uint8_t *prefetch, long pf_lo, long pf_hi) {
+    __m512 acc[OB][6], sc[OB];
+    for (int i = 0; i < OB; i++) {
+        sc[i] = _mm512_set1_ps(row_scale(scale, scale_ld, block, o + i, 0) * FP8_POW2_120);
+        for (int j = 0; j < NX; j++) acc[i][j] = _mm512_setzero_ps();
+    }
+    long d = 0, next_scale = block ? block : D;  /* the d where the block scales change next */
+    for (; d + 16 <= D; d += 16) {
+        if (d == next_scale) {
+            for (int i = 0; i < OB; i++)
+                sc[i] = _mm512_set1_ps(row_scale(scale, scale_ld, block, o + i, d) * FP8_POW2_120);
+            next_scale += block;
+        }
+        __m512 xv[6];
+        for (int j = 0; j < NX; j++) xv[j] = _mm512_loadu_ps(x + j * ldx + d);
+        if (prefetch && (d & 63) == 0 && d >= pf_lo && d < pf_hi)  /* one 64-byte line per row every 4 steps */
+            for (int i = 0; i < OB; i++) _mm_prefetch((const char *)(prefetch + i * ldw + d), _MM_HINT_T1);
+        for (int i = 0; i < OB; i++) {
+            const __m512 wv = fp8x16_to_f32(w + i * ldw + d, sc[i]);
+            for (int j = 0; j < NX; j++) acc[i][j] = _mm512_fmadd_ps(wv, xv[j], acc[i][j]);
+        }
+    }
+    for (int i = 0; i < OB; i++)
+        for (int j = 0; j < NX; j++) {
+            float s = _mm512_reduce_add_ps(acc[i][j]);
+            for (long t = d; t < D; t++)
+                s += fp8_to_f32(w[i * ldw + t]) * row_scale(scale, scale_ld, block, o + i, t) * x[j * ldx + t];
+            y[j * ldy + i] = s;
+        }
+}
+
+/* One block of OB e4m3 weight rows against all M token rows with the AVX-512 tiles (as weight_block512). */
+AVX512 static void weight_block_fp8_512(const uint8_t *w, long ldw, long o, const float *scale, long scale_ld,
+                                        int block, const float *x, long ldx, long M, long D, float *y, long ldy,
+                                        const uint8_t *next) {
+    const long tiles = (M + 5) / 6, share = (D / tiles + 63) & ~63L;
+    long m = 0, t = 0;
+    for (; m + 6 <= M; m += 6, t++)
+        tile_fp8_512(w, ldw, o, scale, scale_ld, block, x + m * ldx, ldx, 6, D, y + m * ldy, ldy, next, t * share,
+                     t == tiles - 1 ? D : (t + 1) * share);
+    const long lo = t * share;
+    const float *xm = x + m * ldx;
+    float *ym = y + m * ldy;
+    switch (M - m) {
+        case 5: tile_fp8_512(w, ldw, o, scale, scale_ld, block, xm, ldx, 5, D, ym, ldy, next, lo, D); break;
+        case 4: tile_fp8_512(w, ldw, o, scale, scale_ld, block, xm, ldx, 4, D, ym, ldy, next, lo, D); break;
+        case 3: tile_fp8_512(w, ldw, o, scale, scale_ld, block, xm, ldx, 3, D, ym, ldy, next, lo, D); break;
+        case 2: tile_fp8_512(w, ldw, o, scale, scale_ld, block, xm, ldx, 2, D, ym, ldy, next, lo, D); break;
+        case 1: tile_fp8_512(w, ldw, o, scale, scale_ld, block, xm, ldx, 1, D, ym, ldy, next, lo, D); break;
+    }
+}
+
 static void rows_scalar_fp8(const uint8_t *w, long ldw, long o, int nw, const float *scale, long scale_ld, int block,
                             const float *x, long ldx, long M, long D, float *y, long ldy) {
     for (int i = 0; i < nw; i++)
@@ -292,6 +354,10 @@ void skinny_gemm_nt_fp8(const uint8_t *W, long O, long D, long ldw, const float 
         }
         /* the next block into L2 while this one computes, in equal shares over the token tiles (as weight_block) */
         const uint8_t *next = O - o >= 2 * OB ? w + OB * ldw : 0;
+        if (has_avx512 && block % 16 == 0) {
+            weight_block_fp8_512(w, ldw, o, scale, scale_ld, block, X, ldx, M, D, Y + o, ldy, next);
+            continue;
+        }
         const long tiles = (M + 2) / 3, share = (D / tiles + 63) & ~63L;
         long m = 0, t = 0;
         for (; m + 3 <= M; m += 3, t++)
