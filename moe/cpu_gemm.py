@@ -81,6 +81,8 @@ def _library() -> ctypes.CDLL | None:
                                        ctypes.c_long, ctypes.c_int, ctypes.c_void_p, ctypes.c_long, ctypes.c_long,
                                        ctypes.c_void_p, ctypes.c_long, ctypes.c_int]
     lib.skinny_gemm_nt_fp8.restype = None
+    lib.skinny_gemm_grouped_fp8_nt.argtypes = [P, L, L, L, L, L, P, L, L, ctypes.c_int, P, P, L, P, L, ctypes.c_int]
+    lib.skinny_gemm_grouped_fp8_nt.restype = None
     lib.dequantize_fp8.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_long, ctypes.c_void_p,
                                    ctypes.c_long, ctypes.c_int, ctypes.c_void_p, ctypes.c_long, ctypes.c_int]
     lib.dequantize_fp8.restype = None
@@ -164,11 +166,7 @@ def block_gemm_grouped_fp8(x_RD: torch.Tensor, q_LOD: torch.Tensor, scale: torch
         raise RuntimeError("block GEMM unavailable (needs an AVX2+FMA CPU and a C compiler); check block_gemm_available()")
     counts, y_RO = _grouped_checks(x_RD, q_LOD, counts_L, out_RO, torch.float8_e4m3fn)
     L, O, D = q_LOD.shape
-    expected = (L, O) if block == 0 else (L, -(-O // block), -(-D // block))
-    if (block % 8 or tuple(scale.shape) != expected or scale.dtype != torch.float32 or scale.device.type != "cpu"
-            or scale.stride(-1) != 1):
-        raise ValueError(f"scale {tuple(scale.shape)} {scale.dtype} strides {scale.stride()} / block {block}: expected "
-                         f"a CPU fp32 {expected} with a unit last stride and block 0 or a multiple of 8")
+    _check_grouped_scale(q_LOD, scale, block)
     status = lib.block_gemm_grouped_fp8_nt(q_LOD.data_ptr(), L, O, D, q_LOD.stride(1), q_LOD.stride(0),
                                            scale.data_ptr(), scale.stride(0), scale.stride(1) if block else 0, block,
                                            x_RD.data_ptr(), counts.data_ptr(), x_RD.stride(0), y_RO.data_ptr(),
@@ -275,6 +273,20 @@ def skinny_gemm_fp8(
     return out_MO
 
 
+def skinny_gemm_grouped_fp8(x_RD: torch.Tensor, q_LOD: torch.Tensor, scale: torch.Tensor, block: int,
+                            counts_L: torch.Tensor, out_RO: torch.Tensor | None = None) -> torch.Tensor:
+    """:func:`skinny_gemm_grouped` with e4m3fn weights (dequantised in registers) and per-expert scales in
+    :func:`block_gemm_grouped_fp8`'s layout: one call over all experts for decode-sized blocks."""
+    counts, y_RO = _grouped_checks(x_RD, q_LOD, counts_L, out_RO, torch.float8_e4m3fn)
+    L, O, D = q_LOD.shape
+    _check_grouped_scale(q_LOD, scale, block)
+    _library().skinny_gemm_grouped_fp8_nt(q_LOD.data_ptr(), L, O, D, q_LOD.stride(1), q_LOD.stride(0),
+                                          scale.data_ptr(), scale.stride(0), scale.stride(1) if block else 0, block,
+                                          x_RD.data_ptr(), counts.data_ptr(), x_RD.stride(0), y_RO.data_ptr(),
+                                          y_RO.stride(0), torch.get_num_threads())
+    return y_RO
+
+
 def dequantize_fp8(q_OD: torch.Tensor, scale: torch.Tensor, block: int, out_OD: torch.Tensor | None = None) -> torch.Tensor:
     """fp32 ``[O, D]`` from e4m3fn weights and scales (same layouts as :func:`skinny_gemm_fp8`)."""
     O, D = q_OD.shape
@@ -284,6 +296,15 @@ def dequantize_fp8(q_OD: torch.Tensor, scale: torch.Tensor, block: int, out_OD: 
     lib.dequantize_fp8(q_OD.data_ptr(), O, D, q_OD.stride(0), scale.data_ptr(), scale.shape[-1], block,
                        out_OD.data_ptr(), out_OD.stride(0), torch.get_num_threads())
     return out_OD
+
+
+def _check_grouped_scale(q_LOD: torch.Tensor, scale: torch.Tensor, block: int) -> None:
+    L, O, D = q_LOD.shape
+    expected = (L, O) if block == 0 else (L, -(-O // block), -(-D // block))
+    if (block % 8 or tuple(scale.shape) != expected or scale.dtype != torch.float32 or scale.device.type != "cpu"
+            or scale.stride(-1) != 1):
+        raise ValueError(f"scale {tuple(scale.shape)} {scale.dtype} strides {scale.stride()} / block {block}: expected "
+                         f"a CPU fp32 {expected} with a unit last stride and block 0 or a multiple of 8")
 
 
 def _check_scale(q_OD: torch.Tensor, scale: torch.Tensor, block: int) -> None:

@@ -16,9 +16,14 @@ from torch import nn
 from moe.activations import expert_activation, expert_activation_
 from moe.backends import SKINNY_MAX_ROWS, cpu_grouped_kernel, expert_blocks, grouped_ffn, rows_ffn, transposed_ffn
 from moe.config import MoEConfig
-from moe.cpu_gemm import block_gemm_grouped_fp8, dequantize_fp8, skinny_gemm_available, skinny_gemm_fp8
+from moe.cpu_gemm import (block_gemm_grouped_fp8, dequantize_fp8, skinny_gemm_available, skinny_gemm_fp8,
+                          skinny_gemm_grouped_fp8)
 from moe.experts import Experts
 from quant.fp8 import BLOCK, Scheme, dequantize_weight, quantize_weight
+
+
+# moe.backends.cpu_grouped_kernel's choice -> the grouped FP8 kernel that runs it
+GROUPED_FP8_GEMMS = {"skinny": skinny_gemm_grouped_fp8, "block": block_gemm_grouped_fp8}
 
 
 class Fp8Experts(nn.Module):
@@ -32,10 +37,10 @@ class Fp8Experts(nn.Module):
     ceil(X/H/128), ceil(D/128)]``, so per-expert checkpoints (gate_proj, up_proj) load bit-exactly whatever F is.
     Biases stay in high precision. ``.to(dtype)`` moves these tensors between devices but keeps their dtypes.
 
-    CPU: few rows per expert go through the skinny GEMM, dequantising in registers (a quarter of the fp32
-    weight bytes); prefill-sized blocks through the grouped block GEMM, which converts each weight as it packs it
-    (``moe.cpu_gemm.block_gemm_grouped_fp8``); other blocks (and autograd) dequantise that expert's weights once
-    and use BLAS. GPU: the Triton FP8 grouped GEMM (``moe.kernels.fp8_grouped_gemm``) when the layer's backend
+    CPU: few rows per expert go through the grouped skinny GEMM, dequantising in registers (a quarter of the
+    fp32 weight bytes); prefill-sized blocks through the grouped block GEMM, which converts each weight as it
+    packs it (``moe.cpu_gemm.block_gemm_grouped_fp8``); in between (and under autograd), per expert: the skinny
+    GEMM for few rows, else that expert's weights dequantised once and BLAS. GPU: the Triton FP8 grouped GEMM (``moe.kernels.fp8_grouped_gemm``) when the layer's backend
     is ``triton``.
     """
 
@@ -158,13 +163,16 @@ class Fp8Experts(nn.Module):
                                 limit=cfg.swiglu_limit)
         x_RD = x_RD.float().contiguous()
         skinny = x_RD.device.type == "cpu" and skinny_gemm_available()
-        # prefill-sized blocks, as loop_ffn decides for fp32 weights; never under autograd (no backward in C)
+        # one grouped C call per GEMM half over all experts, as loop_ffn decides for fp32 weights (skinny or block
+        # kernel); never under autograd (no backward in C)
         wants_grad = torch.is_grad_enabled() and x_RD.requires_grad
-        if skinny and not wants_grad and cpu_grouped_kernel(x_RD, counts_E) == "block":
+        kernel = cpu_grouped_kernel(x_RD, counts_E) if skinny and not wants_grad else None
+        if kernel is not None:
             act_ = functools.partial(expert_activation_, activation=cfg.activation, alpha=cfg.swiglu_alpha,
                                      limit=cfg.swiglu_limit)
             b13, b2 = (None if b is None else b.float() for b in (self.b13_E2F, self.b2_ED))
-            return grouped_ffn(self._grouped_gemm, x_RD, counts_E, self.w13_E2FD, self.w2_EDF, act_, b13, b2)
+            gemm = functools.partial(self._grouped_gemm, GROUPED_FP8_GEMMS[kernel])
+            return grouped_ffn(gemm, x_RD, counts_E, self.w13_E2FD, self.w2_EDF, act_, b13, b2)
         y_RD = torch.empty(x_RD.shape[0], self.w2_EDF.shape[1], dtype=torch.float32, device=x_RD.device)
         for e, start, end in expert_blocks(counts_E):
             b13 = None if self.b13_E2F is None else self.b13_E2F[e].float()
@@ -177,10 +185,10 @@ class Fp8Experts(nn.Module):
                 transposed_ffn(x_RD[start:end], w13, w2, act, b13, b2, y_RD[start:end])
         return y_RD
 
-    def _grouped_gemm(self, x_RD: torch.Tensor, q_LOD: torch.Tensor, counts_E: torch.Tensor,
+    def _grouped_gemm(self, fp8_gemm, x_RD: torch.Tensor, q_LOD: torch.Tensor, counts_E: torch.Tensor,
                       out_RO: torch.Tensor | None = None) -> torch.Tensor:
         """``grouped_ffn``'s GEMM over every expert for ``q_LOD`` (``self.w13_E2FD`` or ``self.w2_EDF``): one
-        block-GEMM call per half of its rows, each half with its own scales."""
+        ``fp8_gemm`` call (a value of ``GROUPED_FP8_GEMMS``) per half of its rows, each half with its own scales."""
         name = "w13_E2FD" if q_LOD is self.w13_E2FD else "w2_EDF"
         if out_RO is None:
             out_RO = torch.empty(x_RD.shape[0], q_LOD.shape[1])
@@ -188,8 +196,8 @@ class Fp8Experts(nn.Module):
         step = scale.shape[1] * half // q_LOD.shape[1]  # scale rows per half
         for h in range(q_LOD.shape[1] // half):
             rows = slice(h * half, (h + 1) * half)
-            block_gemm_grouped_fp8(x_RD, q_LOD[:, rows], scale[:, h * step:(h + 1) * step], self.block or 0, counts_E,
-                                   out_RO[:, rows])
+            fp8_gemm(x_RD, q_LOD[:, rows], scale[:, h * step:(h + 1) * step], self.block or 0, counts_E,
+                     out_RO[:, rows])
         return out_RO
 
     def _skinny13(self, e: int, x_MD: torch.Tensor) -> torch.Tensor:

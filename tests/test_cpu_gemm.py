@@ -159,3 +159,18 @@ def test_grouped_fp8_block_gemm_refuses_a_wrong_scale_grid():
     q, scale = quantize_weight(torch.randn(2, 136, 200), "block")
     with pytest.raises(ValueError, match=r"expected a CPU fp32 \(2, 2, 2\)"):
         block_gemm_grouped_fp8(torch.randn(4, 200), q, scale[:, :1], BLOCK, torch.tensor([2, 2]))
+
+
+@pytest.mark.parametrize("scheme", ["channel", "block"])
+@pytest.mark.parametrize("counts, O, D", [([3, 0, 7], 100, 300), ([1, 13], 256, 520), ([5], 33, 17),
+                                          ([2, 6, 1, 0], 130, 136)])  # O=130: a scalar tail block of 2 rows
+def test_grouped_fp8_skinny_gemm_matches_dequantised_matmul(counts, O, D, scheme, skinny_isa):
+    from moe.cpu_gemm import skinny_gemm_grouped_fp8
+    from quant.fp8 import BLOCK, dequantize_weight, quantize_weight
+
+    q, scale = quantize_weight(torch.randn(len(counts), O, D), scheme)
+    block = 0 if scheme == "channel" else BLOCK
+    x_RD = torch.randn(sum(counts), D)
+    y = skinny_gemm_grouped_fp8(x_RD, q, scale, block, torch.tensor(counts))
+    expected = _per_expert_matmul(x_RD, dequantize_weight(q, scale, block or None), counts)
+    torch.testing.assert_close(y, expected, rtol=1e-4, atol=1e-4 * max(1.0, (D / 100) ** 0.5))

@@ -338,35 +338,57 @@ static void rows_scalar_fp8(const uint8_t *w, long ldw, long o, int nw, const fl
         }
 }
 
+/* Rows o .. o+OB (fewer at the end) of e4m3 W [O, D] against all M token rows (as weight_block). */
+static void weight_block_fp8(const uint8_t *W, long O, long D, long ldw, long o, const float *scale, long scale_ld,
+                             int block, const float *X, long M, long ldx, float *Y, long ldy) {
+    const uint8_t *w = W + o * ldw;
+    /* a tile must not straddle two scale rows */
+    if (O - o < OB || (block && (o / block) != ((o + OB - 1) / block))) {
+        int nw = (int)(O - o < OB ? O - o : OB);
+        rows_scalar_fp8(w, ldw, o, nw, scale, scale_ld, block, X, ldx, M, D, Y + o, ldy);
+        return;
+    }
+    /* the next block into L2 while this one computes, in equal shares over the token tiles (as weight_block) */
+    const uint8_t *next = O - o >= 2 * OB ? w + OB * ldw : 0;
+    if (has_avx512 && block % 16 == 0) {
+        weight_block_fp8_512(w, ldw, o, scale, scale_ld, block, X, ldx, M, D, Y + o, ldy, next);
+        return;
+    }
+    const long tiles = (M + 2) / 3, share = (D / tiles + 63) & ~63L;
+    long m = 0, t = 0;
+    for (; m + 3 <= M; m += 3, t++)
+        tile_fp8(w, ldw, o, scale, scale_ld, block, X + m * ldx, ldx, 3, D, Y + m * ldy + o, ldy, next, t * share,
+                 t == tiles - 1 ? D : (t + 1) * share);
+    if (M - m == 2)
+        tile_fp8(w, ldw, o, scale, scale_ld, block, X + m * ldx, ldx, 2, D, Y + m * ldy + o, ldy, next, t * share, D);
+    if (M - m == 1)
+        tile_fp8(w, ldw, o, scale, scale_ld, block, X + m * ldx, ldx, 1, D, Y + m * ldy + o, ldy, next, t * share, D);
+}
+
 /* Y [M, O] = X [M, D] . dequant(W [O, D] e4m3fn)^T. block must be 0 or a multiple of 8. */
 void skinny_gemm_nt_fp8(const uint8_t *W, long O, long D, long ldw, const float *scale, long scale_ld, int block,
                         const float *X, long M, long ldx, float *Y, long ldy, int num_threads) {
     long blocks = (O + OB - 1) / OB;
 #pragma omp parallel for schedule(dynamic, 16) num_threads(num_threads)
-    for (long b = 0; b < blocks; b++) {
-        long o = b * OB;
-        const uint8_t *w = W + o * ldw;
-        /* a tile must not straddle two scale rows */
-        if (O - o < OB || (block && (o / block) != ((o + OB - 1) / block))) {
-            int nw = (int)(O - o < OB ? O - o : OB);
-            rows_scalar_fp8(w, ldw, o, nw, scale, scale_ld, block, X, ldx, M, D, Y + o, ldy);
-            continue;
-        }
-        /* the next block into L2 while this one computes, in equal shares over the token tiles (as weight_block) */
-        const uint8_t *next = O - o >= 2 * OB ? w + OB * ldw : 0;
-        if (has_avx512 && block % 16 == 0) {
-            weight_block_fp8_512(w, ldw, o, scale, scale_ld, block, X, ldx, M, D, Y + o, ldy, next);
-            continue;
-        }
-        const long tiles = (M + 2) / 3, share = (D / tiles + 63) & ~63L;
-        long m = 0, t = 0;
-        for (; m + 3 <= M; m += 3, t++)
-            tile_fp8(w, ldw, o, scale, scale_ld, block, X + m * ldx, ldx, 3, D, Y + m * ldy + o, ldy, next, t * share,
-                     t == tiles - 1 ? D : (t + 1) * share);
-        if (M - m == 2)
-            tile_fp8(w, ldw, o, scale, scale_ld, block, X + m * ldx, ldx, 2, D, Y + m * ldy + o, ldy, next, t * share, D);
-        if (M - m == 1)
-            tile_fp8(w, ldw, o, scale, scale_ld, block, X + m * ldx, ldx, 1, D, Y + m * ldy + o, ldy, next, t * share, D);
+    for (long b = 0; b < blocks; b++)
+        weight_block_fp8(W, O, D, ldw, b * OB, scale, scale_ld, block, X, M, ldx, Y, ldy);
+}
+
+/* Every expert at once (as skinny_gemm_grouped_nt): W [L, O, D] e4m3 (expert stride lde), expert e's scales at
+ * scale + e * scale_le in skinny_gemm_nt_fp8's layout. */
+void skinny_gemm_grouped_fp8_nt(const uint8_t *W, long L, long O, long D, long ldw, long lde, const float *scale,
+                                long scale_le, long scale_ld, int block, const float *X, const long *counts, long ldx,
+                                float *Y, long ldy, int num_threads) {
+    long starts[L > 0 ? L : 1];
+    long rows = 0;
+    for (long e = 0; e < L; e++) { starts[e] = rows; rows += counts[e]; }
+    long blocks = (O + OB - 1) / OB;
+#pragma omp parallel for schedule(dynamic, 16) num_threads(num_threads)
+    for (long eb = 0; eb < L * blocks; eb++) {
+        long e = eb / blocks;
+        if (counts[e] > 0)
+            weight_block_fp8(W + e * lde, O, D, ldw, (eb % blocks) * OB, scale + e * scale_le, scale_ld, block,
+                             X + starts[e] * ldx, counts[e], ldx, Y + starts[e] * ldy, ldy);
     }
 }
 
