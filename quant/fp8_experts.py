@@ -40,8 +40,8 @@ class Fp8Experts(nn.Module):
     CPU: few rows per expert go through the grouped skinny GEMM, dequantising in registers (a quarter of the
     fp32 weight bytes); prefill-sized blocks through the grouped block GEMM, which converts each weight as it
     packs it (``moe.cpu_gemm.block_gemm_grouped_fp8``); in between (and under autograd), per expert: the skinny
-    GEMM for few rows, else that expert's weights dequantised once and BLAS. GPU: the Triton FP8 grouped GEMM (``moe.kernels.fp8_grouped_gemm``) when the layer's backend
-    is ``triton``.
+    GEMM for few rows, else that expert's weights dequantised once and BLAS. GPU: the Triton FP8 grouped GEMM
+    (``moe.kernels.fp8_grouped_gemm``) when the layer's backend is ``triton``.
     """
 
     SCALES = {"w13_E2FD": "w13_scale", "w2_EDF": "w2_scale"}  # weight buffer -> its scale buffer
