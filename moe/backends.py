@@ -51,18 +51,18 @@ def loop_ffn(
     alpha: float = 1.702,
     limit: float = 7.0,
 ) -> torch.Tensor:
-    y_RD = torch.empty(x_RD.shape[0], w2_LDF.shape[1], dtype=w2_LDF.dtype, device=x_RD.device)
     x_RD = x_RD.to(w13_LXD.dtype).contiguous()
     # The skinny GEMM is a C kernel with no backward: under autograd every block takes the BLAS path.
     wants_grad = torch.is_grad_enabled() and (x_RD.requires_grad or w13_LXD.requires_grad)
     skinny = (w13_LXD.dtype == torch.float32 and x_RD.device.type == "cpu" and not wants_grad
               and skinny_gemm_available())
-    act = functools.partial(expert_activation, activation=activation, alpha=alpha, limit=limit)
     kernel = cpu_grouped_kernel(x_RD, counts_L) if skinny else None
     if kernel is not None:
         act_ = functools.partial(expert_activation_, activation=activation, alpha=alpha, limit=limit)
         grouped_gemm = skinny_gemm_grouped if kernel == "skinny" else block_gemm_grouped
         return grouped_ffn(grouped_gemm, x_RD, counts_L, w13_LXD, w2_LDF, act_, b13_LX, b2_LD)
+    act = functools.partial(expert_activation, activation=activation, alpha=alpha, limit=limit)
+    y_RD = torch.empty(x_RD.shape[0], w2_LDF.shape[1], dtype=w2_LDF.dtype, device=x_RD.device)
     for e, start, end in expert_blocks(counts_L):
         b13, b2 = (None if b13_LX is None else b13_LX[e]), (None if b2_LD is None else b2_LD[e])
         if skinny and end - start <= SKINNY_MAX_ROWS:
