@@ -4,10 +4,6 @@
 expert parallelism over a process group wrapped in ``EPComm``; ``cost_model`` predicts their time.
 """
 
-# moe.layer imports all_to_all.dispatcher, which imports moe.shuffle: importing moe first lets
-# ``import all_to_all`` work on its own (otherwise moe/__init__ re-enters this half-built package).
-import moe  # noqa: F401  isort: skip
-
 from all_to_all.allgather import AllGatherDispatcher, AllGatherMeta
 from all_to_all.alltoall import AllToAllDispatcher, AllToAllMeta
 from all_to_all.comm import CollectiveError, CommStats, EPComm

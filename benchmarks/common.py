@@ -37,16 +37,14 @@ def memory_read_bandwidth(num_bytes: int = 512 * 2**20, reps: int = 5) -> float:
 def fma_peak_flops(threads: int, seconds: float = 0.2) -> float | None:
     """The CPU's fp32 FLOP/s on ``threads`` threads from ``csrc/fma_peak.c`` (independent FMA chains, the widest
     vectors the CPU runs; best of 3), or None without a C compiler / AVX2."""
-    import ctypes
     from pathlib import Path
 
-    from moe.cpu_gemm import build_library
+    from moe.kernels.native import FLOAT, INT, LONG, load_library
 
-    lib = build_library(Path(__file__).parent / "csrc" / "fma_peak.c")
+    signatures = {"fma_peak": ([LONG, INT, INT], FLOAT), "fma_lanes": ([], INT)}
+    lib = load_library(Path(__file__).parent / "csrc" / "fma_peak.c", signatures)
     if lib is None:
         return None
-    lib.fma_peak.argtypes, lib.fma_peak.restype = [ctypes.c_long, ctypes.c_int, ctypes.c_int], ctypes.c_float
-    lib.fma_lanes.argtypes, lib.fma_lanes.restype = [], ctypes.c_int
     best = 0.0
     for lanes in sorted({8, lib.fma_lanes()}):
         iters = int(seconds * 4e9 / lanes)  # ~seconds at a few GHz

@@ -27,10 +27,10 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.common import rel_err  # noqa: E402
 from moe import MoE  # noqa: E402
-from serve.config import DEFAULT_MODEL  # noqa: E402
-from serve.loader import load_model  # noqa: E402
+from serve.engine.config import DEFAULT_MODEL  # noqa: E402
+from serve.models.loader import load_model  # noqa: E402
 from serve.models.layers import DenseCausalBackend  # noqa: E402
-from serve.tokenizer import Tokenizer  # noqa: E402
+from serve.engine.tokenizer import Tokenizer  # noqa: E402
 
 SCHEMES = ("fp8-channel", "fp8-block")
 

@@ -42,8 +42,8 @@ class Result:
 def make_requests(n: int, input_len: tuple[int, int], output_len: tuple[int, int], seed: int):
     import inspect
 
-    from serve.config import DEFAULT_MODEL
-    from serve.tokenizer import Tokenizer
+    from serve.engine.config import DEFAULT_MODEL
+    from serve.engine.tokenizer import Tokenizer
 
     tokenizer = Tokenizer(DEFAULT_MODEL)
     corpus = tokenizer.encode(inspect.getsource(argparse) + inspect.getsource(random))
@@ -145,7 +145,7 @@ def main() -> None:
         results, elapsed = asyncio.run(run_load(args.url, requests, args.request_rate, args.max_concurrency,
                                                 args.seed))
     else:
-        from serve_server import running_server
+        from tests.serve.server import running_server
 
         os.environ.setdefault("OMP_NUM_THREADS", "1")
         with running_server("server.log_level=warning") as server:

@@ -21,7 +21,7 @@ import time
 import torch
 
 from serve import LLM, SamplingParams
-from serve.config import DEFAULT_MODEL
+from serve.engine.config import DEFAULT_MODEL
 
 
 def make_requests(tokenizer, n: int, seed: int) -> list[tuple[list[int], int]]:

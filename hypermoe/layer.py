@@ -25,6 +25,7 @@ from torch import nn
 
 from hypermoe.config import HyperMoEConfig
 from hypermoe.hypernetwork import AdapterParams, HyperNetwork
+from moe.kernels.cpu_gemm import skinny_gemm_available, skinny_gemm_grouped
 
 # The paper's code builds the expert embeddings and processing MLP before GPT-2's ``post_init``, which
 # initialises every Embedding and Linear weight as N(0, initializer_range=0.02) and every bias as 0.
@@ -183,8 +184,6 @@ def apply_adapters(
 
 def table_gemm_available(x_TD: torch.Tensor, params: AdapterParams) -> bool:
     """Whether :func:`apply_table_adapters` can run: fp32 on a CPU with the skinny GEMM (AVX2 and a C compiler)."""
-    from moe.cpu_gemm import skinny_gemm_available  # imported on use: moe.layer imports this package
-
     return (x_TD.device.type == "cpu" and params.w_down_UAD.dtype == torch.float32 and not torch.is_grad_enabled()
             and skinny_gemm_available())
 
@@ -197,8 +196,6 @@ def apply_table_adapters(x_TD: torch.Tensor, rank_T: torch.Tensor, params: Adapt
     Example: ``rank_T = [3, 0, 3]`` -> sorted order ``[1, 0, 2]``, counts ``[1, 0, 0, 2, 0, ...]``: token 1 uses
     adapter 0, tokens 0 and 2 adapter 3.
     """
-    from moe.cpu_gemm import skinny_gemm_grouped
-
     C = params.w_down_UAD.shape[0]
     order_T = torch.argsort(rank_T, stable=True)
     rank_sorted_T = rank_T[order_T]

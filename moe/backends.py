@@ -2,7 +2,7 @@
 
 Two strategies, picked per device by :func:`grouped_ffn_for` (once per call site, not inside the math):
 
-- ``loop_ffn`` (CPU): few rows per expert (decode): the grouped skinny GEMM of ``moe/cpu_gemm.py``, which
+- ``loop_ffn`` (CPU): few rows per expert (decode): the grouped skinny GEMM of ``moe/kernels/cpu_gemm.py``, which
   streams each expert weight once; prefill-sized blocks (``BLOCK_GEMM_MIN_ROWS`` on average): the grouped block
   GEMM (packed, register-tiled; 1.1-1.5x MKL per expert); both run the activation in place in a scratch buffer.
   Without the C kernels (or under autograd), one pass over the experts: BLAS on the *transposed* block,
@@ -23,7 +23,7 @@ import torch
 
 from moe.activations import expert_activation, expert_activation_
 from moe.config import Activation
-from moe.cpu_gemm import (block_gemm_available, block_gemm_grouped, decode_moe, skinny_gemm, skinny_gemm_available,
+from moe.kernels.cpu_gemm import (block_gemm_available, block_gemm_grouped, decode_moe, skinny_gemm, skinny_gemm_available,
                           skinny_gemm_grouped)
 from moe.workspace import scratch
 
@@ -91,7 +91,7 @@ def cpu_grouped_kernel(x_RD: torch.Tensor, counts_L: torch.Tensor) -> str | None
 
 
 def cpu_decode_moe(x_TD: torch.Tensor, routing, experts) -> torch.Tensor | None:
-    """The whole routed pass (shuffle, grouped FFN, weighted combine) as :func:`moe.cpu_gemm.decode_moe` when
+    """The whole routed pass (shuffle, grouped FFN, weighted combine) as :func:`moe.kernels.cpu_gemm.decode_moe` when
     it applies: CPU, fp32 plain experts without biases, weights on the output, the C library present, and at
     most ``SKINNY_MAX_ROWS`` rows per expert (decode). Else None: the caller runs the step by step path, which
     gives bit-identical results (same GEMM kernel, order and rounding)."""

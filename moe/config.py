@@ -6,7 +6,8 @@ import enum
 from dataclasses import dataclass, field
 
 from hypermoe.config import HyperMoEConfig
-from routing.config import RouterConfig, Scoring, enum_field
+from moe.fields import enum_field
+from routing.config import RouterConfig, Scoring
 
 
 class Activation(str, enum.Enum):

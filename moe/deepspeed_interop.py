@@ -7,15 +7,20 @@ stacked (copied once) into our fused ``[E, F, D]`` / ``[E, D, F]`` layout; the r
 
 from __future__ import annotations
 
+from typing import TypeVar
+
 import torch
 from torch import nn
 
 from moe.config import Activation, MoEConfig
-from moe.layer import MoE
 from routing.config import RouterConfig, Scoring
 
+Layer = TypeVar("Layer", bound=nn.Module)
 
-def moe_from_deepspeed(ds_moe: nn.Module) -> MoE:
+
+def moe_from_deepspeed(ds_moe: nn.Module, layer_cls: type[Layer]) -> Layer:
+    """A ``layer_cls`` (``moe.MoE``, which passes itself in ``MoE.from_deepspeed``: this module sits below
+    ``moe.layer``) computing what ``ds_moe`` computes."""
     inner = ds_moe.deepspeed_moe
     gate = inner.gate
     experts = list(inner.experts.deepspeed_experts)
@@ -29,7 +34,7 @@ def moe_from_deepspeed(ds_moe: nn.Module) -> MoE:
         D, F, E, k, activation[0], RouterConfig(E, k, Scoring.SOFTMAX, renormalize=k >= 2),
         expert_bias=has_bias, extra={"from": "deepspeed.moe.layer.MoE"},
     )
-    layer = MoE(config).to(gate.wg.weight.device)
+    layer = layer_cls(config).to(gate.wg.weight.device)
     with torch.no_grad():
         layer.router.weight = gate.wg.weight
         layer.experts.w13_E2FD.copy_(torch.stack([fc.weight for fc in fc1s]))

@@ -1,20 +1,20 @@
-"""Drop-in interop with ``transformers`` (5.x) MoE blocks: ``moe_from_hf(block)`` and ``patch_hf(model)``.
+"""Reading ``transformers`` (5.x) MoE blocks: ``moe_from_hf(block, layer_cls)`` behind ``moe.MoE.from_hf``.
 
 Expert weights are shared (the same ``nn.Parameter``) where the layouts agree: transformers 5 keeps
 ``gate_up_proj`` as ``[E, 2F, D]`` (gate rows then up rows) and ``down_proj`` as ``[E, D, F]``, exactly our
 ``w13_E2FD`` / ``w2_EDF``. Transposed or interleaved layouts (gpt-oss, Llama 4) and the dense shared experts
-are copied once into our fused layout.
+are copied once into our fused layout. The layer class comes in as an argument: this module sits below
+``moe.layer`` (whose ``MoE.from_hf`` calls it); ``moe.patch`` replaces the blocks of whole models.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, TypeVar
 
 import torch
 from torch import nn
 
 from moe.config import Activation, MoEConfig
-from moe.layer import MoE
 from routing.config import GroupScore, RouterConfig, Scoring
 
 # Families whose block is ``gate`` (softmax top-k router) + ``experts`` (+ optional Qwen-style gated shared expert).
@@ -26,28 +26,19 @@ _SOFTMAX_BLOCKS = {
 _DEEPSEEK_V3_BLOCKS = {"DeepseekV3MoE", "Glm4MoeMoE", "Dots1MoE", "ExaoneMoeMoE"}
 
 
-class TupleOutputMoE(nn.Module):
-    """Wraps ``MoE`` for HF blocks that return ``(hidden, router_tensor)`` (gpt-oss: weights; Llama 4: logits)."""
-
-    def __init__(self, moe: MoE, second: str) -> None:
-        super().__init__()
-        self.moe = moe
-        self.second = second
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        y, routing = self.moe.forward_with_routing(x)
-        extra = routing.logits_TE if self.second == "logits" else routing.weights_TK
-        return y, extra.to(x.dtype)
+Layer = TypeVar("Layer", bound=nn.Module)  # moe.MoE (passed in by MoE.from_hf)
+Builder = Callable[[nn.Module, type[nn.Module]], nn.Module]
 
 
-def moe_from_hf(block: nn.Module) -> MoE:
-    """Our ``MoE`` computing exactly what the ``transformers`` block computes (see ``supported_blocks()``)."""
+def moe_from_hf(block: nn.Module, layer_cls: type[Layer]) -> Layer:
+    """A ``layer_cls`` (``moe.MoE``) computing exactly what the ``transformers`` block computes (see
+    ``supported_blocks()``)."""
     builder = _BUILDERS.get(type(block).__name__)
     if builder is None:
         raise ValueError(
             f"unsupported MoE block class {type(block).__name__!r}; supported: {', '.join(supported_blocks())}"
         )
-    layer = builder(block)
+    layer = builder(block, layer_cls)
     left_on_meta = [name for name, t in layer.state_dict().items() if t.is_meta]
     if left_on_meta:  # a builder forgot to take over a tensor from the block
         raise RuntimeError(f"{type(block).__name__}: tensors not taken from the block: {left_on_meta}")
@@ -58,40 +49,8 @@ def supported_blocks() -> list[str]:
     return sorted(_BUILDERS)
 
 
-def patch_hf(model: nn.Module) -> int:
-    """Replace every MoE block of ``model`` in place with ``moe.MoE``; returns how many were replaced.
-
-    A module that looks like an MoE block (it has an ``experts`` child) but is not supported raises a
-    ``ValueError`` naming its class, before anything is replaced.
-    """
-    targets = []
-    for name, module in model.named_modules():
-        cls = type(module).__name__
-        if cls in _BUILDERS:
-            targets.append(name)
-        elif isinstance(getattr(module, "experts", None), nn.Module) and not _inside(name, targets):
-            raise ValueError(f"unsupported MoE block class {cls!r} at {name!r}")
-    for name in targets:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        block = getattr(parent, child)
-        replacement = moe_from_hf(block)
-        if cls_returns_tuple(block):
-            replacement = TupleOutputMoE(replacement, "logits" if _is_llama4(block) else "weights")
-        setattr(parent, child, replacement)
-    return len(targets)
-
-
-def cls_returns_tuple(block: nn.Module) -> bool:
-    return type(block).__name__ in ("GptOssMLP", "Llama4TextMoe")
-
-
-def _is_llama4(block: nn.Module) -> bool:
-    return type(block).__name__ == "Llama4TextMoe"
-
-
-def _inside(name: str, parents: list[str]) -> bool:
-    return any(name.startswith(p + ".") for p in parents)
+def is_supported(block: nn.Module) -> bool:
+    return type(block).__name__ in _BUILDERS
 
 
 def _activation(experts: nn.Module) -> Activation:
@@ -113,17 +72,18 @@ def _standard_experts(experts: nn.Module) -> tuple[nn.Parameter, nn.Parameter]:
     return experts.gate_up_proj, experts.down_proj
 
 
-def _build(config: MoEConfig, w13: nn.Parameter, w2: nn.Parameter, router_weight: nn.Parameter) -> MoE:
-    """An ``MoE`` whose routed-expert and router parameters *are* the given ones (no copy)."""
+def _build(layer_cls: type[nn.Module], config: MoEConfig, w13: nn.Parameter, w2: nn.Parameter,
+           router_weight: nn.Parameter) -> nn.Module:
+    """A ``layer_cls`` whose routed-expert and router parameters *are* the given ones (no copy)."""
     with torch.device("meta"):
-        layer = MoE(config)  # parameters created on meta, then replaced: no allocation, no init cost
+        layer = layer_cls(config)  # parameters created on meta, then replaced: no allocation, no init cost
     layer.experts.w13_E2FD = w13
     layer.experts.w2_EDF = w2
     layer.router.weight = router_weight
     return layer
 
 
-def _set_shared(layer: MoE, mlp: nn.Module, gate: nn.Module | None = None) -> None:
+def _set_shared(layer: nn.Module, mlp: nn.Module, gate: nn.Module | None = None) -> None:
     """Copy a HF dense MLP (``gate_proj``/``up_proj``/``down_proj``) into the layer's fused shared expert."""
     shared = layer.shared_expert
     with torch.no_grad():
@@ -133,7 +93,7 @@ def _set_shared(layer: MoE, mlp: nn.Module, gate: nn.Module | None = None) -> No
             shared.gate_weight = gate.weight
 
 
-def _softmax_block(block: nn.Module) -> MoE:
+def _softmax_block(block: nn.Module, layer_cls: type[nn.Module]) -> nn.Module:
     gate, experts = block.gate, block.experts
     w13, w2 = _standard_experts(experts)
     E, X, D = w13.shape
@@ -145,13 +105,13 @@ def _softmax_block(block: nn.Module) -> MoE:
         shared_expert_gate=getattr(block, "shared_expert_gate", None) is not None,
         extra={"hf_class": type(block).__name__},
     )
-    layer = _build(config, w13, w2, gate.weight)
+    layer = _build(layer_cls, config, w13, w2, gate.weight)
     if shared is not None:
         _set_shared(layer, shared, getattr(block, "shared_expert_gate", None))
     return layer
 
 
-def _deepseek_v3_block(block: nn.Module) -> MoE:
+def _deepseek_v3_block(block: nn.Module, layer_cls: type[nn.Module]) -> nn.Module:
     gate, experts = block.gate, block.experts
     w13, w2 = _standard_experts(experts)
     E, X, D = w13.shape
@@ -163,13 +123,13 @@ def _deepseek_v3_block(block: nn.Module) -> MoE:
     shared = block.shared_experts
     config = MoEConfig(D, X // 2, E, gate.top_k, _activation(experts), router,
                        shared_ffn_size=shared.down_proj.weight.shape[1], extra={"hf_class": type(block).__name__})
-    layer = _build(config, w13, w2, gate.weight)
+    layer = _build(layer_cls, config, w13, w2, gate.weight)
     layer.router.correction_bias = gate.e_score_correction_bias
     _set_shared(layer, shared)
     return layer
 
 
-def _deepseek_v2_block(block: nn.Module) -> MoE:
+def _deepseek_v2_block(block: nn.Module, layer_cls: type[nn.Module]) -> nn.Module:
     gate, experts = block.gate, block.experts
     w13, w2 = _standard_experts(experts)
     E, X, D = w13.shape
@@ -182,12 +142,12 @@ def _deepseek_v2_block(block: nn.Module) -> MoE:
     shared = block.shared_experts
     config = MoEConfig(D, X // 2, E, gate.top_k, _activation(experts), router,
                        shared_ffn_size=shared.down_proj.weight.shape[1], extra={"hf_class": type(block).__name__})
-    layer = _build(config, w13, w2, gate.weight)
+    layer = _build(layer_cls, config, w13, w2, gate.weight)
     _set_shared(layer, shared)
     return layer
 
 
-def _gpt_oss_block(block: nn.Module) -> MoE:
+def _gpt_oss_block(block: nn.Module, layer_cls: type[nn.Module]) -> nn.Module:
     """gpt-oss: ``[in, out]`` experts with gate/up *interleaved* and biases; top-k on logits then softmax."""
     router, experts = block.router, block.experts
     E, D, X = experts.gate_up_proj.shape
@@ -200,14 +160,14 @@ def _gpt_oss_block(block: nn.Module) -> MoE:
     with torch.no_grad():
         w13 = nn.Parameter(deinterleave(experts.gate_up_proj).transpose(1, 2).contiguous())
         w2 = nn.Parameter(experts.down_proj.transpose(1, 2).contiguous())
-        layer = _build(config, w13, w2, router.weight)
+        layer = _build(layer_cls, config, w13, w2, router.weight)
         layer.router.bias = router.bias
         layer.experts.b13_E2F = nn.Parameter(deinterleave(experts.gate_up_proj_bias).detach().clone())
         layer.experts.b2_ED = experts.down_proj_bias
     return layer
 
 
-def _llama4_block(block: nn.Module) -> MoE:
+def _llama4_block(block: nn.Module, layer_cls: type[nn.Module]) -> nn.Module:
     """Llama 4: ``[in, out]`` experts (gate columns then up), sigmoid top-k scaling the expert *input*."""
     router, experts = block.router, block.experts
     E, D, X = experts.gate_up_proj.shape
@@ -219,12 +179,12 @@ def _llama4_block(block: nn.Module) -> MoE:
     with torch.no_grad():
         w13 = nn.Parameter(experts.gate_up_proj.transpose(1, 2).contiguous())
         w2 = nn.Parameter(experts.down_proj.transpose(1, 2).contiguous())
-    layer = _build(config, w13, w2, router.weight)
+    layer = _build(layer_cls, config, w13, w2, router.weight)
     _set_shared(layer, block.shared_expert)
     return layer
 
 
-_BUILDERS: dict[str, Callable[[nn.Module], MoE]] = {
+_BUILDERS: dict[str, Builder] = {
     **{name: _softmax_block for name in _SOFTMAX_BLOCKS},
     **{name: _deepseek_v3_block for name in _DEEPSEEK_V3_BLOCKS},
     "DeepseekV2Moe": _deepseek_v2_block,

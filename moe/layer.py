@@ -15,8 +15,11 @@ from all_to_all.dispatcher import Dispatcher, LocalDispatcher
 from hypermoe import HyperMoELayer, HyperNetwork
 from moe.backends import cpu_decode_moe
 from moe.config import Backend, MoEConfig
+from moe.deepspeed_interop import moe_from_deepspeed
 from moe.experts import Experts
+from moe.hf import moe_from_hf
 from moe.shared import SharedExpert
+from moe.triton_backend import check_supported, triton_moe_forward  # imports triton only when called
 from quant.fp8_experts import Fp8Experts
 from routing.router import Router, Routing
 
@@ -43,8 +46,6 @@ class MoE(nn.Module):
         self.dispatcher = dispatcher if dispatcher is not None else LocalDispatcher(config.num_experts)
         self.backend = resolve_backend(config.backend)
         if self.backend is Backend.TRITON:
-            from moe.triton_backend import check_supported
-
             check_supported(config)
         # HyperMoE (config.hypermoe): a HyperExpert from the unselected experts; pass a shared `hypernetwork`
         # (or call hypermoe.share_hypernetwork(model) afterwards) to use one for all layers, as the paper does.
@@ -76,8 +77,6 @@ class MoE(nn.Module):
         wants_grad = torch.is_grad_enabled() and (x_TD.requires_grad or self.experts.w13_E2FD.requires_grad)
         y_TD = None
         if self.backend is Backend.TRITON and fused and not wants_grad:
-            from moe.triton_backend import triton_moe_forward  # shuffle + both grouped GEMMs + combine, fused
-
             y_TD = triton_moe_forward(x_TD, routing, self.experts, self.config.deterministic)
         elif self.backend is Backend.TORCH and fused and not wants_grad and type(self.experts) is Experts:
             y_TD = cpu_decode_moe(x_TD, routing, self.experts)  # two C calls; None unless CPU decode-sized
@@ -94,16 +93,12 @@ class MoE(nn.Module):
     @classmethod
     def from_hf(cls, block: nn.Module) -> "MoE":
         """Build from a ``transformers`` MoE block, sharing its weights where layouts agree."""
-        from moe.hf import moe_from_hf
-
-        return moe_from_hf(block)
+        return moe_from_hf(block, cls)
 
     @classmethod
     def from_deepspeed(cls, ds_moe: nn.Module) -> "MoE":
         """Build from a ``deepspeed.moe.layer.MoE`` whose experts are Linear-activation-Linear MLPs."""
-        from moe.deepspeed_interop import moe_from_deepspeed
-
-        return moe_from_deepspeed(ds_moe)
+        return moe_from_deepspeed(ds_moe, cls)
 
 
 def resolve_backend(requested: Backend) -> Backend:

@@ -6,7 +6,7 @@ Why: glibc serves allocations above 32 MB with a fresh ``mmap`` every time, and 
 reused by every later call on the same thread.
 
 Only for intermediates that never leave the function that asks for them: the next request for the same name on
-the thread overwrites the memory. The largest size asked for stays allocated until :func:`release_scratch`.
+the thread overwrites the memory. Inside and outside ``torch.inference_mode`` a name has separate buffers. The largest size asked for stays allocated until :func:`release_scratch`.
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ def scratch(name: str, shape: tuple[int, ...], dtype: torch.dtype = torch.float3
             device: torch.device | str = "cpu") -> torch.Tensor:
     """An uninitialised contiguous ``shape`` tensor backed by this thread's buffer ``name`` (grown on demand)."""
     buffers = _local.__dict__.setdefault("buffers", {})
-    key = (name, dtype, torch.device(device))
+    # a buffer made under inference_mode is an inference tensor, which must not be written outside of it
+    key = (name, dtype, torch.device(device), torch.is_inference_mode_enabled())
     numel = 1
     for size in shape:
         numel *= size

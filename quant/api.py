@@ -11,7 +11,7 @@ from moe.config import Quant
 from moe.experts import Experts
 from quant.fp8 import Scheme, quantize_weight
 from quant.fp8_experts import Fp8Experts
-from routing.config import enum_field
+from moe.fields import enum_field
 
 
 def quantize_fp8(module_or_weights: nn.Module | torch.Tensor, scheme: Scheme | str = Scheme.BLOCK):
@@ -22,12 +22,11 @@ def quantize_fp8(module_or_weights: nn.Module | torch.Tensor, scheme: Scheme | s
       in place (and sets ``layer.config.quant``) and returns the module. Routers, shared experts and gates keep
       their precision. ``MoEConfig(quant="fp8-block")`` builds such a layer directly.
     """
-    from moe.layer import MoE  # moe.layer builds Fp8Experts: imported on use to keep the import graph acyclic
-
     scheme = enum_field(Scheme, "scheme", scheme)
     if isinstance(module_or_weights, torch.Tensor):
         return quantize_weight(module_or_weights, scheme)
-    layers = [m for m in module_or_weights.modules() if isinstance(m, MoE)]
+    # MoE layers are the modules holding routed experts (this package sits below moe.layer, which builds on it)
+    layers = [m for m in module_or_weights.modules() if isinstance(getattr(m, "experts", None), (Experts, Fp8Experts))]
     if not layers:
         raise ValueError(f"no moe.MoE layer in {type(module_or_weights).__name__}: patch it first (moe.patch_hf)")
     for layer in layers:

@@ -16,7 +16,7 @@ from torch import nn
 from moe.activations import expert_activation, expert_activation_
 from moe.backends import SKINNY_MAX_ROWS, cpu_grouped_kernel, expert_blocks, grouped_ffn, rows_ffn, transposed_ffn
 from moe.config import MoEConfig
-from moe.cpu_gemm import (block_gemm_grouped_fp8, dequantize_fp8, skinny_gemm_available, skinny_gemm_fp8,
+from moe.kernels.cpu_gemm import (block_gemm_grouped_fp8, dequantize_fp8, skinny_gemm_available, skinny_gemm_fp8,
                           skinny_gemm_grouped_fp8)
 from moe.experts import Experts
 from quant.fp8 import BLOCK, Scheme, dequantize_weight, quantize_weight
@@ -39,7 +39,7 @@ class Fp8Experts(nn.Module):
 
     CPU: few rows per expert go through the grouped skinny GEMM, dequantising in registers (a quarter of the
     fp32 weight bytes); prefill-sized blocks through the grouped block GEMM, which converts each weight as it
-    packs it (``moe.cpu_gemm.block_gemm_grouped_fp8``); in between (and under autograd), per expert: the skinny
+    packs it (``moe.kernels.cpu_gemm.block_gemm_grouped_fp8``); in between (and under autograd), per expert: the skinny
     GEMM for few rows, else that expert's weights dequantised once and BLAS. GPU: the Triton FP8 grouped GEMM
     (``moe.kernels.fp8_grouped_gemm``) when the layer's backend is ``triton``.
     """
@@ -112,7 +112,7 @@ class Fp8Experts(nn.Module):
         step = getattr(self, self.SCALES[name]).shape[1] * half // getattr(self, name).shape[1]
         return (*lead, slice(start // half * step, stop // half * step))
 
-    # -- filling from checkpoints (serve.loader) ---------------------------------------------------------------
+    # -- filling from checkpoints (serve.models.loader) ---------------------------------------------------------------
     @torch.no_grad()
     def load_weight(self, name: str, index: tuple, w: torch.Tensor) -> None:
         """Quantise high-precision ``w`` into ``getattr(self, name)[index]`` and its scales."""

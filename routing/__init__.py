@@ -1,7 +1,8 @@
-"""Routers (softmax/sigmoid, correction bias, grouped top-k) and routing statistics.
+"""Routers (softmax/sigmoid, correction bias, grouped top-k) and routing statistics: the ground floor, which
+imports nothing of ours but ``moe.fields``.
 
-``routing.imbalance`` (metrics, EP placement loads, EPLB advice) and ``routing.report`` (the ``moe-report`` CLI)
-are imported by name: they pull in ``expert_parallel`` and, when used, rich/matplotlib/wandb/serve.
+The tools that read the statistics sit where their imports point down: ``expert_parallel.imbalance``
+(metrics, EP placement loads, EPLB advice) and ``serve.launch.report`` (the ``moe-report`` CLI).
 """
 
 from routing.config import GroupScore, RouterConfig, Scoring

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from typing import Any
+
+from moe.fields import enum_field
 
 
 class Scoring(str, enum.Enum):
@@ -72,11 +73,3 @@ class RouterConfig:
         if self.routed_scaling_factor <= 0:
             raise ValueError(f"routed_scaling_factor ({self.routed_scaling_factor}) must be > 0")
 
-
-def enum_field(kind: type[enum.Enum], name: str, value: Any) -> Any:
-    """``kind(value)``, or a ``ValueError`` naming the config field, the value and the choices."""
-    try:
-        return kind(value)
-    except ValueError:
-        choices = ", ".join(m.value for m in kind)
-        raise ValueError(f"{name} ({value!r}) is not one of: {choices}") from None

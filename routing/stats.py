@@ -55,10 +55,11 @@ class RoutingStats:
     @classmethod
     def attach(cls, model: nn.Module, window: int = 100, name: str | None = None) -> "RoutingStats":
         """Count the routing of every ``moe.MoE`` in ``model`` (a layer, a serving model, a patched HF model);
-        ``ValueError`` if it has none. A layer's previous observer is replaced."""
-        from moe.layer import MoE
+        ``ValueError`` if it has none. A layer's previous observer is replaced.
 
-        layers = [(layer_name, m) for layer_name, m in model.named_modules() if isinstance(m, MoE)]
+        An MoE layer is found by its observer slot, ``on_routing`` (``moe.MoE`` calls it with every
+        :class:`routing.Routing` it computes), so this ground-floor package needs nothing from ``moe``."""
+        layers = [(layer_name, m) for layer_name, m in model.named_modules() if hasattr(m, "on_routing")]
         if not layers:
             raise ValueError(f"model ({type(model).__name__}) has no moe.MoE layers to observe")
         experts = {m.config.num_experts for _, m in layers}

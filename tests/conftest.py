@@ -32,7 +32,7 @@ def poison_empty(monkeypatch):
 
 
 def _cpu_has_avx512() -> bool:
-    from moe.cpu_gemm import block_gemm_has_avx512
+    from moe.kernels.cpu_gemm import block_gemm_has_avx512
 
     return block_gemm_has_avx512()
 
@@ -43,7 +43,7 @@ def skinny_isa(request):
     if request.param == "native":
         yield request.param
         return
-    from moe.cpu_gemm import skinny_gemm_avx2_tiles
+    from moe.kernels.cpu_gemm import skinny_gemm_avx2_tiles
 
     with skinny_gemm_avx2_tiles() as changed:
         assert changed

@@ -16,7 +16,7 @@ import torch.distributed as dist
 
 from all_to_all import AllGatherDispatcher, AllToAllDispatcher, CollectiveError, EPComm, LocalDispatcher, SlotTable
 from all_to_all.slots import assign_slots
-from dist_harness import run_ranks
+from tests.dist_harness import run_ranks
 from expert_parallel import ExpertPlacement, shard_moe
 from moe import MoE, MoEConfig
 from routing.router import Routing

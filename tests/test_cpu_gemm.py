@@ -5,7 +5,7 @@ import torch
 
 import functools
 
-from moe.cpu_gemm import (block_gemm_grouped, block_gemm_has_avx512, skinny_gemm, skinny_gemm_available,
+from moe.kernels.cpu_gemm import (block_gemm_grouped, block_gemm_has_avx512, skinny_gemm, skinny_gemm_available,
                           skinny_gemm_grouped)
 
 pytestmark = pytest.mark.skipif(not skinny_gemm_available(), reason="needs an AVX2+FMA CPU and a C compiler")
@@ -91,7 +91,7 @@ def _step_by_step(x_TD, ids_TK, weights_TK, w13_EXD, w2_EDF, activation):
 def test_decode_moe_is_bit_identical_to_the_step_by_step_path(T, D, F, E, K, activation, skinny_isa):
     from moe.activations import expert_activation
     from moe.config import Activation
-    from moe.cpu_gemm import decode_moe
+    from moe.kernels.cpu_gemm import decode_moe
 
     act = Activation(activation)
     X = 2 * F if act.gated else F
@@ -106,7 +106,7 @@ def test_decode_moe_is_bit_identical_to_the_step_by_step_path(T, D, F, E, K, act
 def test_decode_moe_declines_many_rows_and_refuses_bad_ids():
     from moe.activations import expert_activation
     from moe.config import Activation
-    from moe.cpu_gemm import decode_moe
+    from moe.kernels.cpu_gemm import decode_moe
 
     x, w13, w2 = torch.randn(4, 16), torch.randn(2, 16, 16), torch.randn(2, 16, 8)
     act = lambda h: expert_activation(h, Activation.SWIGLU)  # noqa: E731
@@ -121,7 +121,7 @@ def test_decode_moe_declines_many_rows_and_refuses_bad_ids():
 @pytest.mark.parametrize("counts, O, D", [([30, 0, 77], 100, 300), ([13, 40], 256, 520), ([5], 33, 17),
                                           ([9, 3], 24, 4100)])  # D=4100: two k blocks, the second mid-scale-block
 def test_grouped_fp8_block_gemm_matches_dequantised_matmul(counts, O, D, scheme, avx512):
-    from moe.cpu_gemm import block_gemm_grouped_fp8
+    from moe.kernels.cpu_gemm import block_gemm_grouped_fp8
     from quant.fp8 import BLOCK, dequantize_weight, quantize_weight
 
     q, scale = quantize_weight(torch.randn(len(counts), O, D), scheme)
@@ -137,7 +137,7 @@ def test_grouped_fp8_block_gemm_matches_dequantised_matmul(counts, O, D, scheme,
 
 def test_grouped_fp8_block_gemm_takes_views_of_halves():
     """Fp8Experts calls it per half of w13 (gate rows, up rows), each with its own rows of block scales."""
-    from moe.cpu_gemm import block_gemm_grouped_fp8
+    from moe.kernels.cpu_gemm import block_gemm_grouped_fp8
     from quant.fp8 import BLOCK, dequantize_weight, quantize_weight
 
     halves = [quantize_weight(torch.randn(2, 136, 200), "block") for _ in range(2)]
@@ -153,7 +153,7 @@ def test_grouped_fp8_block_gemm_takes_views_of_halves():
 
 
 def test_grouped_fp8_block_gemm_refuses_a_wrong_scale_grid():
-    from moe.cpu_gemm import block_gemm_grouped_fp8
+    from moe.kernels.cpu_gemm import block_gemm_grouped_fp8
     from quant.fp8 import BLOCK, quantize_weight
 
     q, scale = quantize_weight(torch.randn(2, 136, 200), "block")
@@ -165,7 +165,7 @@ def test_grouped_fp8_block_gemm_refuses_a_wrong_scale_grid():
 @pytest.mark.parametrize("counts, O, D", [([3, 0, 7], 100, 300), ([1, 13], 256, 520), ([5], 33, 17),
                                           ([2, 6, 1, 0], 130, 136)])  # O=130: a scalar tail block of 2 rows
 def test_grouped_fp8_skinny_gemm_matches_dequantised_matmul(counts, O, D, scheme, skinny_isa):
-    from moe.cpu_gemm import skinny_gemm_grouped_fp8
+    from moe.kernels.cpu_gemm import skinny_gemm_grouped_fp8
     from quant.fp8 import BLOCK, dequantize_weight, quantize_weight
 
     q, scale = quantize_weight(torch.randn(len(counts), O, D), scheme)

@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from dist_harness import run_ranks
+from tests.dist_harness import run_ranks
 from expert_parallel import ExpertPlacement, shard_moe
 from moe import MoE, MoEConfig
 from routing.router import Routing

@@ -5,7 +5,7 @@ import torch
 
 import moe
 import quant
-from moe.cpu_gemm import skinny_gemm_available, skinny_gemm_fp8
+from moe.kernels.cpu_gemm import skinny_gemm_available, skinny_gemm_fp8
 from moe.reference import reference_moe
 from quant.fp8 import BLOCK, FP8, dequantize_weight, quantize_weight
 
@@ -82,7 +82,7 @@ def test_quantize_fp8_needs_moe_layers():
 @pytest.mark.skipif(not skinny_gemm_available(), reason="needs an AVX2+FMA CPU and a C compiler")
 @pytest.mark.parametrize("O, D, scheme", [(37, 29, "channel"), (260, 300, "block")])
 def test_c_dequantize_matches_torch(O, D, scheme):
-    from moe.cpu_gemm import dequantize_fp8
+    from moe.kernels.cpu_gemm import dequantize_fp8
 
     q, scale = quantize_weight(torch.randn(O, D), scheme)
     block = 0 if scheme == "channel" else BLOCK

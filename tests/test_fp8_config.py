@@ -10,7 +10,7 @@ from expert_parallel.shard import local_experts
 from moe.experts import Experts
 from moe.reference import reference_moe
 from quant.fp8 import FP8, quantize_weight
-from serve.config import EngineConfig
+from serve.engine.config import EngineConfig
 
 
 @pytest.mark.parametrize("value, scheme", [("fp8-channel", "channel"), ("fp8-block", "block"),

@@ -4,7 +4,6 @@ import pytest
 import torch
 
 import moe
-from moe.hf import moe_from_hf
 from tests.hf_tiny import FAMILIES, tiny_model
 
 
@@ -31,7 +30,7 @@ def test_patched_model_logits_match(family):
 def test_block_parity_and_weight_sharing(family, tokens):
     model = tiny_model(family)
     block = next(m for m in model.modules() if hasattr(m, "experts"))
-    ours = moe_from_hf(block)
+    ours = moe.MoE.from_hf(block)
     assert ours.experts.w13_E2FD is block.experts.gate_up_proj  # shared, not copied
     assert ours.experts.w2_EDF is block.experts.down_proj
     x = torch.randn(1, tokens, model.config.hidden_size)

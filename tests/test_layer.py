@@ -34,8 +34,8 @@ def test_swiglu_matches_reference(T, E, K):
 # T=222: 444 rows over 8 experts, so some expert gets > 32 rows: the layer does not even try the C path.
 @pytest.mark.parametrize("T, calls", [(1, [True]), (33, [True]), (222, [])])
 def test_decode_sized_cpu_calls_take_the_two_call_path(T, calls, monkeypatch):
-    from moe import cpu_gemm
-    from moe.cpu_gemm import skinny_gemm_available
+    from moe.kernels import cpu_gemm
+    from moe.kernels.cpu_gemm import skinny_gemm_available
 
     if not skinny_gemm_available():
         pytest.skip("needs an AVX2+FMA CPU and a C compiler")

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import torch
 
-from dist_harness import run_ranks
+from tests.dist_harness import run_ranks
 from expert_parallel.token_split import TokenSplitDispatcher, shard_moe_token_split
 from moe.layer import MoE
 from quant import quantize_fp8
-from serve.config import DEFAULT_MODEL
-from serve.loader import load_model
+from serve.engine.config import DEFAULT_MODEL
+from serve.models.loader import load_model
 from serve.models.layers import DenseCausalBackend
 
 TOKENS = (1, 3, 33)  # 1 and 3: some ranks' shares are empty or short

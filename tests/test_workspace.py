@@ -37,6 +37,17 @@ def test_scratch_is_per_thread():
     release_scratch()
 
 
+def test_scratch_made_under_inference_mode_is_not_reused_outside_it():
+    release_scratch()
+    with torch.inference_mode():
+        inside = scratch("t.mode", (4, 8))
+        assert inside.is_inference()
+    outside = scratch("t.mode", (4, 8))
+    assert not outside.is_inference() and outside.data_ptr() != inside.data_ptr()
+    outside += 1  # an inference tensor would refuse this in-place update
+    release_scratch()
+
+
 @pytest.mark.parametrize("activation", list(Activation))
 def test_inplace_activation_equals_the_out_of_place_one(activation):
     h = 4 * torch.randn(9, 14 if activation.gated else 7)  # +-4: past gpt-oss' clamp limit of 7 after scaling

@@ -29,8 +29,8 @@ import torch
 import torch.nn.functional as F
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from serve.loader import save_safetensors
-from serve.models import ARCHITECTURES, ModelConfig, MoEDecoder, QKNorm
+from serve.models.loader import save_safetensors
+from serve.models import ARCHITECTURES, DecoderConfig, MoEDecoder, QKNorm
 from serve.models.layers import DenseCausalBackend
 
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
@@ -118,8 +118,8 @@ def train_tokenizer(docs: list[str], vocab_size: int, limit_bytes: int) -> Token
     return tok
 
 
-def model_config(cfg: TrainConfig, eos: list[int]) -> ModelConfig:
-    return ModelConfig(
+def model_config(cfg: TrainConfig, eos: list[int]) -> DecoderConfig:
+    return DecoderConfig(
         architecture="Qwen3MoeForCausalLM", vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
         num_layers=cfg.num_layers, num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads,
         head_dim=cfg.hidden_size // cfg.num_heads, max_position_embeddings=2048, num_experts=cfg.num_experts,
@@ -128,7 +128,7 @@ def model_config(cfg: TrainConfig, eos: list[int]) -> ModelConfig:
     )
 
 
-def hf_config(mc: ModelConfig) -> dict:
+def hf_config(mc: DecoderConfig) -> dict:
     return {
         "architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "vocab_size": mc.vocab_size,
         "hidden_size": mc.hidden_size, "num_hidden_layers": mc.num_layers, "num_attention_heads": mc.num_heads,

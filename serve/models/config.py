@@ -1,4 +1,4 @@
-"""``ModelConfig``: the decoder's shape and per-family switches, read from a Hugging Face ``config.json``."""
+"""``DecoderConfig``: the decoder's shape and per-family switches, read from a Hugging Face ``config.json``."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ class QKNorm(str, enum.Enum):
 
 
 @dataclass
-class ModelConfig:
+class DecoderConfig:
     """A GQA decoder with RoPE, RMSNorm and MoE (or dense SwiGLU) feed-forward blocks.
 
     ``dense_layers`` lists the layers whose feed-forward is a dense SwiGLU MLP of ``dense_ffn_size``

@@ -12,12 +12,12 @@ from hypermoe import HyperMoELayer, share_hypernetwork
 from moe import MoE
 from moe.config import Activation
 from moe.shared import SharedExpert
-from serve.models.config import ModelConfig
+from serve.models.config import DecoderConfig
 from serve.models.layers import Attention, AttentionBackend, RMSNorm, rope_cos_sin
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, layer: int) -> None:
+    def __init__(self, config: DecoderConfig, layer: int) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.self_attn = Attention(config, layer)
@@ -36,7 +36,7 @@ class DecoderLayer(nn.Module):
 class MoEDecoder(nn.Module):
     """``forward(input_ids_T, positions_T, backend) -> hidden_TD``; ``logits(hidden_TD) -> logits_TV`` (fp32)."""
 
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: DecoderConfig) -> None:
         super().__init__()
         self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)

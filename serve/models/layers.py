@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from serve.models.config import ModelConfig, QKNorm
+from serve.models.config import DecoderConfig, QKNorm
 
 
 class AttentionBackend(Protocol):
@@ -55,7 +55,7 @@ def apply_rope(x_THd: torch.Tensor, cos_TD: torch.Tensor, sin_TD: torch.Tensor) 
 class Attention(nn.Module):
     """GQA self-attention with one fused ``qkv_proj`` (q rows, then k rows, then v rows)."""
 
-    def __init__(self, config: ModelConfig, layer: int) -> None:
+    def __init__(self, config: DecoderConfig, layer: int) -> None:
         super().__init__()
         self.layer = layer
         self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim

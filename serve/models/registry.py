@@ -1,4 +1,4 @@
-"""The Hugging Face architectures we serve: how each ``config.json`` maps to a :class:`ModelConfig`, and the
+"""The Hugging Face architectures we serve: how each ``config.json`` maps to a :class:`DecoderConfig`, and the
 on-disk names of its MoE block's tensors.
 
 Every family here is "Llama attention + an MoE feed-forward"; they differ in config field names, q/k norms,
@@ -11,21 +11,21 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, Callable
 
-from serve.models.config import ModelConfig, QKNorm
+from serve.models.config import DecoderConfig, QKNorm
 
 _MISSING = object()
 
 
 @dataclass(frozen=True)
 class Family:
-    """One HF architecture: ``parse(config_json) -> ModelConfig`` and its checkpoint key names.
+    """One HF architecture: ``parse(config_json) -> DecoderConfig`` and its checkpoint key names.
 
     ``moe_prefixes``: where a layer's MoE block lives, relative to ``model.layers.{i}.`` (``transformers``
     5 saves Mixtral's under the legacy ``block_sparse_moe``; a raw fused dump uses ``mlp``).
     ``expert_names``: the per-expert (gate, up, down) projection names.
     """
 
-    parse: Callable[[dict], ModelConfig]
+    parse: Callable[[dict], DecoderConfig]
     moe_prefixes: tuple[str, ...]
     expert_names: tuple[str, str, str]
 
@@ -83,18 +83,18 @@ def _qwen_dense_layers(hf: dict) -> tuple[int, ...]:
     return tuple(i for i in range(_get(hf, "num_hidden_layers")) if i in only or (i + 1) % step)
 
 
-def parse_mixtral(hf: dict) -> ModelConfig:
+def parse_mixtral(hf: dict) -> DecoderConfig:
     _check_act(hf)
-    return ModelConfig(
+    return DecoderConfig(
         **_common(hf, eps=1e-5, theta=1e6), num_experts=_get(hf, "num_local_experts", "num_experts"),
         top_k=_get(hf, "num_experts_per_tok"), moe_ffn_size=_get(hf, "intermediate_size"), norm_topk_prob=True,
     )
 
 
-def parse_qwen3_moe(hf: dict) -> ModelConfig:
+def parse_qwen3_moe(hf: dict) -> DecoderConfig:
     _check_act(hf)
     bias = bool(hf.get("attention_bias", False))
-    return ModelConfig(
+    return DecoderConfig(
         **_common(hf, eps=1e-6, theta=10000.0), num_experts=_get(hf, "num_experts", "num_local_experts"),
         top_k=_get(hf, "num_experts_per_tok"), moe_ffn_size=_get(hf, "moe_intermediate_size"),
         norm_topk_prob=bool(hf.get("norm_topk_prob", False)), dense_ffn_size=_get(hf, "intermediate_size"),
@@ -102,10 +102,10 @@ def parse_qwen3_moe(hf: dict) -> ModelConfig:
     )
 
 
-def parse_qwen2_moe(hf: dict) -> ModelConfig:
+def parse_qwen2_moe(hf: dict) -> DecoderConfig:
     _check_act(hf)
     shared = _get(hf, "shared_expert_intermediate_size", default=0)
-    return ModelConfig(
+    return DecoderConfig(
         **_common(hf, eps=1e-6, theta=10000.0), num_experts=_get(hf, "num_experts", "num_local_experts"),
         top_k=_get(hf, "num_experts_per_tok"), moe_ffn_size=_get(hf, "moe_intermediate_size"),
         norm_topk_prob=bool(hf.get("norm_topk_prob", False)), dense_ffn_size=_get(hf, "intermediate_size"),
@@ -114,10 +114,10 @@ def parse_qwen2_moe(hf: dict) -> ModelConfig:
     )
 
 
-def parse_olmoe(hf: dict) -> ModelConfig:
+def parse_olmoe(hf: dict) -> DecoderConfig:
     _check_act(hf)
     bias = bool(hf.get("attention_bias", False))
-    return ModelConfig(
+    return DecoderConfig(
         **_common(hf, eps=1e-5, theta=10000.0), num_experts=_get(hf, "num_experts", "num_local_experts"),
         top_k=_get(hf, "num_experts_per_tok"), moe_ffn_size=_get(hf, "intermediate_size"),
         norm_topk_prob=bool(hf.get("norm_topk_prob", False)), qk_norm=QKNorm.FULL,

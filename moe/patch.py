@@ -1,0 +1,62 @@
+"""``patch_hf(model)``: every MoE block of a ``transformers`` model replaced in place by ``moe.MoE``.
+
+The blocks are read by :mod:`moe.hf` (``MoE.from_hf``); this module, above ``moe.layer``, walks the model.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from moe.hf import is_supported
+from moe.layer import MoE
+
+
+class TupleOutputMoE(nn.Module):
+    """Wraps ``MoE`` for HF blocks that return ``(hidden, router_tensor)`` (gpt-oss: weights; Llama 4: logits)."""
+
+    def __init__(self, moe: MoE, second: str) -> None:
+        super().__init__()
+        self.moe = moe
+        self.second = second
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        y, routing = self.moe.forward_with_routing(x)
+        extra = routing.logits_TE if self.second == "logits" else routing.weights_TK
+        return y, extra.to(x.dtype)
+
+
+def patch_hf(model: nn.Module) -> int:
+    """Replace every MoE block of ``model`` in place with ``moe.MoE``; returns how many were replaced.
+
+    A module that looks like an MoE block (it has an ``experts`` child) but is not supported raises a
+    ``ValueError`` naming its class, before anything is replaced.
+    """
+    targets = []
+    for name, module in model.named_modules():
+        cls = type(module).__name__
+        if is_supported(module):
+            targets.append(name)
+        elif isinstance(getattr(module, "experts", None), nn.Module) and not _inside(name, targets):
+            raise ValueError(f"unsupported MoE block class {cls!r} at {name!r}")
+    for name in targets:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        block = getattr(parent, child)
+        replacement = MoE.from_hf(block)
+        if cls_returns_tuple(block):
+            replacement = TupleOutputMoE(replacement, "logits" if _is_llama4(block) else "weights")
+        setattr(parent, child, replacement)
+    return len(targets)
+
+
+def cls_returns_tuple(block: nn.Module) -> bool:
+    return type(block).__name__ in ("GptOssMLP", "Llama4TextMoe")
+
+
+def _is_llama4(block: nn.Module) -> bool:
+    return type(block).__name__ == "Llama4TextMoe"
+
+
+def _inside(name: str, parents: list[str]) -> bool:
+    return any(name.startswith(p + ".") for p in parents)

@@ -1,0 +1,235 @@
+"""``LLMEngine`` (``add_request`` / ``step`` / ``abort``, for the server) and the offline ``LLM``.
+
+One ``step()``: schedule (decodes first, chunked prefills under the token budget) -> one forward pass over the
+paged KV cache -> sample -> append tokens, check stops, retire finished sequences and free their blocks.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass, fields
+
+from serve.engine.config import EngineConfig
+from serve.engine.block_manager import BlockManager
+from serve.models.attention import PagedKVCache
+from serve.models.loader import load_model
+from serve.engine.model_runner import ModelRunner
+from serve.engine.outputs import RequestOutput
+from serve.engine.sampler import Sampler
+from serve.engine.sampling_params import SamplingParams
+from serve.engine.scheduler import Scheduler
+from serve.engine.sequence import Sequence, SequenceStatus
+from serve.engine.stopping import StopChecker
+from serve.engine.tokenizer import Tokenizer
+
+
+@dataclass
+class StepStats:
+    """Wall time of the engine's phases, summed over steps (seconds), and token counts."""
+
+    steps: int = 0
+    schedule_s: float = 0.0
+    prepare_s: float = 0.0
+    model_s: float = 0.0
+    sample_s: float = 0.0
+    postprocess_s: float = 0.0
+    prompt_tokens: int = 0
+    output_tokens: int = 0
+
+    @property
+    def total_s(self) -> float:
+        return self.schedule_s + self.prepare_s + self.model_s + self.sample_s + self.postprocess_s
+
+    @property
+    def overhead_s(self) -> float:
+        """Host-side bookkeeping around the forward pass: scheduling, input layout, stop checks."""
+        return self.schedule_s + self.prepare_s + self.postprocess_s
+
+    @property
+    def overhead_fraction(self) -> float:
+        return self.overhead_s / self.total_s if self.total_s else 0.0
+
+
+class LLMEngine:
+    """Serves one model. ``add_request`` validates (``ValueError`` naming the field and value) before anything
+    changes, so a bad request never disturbs the others."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.model = load_model(config.model, config.torch_dtype, config.hypermoe, config.quantization)
+        mc = self.model.config
+        self.tokenizer = Tokenizer(config.tokenizer) if config.tokenizer else None
+        self.max_model_len = config.max_model_len or mc.max_position_embeddings
+        if self.max_model_len > mc.max_position_embeddings:
+            raise ValueError(f"max_model_len ({self.max_model_len}) exceeds the model's max_position_embeddings "
+                             f"({mc.max_position_embeddings})")
+        num_blocks = config.num_kv_blocks or config.kv_cache_bytes // PagedKVCache.bytes_per_block(
+            mc, config.block_size, config.torch_dtype)
+        needed = -(-self.max_model_len // config.block_size)
+        if num_blocks < needed:
+            raise ValueError(f"num_kv_blocks ({num_blocks}) cannot hold one max_model_len ({self.max_model_len}) "
+                             f"sequence ({needed} blocks of {config.block_size})")
+        self.blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(config, self.blocks)
+        self.runner = ModelRunner(self.model, num_blocks, config.block_size)
+        self.sampler = Sampler(config.seed)
+        self.stops = StopChecker(self.tokenizer, mc.eos_token_ids, self.max_model_len)
+        self.requests: dict[str, Sequence] = {}
+        self.stats = StepStats()
+        self._arrivals = itertools.count()
+
+    # -- requests -----------------------------------------------------------------------------------------------
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None,
+                    prefix_source: str | None = None) -> None:
+        """Queue a request. ``prefix_source``: the id of a queued or running request with the same prompt (another
+        choice of an ``n > 1`` request); this one then starts after it has computed the prompt and reuses its
+        KV blocks through the prefix cache, so the prompt is computed once."""
+        params = SamplingParams() if params is None else params
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"params ({type(params).__name__}) must be a serve.SamplingParams")
+        params.validate()
+        if request_id in self.requests:
+            raise ValueError(f"request_id ({request_id!r}) is already in use")
+        ids = self._prompt_ids(prompt)
+        if params.stop and self.tokenizer is None:
+            raise ValueError(f"stop ({params.stop!r}) needs a tokenizer; this model has none")
+        source = None
+        if prefix_source is not None:
+            source = self.requests.get(prefix_source)
+            if source is None or source.prompt_token_ids != ids:
+                raise ValueError(f"prefix_source ({prefix_source!r}) is not a queued or running request "
+                                 "with the same prompt")
+        seq = Sequence(request_id, ids, params, next(self._arrivals), prefix_source=source)
+        self.stops.start(seq)
+        self.scheduler.add(seq)
+        self.requests[request_id] = seq
+
+    def _prompt_ids(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("prompt (str) needs a tokenizer; this model has none: pass token ids")
+            ids = self.tokenizer.encode(prompt) if prompt else []
+        else:
+            ids = list(prompt)
+        if not ids:
+            raise ValueError(f"prompt ({prompt!r}) is empty")
+        vocab = self.model.config.vocab_size
+        bad = [t for t in ids if not isinstance(t, int) or not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"prompt token ids ({bad[:5]}) must be integers in [0, {vocab})")
+        if len(ids) >= self.max_model_len:
+            raise ValueError(f"prompt length ({len(ids)}) must be < max_model_len ({self.max_model_len}) "
+                             "to leave room for an output token")
+        return ids
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        """Stop a request now and free its blocks; returns its final output (None if unknown or finished)."""
+        seq = self.requests.pop(request_id, None)
+        if seq is None:
+            return None
+        self.scheduler.finish(seq, "abort")
+        return self._output(seq, [])
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    # -- the loop -----------------------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """Run one iteration; returns an output for every request that produced a token (or finished)."""
+        t0 = time.perf_counter()
+        batch = self.scheduler.schedule()
+        t1 = time.perf_counter()
+        if not batch.seqs:
+            self.stats.schedule_s += t1 - t0
+            return []
+        inputs = self.runner.prepare(batch.seqs, batch.num_new_tokens)
+        t2 = time.perf_counter()
+        logits = self.runner.forward(inputs, self.blocks.take_copies())
+        t3 = time.perf_counter()
+        result = self.sampler(logits, [batch.seqs[i] for i in inputs.sampled])
+        t4 = time.perf_counter()
+        outputs = self._postprocess(batch.seqs, batch.num_new_tokens, inputs.sampled, result)
+        t5 = time.perf_counter()
+        st = self.stats
+        st.steps += 1
+        st.schedule_s, st.prepare_s, st.model_s = st.schedule_s + t1 - t0, st.prepare_s + t2 - t1, st.model_s + t3 - t2
+        st.sample_s, st.postprocess_s = st.sample_s + t4 - t3, st.postprocess_s + t5 - t4
+        return outputs
+
+    def _postprocess(self, seqs, num_new_tokens, sampled, result) -> list[RequestOutput]:
+        for seq, n in zip(seqs, num_new_tokens):
+            if seq.num_computed < seq.num_prompt_tokens:
+                self.stats.prompt_tokens += min(n, seq.num_prompt_tokens - seq.num_computed)
+            seq.num_computed += n
+            self.blocks.register_full_blocks(seq)
+        outputs = []
+        for j, i in enumerate(sampled):
+            seq, token = seqs[i], result.token_ids[j]
+            seq.token_ids.append(token)
+            if result.logprobs[j] is not None:
+                seq.logprobs.append(result.logprobs[j])
+            self.stats.output_tokens += 1
+            reason = self.stops.check(seq)
+            if reason is not None:
+                self.scheduler.finish(seq, reason)
+                del self.requests[seq.request_id]
+            outputs.append(self._output(seq, [token]))
+        return outputs
+
+    def _output(self, seq: Sequence, new: list[int]) -> RequestOutput:
+        finished = seq.is_finished
+        return RequestOutput(
+            request_id=seq.request_id, prompt_token_ids=seq.prompt_token_ids, token_ids=seq.output_token_ids,
+            text=self.stops.final_text(seq) if finished else seq.text, finished=finished,
+            finish_reason=seq.finish_reason, stop_reason=seq.stop_reason,
+            logprobs=list(seq.logprobs) if seq.params.logprobs is not None else None,
+            num_cached_tokens=max(seq.num_cached_tokens, 0), new_token_ids=new,
+        )
+
+
+class LLM:
+    """Offline generation: ``LLM(model=None, **options).generate(prompts, sampling) -> [RequestOutput]``.
+
+    ``model=None`` loads the embedded default model; ``options`` are :class:`serve.engine.config.EngineConfig` fields.
+    """
+
+    def __init__(self, model: str | None = None, **options) -> None:
+        known = {f.name for f in fields(EngineConfig)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise ValueError(f"engine options ({', '.join(unknown)}) are not EngineConfig fields")
+        self.engine = LLMEngine(EngineConfig(model=model, **options))
+        self._ids = itertools.count()
+
+    @property
+    def tokenizer(self) -> Tokenizer | None:
+        return self.engine.tokenizer
+
+    def generate(self, prompts: str | list[int] | list, sampling: SamplingParams | list[SamplingParams] | None = None
+                 ) -> list[RequestOutput]:
+        """One output per prompt, in order. ``prompts``: a string, a token-id list, or a list of either;
+        ``sampling``: one :class:`SamplingParams` for all or one per prompt."""
+        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        params = sampling if isinstance(sampling, list) else [sampling or SamplingParams()] * len(prompts)
+        if len(params) != len(prompts):
+            raise ValueError(f"sampling ({len(params)} SamplingParams) must match prompts ({len(prompts)})")
+        ids = [f"offline-{next(self._ids)}" for _ in prompts]
+        for rid, prompt, p in zip(ids, prompts, params):
+            try:
+                self.engine.add_request(rid, prompt, p)
+            except Exception:
+                for added in ids[:ids.index(rid)]:
+                    self.engine.abort(added)
+                raise
+        final: dict[str, RequestOutput] = {}
+        while len(final) < len(ids):
+            steps = self.engine.stats.steps
+            outputs = self.engine.step()
+            if self.engine.stats.steps == steps:
+                raise RuntimeError(f"engine scheduled nothing with {len(ids) - len(final)} requests unfinished")
+            for out in outputs:
+                if out.finished:
+                    final[out.request_id] = out
+        return [final[rid] for rid in ids]

@@ -1,0 +1,52 @@
+"""``run_server``: the OpenAI-compatible server over a given engine, until a drained shutdown.
+
+The engine is built by the caller (``serve.launch``, a test, an embedding application); this room only serves
+it. SIGTERM/SIGINT drain: no new requests, in-flight ones get ``server.drain_timeout_s`` to finish and are then
+aborted (their streams end cleanly), the engine thread stops, and ``run_server`` returns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from typing import Callable
+
+import uvicorn
+
+from serve.engine import LLMEngine
+from serve.http.app import OpenAIServer
+from serve.http.config import ServerConfig
+
+log = logging.getLogger("moe-serve")
+
+
+class _DrainingServer(uvicorn.Server):
+    """uvicorn's graceful shutdown, told to the application first so it refuses new work and bounds the wait."""
+
+    def __init__(self, config: uvicorn.Config, api: OpenAIServer) -> None:
+        super().__init__(config)
+        self.api = api
+
+    async def shutdown(self, sockets=None) -> None:
+        self.api.begin_drain(asyncio.get_running_loop())
+        await super().shutdown(sockets)
+
+
+def run_server(engine: LLMEngine, config: ServerConfig, routing_stats=None,
+               on_server: Callable[[uvicorn.Server], None] | None = None) -> None:
+    """Serve ``engine`` over HTTP (``routing_stats``: a ``routing.RoutingStats`` attached to its model, for
+    ``/metrics`` and ``/v1/moe/routing``); returns after a drained shutdown. ``on_server`` gets the server before
+    it starts (setting its ``should_exit`` stops it)."""
+    api = OpenAIServer(engine, config, routing_stats)
+    uv_config = uvicorn.Config(api.app, host=config.host, port=config.port, log_level=config.log_level,
+                               timeout_graceful_shutdown=int(config.drain_timeout_s) + 5, access_log=False)
+    server = _DrainingServer(uv_config, api)
+    if on_server is not None:
+        on_server(server)
+    log.info("serving %s on http://%s:%d/v1", api.model_name, config.host, config.port)
+    # uvicorn hands the signal it drained on back to the previous handler once it is done; the process default
+    # for SIGTERM would then kill us (exit -15). A drained shutdown is a clean one: exit 0.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: log.info("drained; exiting"))
+    server.run()

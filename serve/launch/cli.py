@@ -1,0 +1,77 @@
+"""``moe-serve``: the OpenAI-compatible server as a Hydra app.
+
+    moe-serve                                   # the embedded default model on 127.0.0.1:8000
+    moe-serve server.port=9000 model.path=/ckpt/Qwen3-30B-A3B engine.max_num_seqs=128
+    moe-serve parallel=ep2 launcher=torchrun    # 2 expert-parallel ranks through torch's launcher
+    moe-serve --cfg job                         # print the composed config
+
+The config is ``configs/config.yaml`` plus one preset per group (model quant parallel server launcher report),
+typed by the dataclasses of :mod:`serve.launch.schema`, so a typo or a wrong type fails at start with Hydra's
+message; :func:`serve.launch.schema.to_config` hands the code real dataclasses, whose ``__post_init__`` checks
+values. SIGTERM/SIGINT drain: no new requests, in-flight ones get ``server.drain_timeout_s`` to finish and are
+then aborted (their streams end cleanly), the engine thread stops, the process exits 0.
+
+``configs/`` is found next to the ``serve`` package (a repository checkout or editable install) or inside it
+(``serve/configs``, where a wheel ships it).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+from omegaconf.errors import OmegaConfBaseException
+
+from serve.launch import launchers
+from serve.launch.ranks import run_rank_or_exit
+from serve.launch.schema import MoEServeSchema, register, to_config
+from serve.launch.serving import serve
+
+__all__ = ["main", "run"]
+
+
+def config_dir() -> Path:
+    """``configs/`` of the checkout (next to the package) or the copy a wheel ships in ``serve/configs``."""
+    package = Path(__file__).resolve().parents[1]  # serve/
+    for candidate in (package.parent / "configs", package / "configs"):
+        if (candidate / "config.yaml").is_file():
+            return candidate
+    raise FileNotFoundError(f"moe-serve's configs/ is neither at {package.parent / 'configs'} nor {package / 'configs'}")
+
+
+register()
+
+
+def run(cfg: MoEServeSchema) -> None:
+    """Serve ``cfg`` in this process, as one rank of a submitit job, or through torchrun / DeepSpeed."""
+    kind = cfg.launcher.kind
+    if launchers.in_submitit_job():
+        launchers.export_submitit_env()
+        run_rank_or_exit(cfg, Path(HydraConfig.get().runtime.output_dir))
+    elif kind == "local":
+        serve(cfg)
+    elif kind in launchers.COMMANDS:
+        sys.exit(launchers.launch(cfg, Path(HydraConfig.get().runtime.output_dir)))
+    else:  # the submitit presets switch Hydra to multirun, whose launcher starts the tasks
+        raise ValueError(f"launcher={kind} runs through Hydra's submitit launcher: do not override hydra.mode")
+
+
+@hydra.main(version_base=None, config_path=str(config_dir()), config_name="config")
+def _hydra_main(dict_cfg: DictConfig) -> None:
+    try:
+        cfg = to_config(dict_cfg)
+        run(cfg)
+    except (ValueError, OmegaConfBaseException) as e:  # bad values, unresolvable interpolations
+        print(f"moe-serve: error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def main() -> None:
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,77 @@
+"""One serving process from a composed config: build the engine, attach routing statistics, run the server.
+
+Used by the ``moe-serve`` entry (``launcher=local``) and by rank 0 of a multi-process job
+(:mod:`serve.launch.ranks`), which builds its engine first and passes it in.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from pathlib import Path
+from typing import Callable
+
+import uvicorn
+
+from routing.stats import RoutingStats
+from serve.engine import EngineConfig, LLMEngine
+from serve.http import run_server
+from serve.launch.schema import MoEServeSchema, ReportSchema
+
+log = logging.getLogger("moe-serve")
+
+
+def engine_config(cfg: MoEServeSchema) -> EngineConfig:
+    m = cfg.model
+    return EngineConfig(model=m.path, tokenizer=m.tokenizer, dtype=m.dtype, max_model_len=m.max_model_len,
+                        hypermoe=m.hypermoe, quantization=None if cfg.quant.scheme == "none" else cfg.quant.scheme,
+                        **vars(cfg.engine))
+
+
+def build_engine(cfg: MoEServeSchema) -> LLMEngine:
+    """The engine for ``cfg``: model loaded (FP8 experts per ``quant``, quantised while loading), KV cache,
+    scheduler."""
+    return LLMEngine(engine_config(cfg))
+
+
+def serve(cfg: MoEServeSchema, engine: LLMEngine | None = None,
+          on_server: Callable[[uvicorn.Server], None] | None = None) -> None:
+    """Serve ``cfg`` (loading the model unless ``engine`` is given); returns after a drained shutdown."""
+    engine = build_engine(cfg) if engine is None else engine
+    stats = RoutingStats.attach(engine.model, window=cfg.server.routing_window) if cfg.server.routing_stats else None
+    saver = _RoutingSaver(stats, cfg.report) if stats is not None and cfg.report.output_dir else None
+    try:
+        run_server(engine, cfg.server, stats, on_server)
+    finally:
+        if saver is not None:
+            saver.stop()
+
+
+class _RoutingSaver:
+    """Writes ``<report.output_dir>/routing_stats.json`` every ``save_interval_s`` (if > 0) and at the end."""
+
+    def __init__(self, stats: RoutingStats, report: ReportSchema) -> None:
+        self.stats, self.path = stats, Path(report.output_dir) / "routing_stats.json"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._stop = threading.Event()
+        self._thread = None
+        if report.save_interval_s > 0:
+            self._thread = threading.Thread(target=self._run, args=(report.save_interval_s,), daemon=True,
+                                            name="routing-saver")
+            self._thread.start()
+
+    def _run(self, interval_s: float) -> None:
+        while not self._stop.wait(interval_s):
+            self.save()
+
+    def save(self) -> None:
+        tmp = self.path.with_suffix(".json.tmp")
+        self.stats.save(tmp)
+        tmp.replace(self.path)  # readers never see a half-written file
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        self.save()
+        log.info("routing statistics written to %s", self.path)

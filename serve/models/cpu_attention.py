@@ -1,0 +1,50 @@
+"""Decode attention read straight from the paged KV cache by a small C kernel (``csrc/paged_attention.c``).
+
+The torch path gathers every decoding sequence's blocks into a padded copy (``index_select``) and then runs
+SDPA over it: the context is read twice and written once per layer. The kernel reads each key and value row
+once, shared by the query heads of its group, with no padding. fp32 CPU caches only; compiled on first use by
+:mod:`moe.kernels.native`, like the MoE layer's CPU GEMMs; unavailable -> the torch path.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+from pathlib import Path
+
+import torch
+
+from moe.kernels.native import FLOAT, INT, LONG, PTR, load_library
+
+_SOURCE = Path(__file__).parent / "csrc" / "paged_attention.c"
+_SIGNATURES = {"paged_decode_attention": (
+    [PTR, PTR, PTR, LONG, LONG, LONG, LONG, LONG, LONG, PTR, LONG, PTR, FLOAT, PTR, INT], None)}
+
+
+@functools.lru_cache(maxsize=1)
+def _library() -> ctypes.CDLL | None:
+    return load_library(_SOURCE, _SIGNATURES)
+
+
+def paged_decode_available(cache: torch.Tensor) -> bool:
+    return cache.device.type == "cpu" and cache.dtype == torch.float32 and _library() is not None
+
+
+def paged_decode_attention(q_BHd: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                           tables_BM: torch.Tensor, lens_B: torch.Tensor) -> torch.Tensor:
+    """``softmax(q k^T / sqrt(Dh)) v`` per sequence over its first ``lens_B[b]`` cached keys.
+
+    ``q_BHd`` fp32; ``k_cache``/``v_cache`` one layer, ``[Hkv, NB, BS, Dh]`` contiguous; ``tables_BM`` int64
+    block ids (padding never read); ``lens_B`` int64, each >= 1. Returns ``[B, H, Dh]``.
+    """
+    B, H, Dh = q_BHd.shape
+    Hkv, NB, BS, _ = k_cache.shape
+    q = q_BHd.float().contiguous()
+    tables, lens = tables_BM.contiguous(), lens_B.contiguous()
+    if not (k_cache.is_contiguous() and v_cache.is_contiguous() and tables.dtype == lens.dtype == torch.int64):
+        raise ValueError("paged_decode_attention: caches must be contiguous and tables/lens int64")
+    out = torch.empty_like(q)
+    _library().paged_decode_attention(
+        q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), B, H, Hkv, Dh, NB, BS, tables.data_ptr(),
+        tables.shape[1], lens.data_ptr(), Dh**-0.5, out.data_ptr(), torch.get_num_threads())
+    return out

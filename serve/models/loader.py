@@ -1,0 +1,317 @@
+"""Load a Hugging Face MoE checkpoint directory (``config.json`` + ``*.safetensors``) into a ``MoEDecoder``.
+
+One table, :func:`tensor_map`, says where every on-disk tensor lives in our model: ``(hf_key, param, index)``
+with ``param[index]`` shaped like the tensor. Loading copies through it, :func:`save_safetensors` reads through
+it, and a coverage check proves it fills every parameter. Everything is checked before serving starts:
+unknown architectures, missing or mis-shaped tensors raise ``ValueError`` naming the key.
+
+FP8: routed experts become ``quant.Fp8Experts`` when asked (``quantization=``, quantised while loading) or when
+``config.json`` declares DeepSeek-V3 / ``transformers`` FP8 (e4m3 tensors, ``<key>_scale_inv`` block scales).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from hypermoe import HyperMoEConfig, HyperMoELayer
+from moe.config import Quant
+from quant import Fp8Experts, quantize_fp8
+from quant.fp8 import BLOCK, FP8, dequantize_weight
+from moe.fields import enum_field
+from serve.models import Family, DecoderConfig, MoEDecoder, family_for
+
+IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # buffers some old checkpoints carry; we recompute them
+SCALE_SUFFIX = "_scale_inv"  # DeepSeek-V3 / transformers FP8: "<key>_scale_inv" holds <key>'s 128x128 block scales
+# config.json's quantization_config of the FP8 checkpoints we read and write (DeepSeek-V3, transformers "fp8")
+QUANTIZATION_CONFIG = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                       "weight_block_size": [BLOCK, BLOCK]}
+
+
+@dataclass(frozen=True)
+class Entry:
+    hf_key: str
+    param: str
+    index: tuple = ()
+
+
+def read_config(path: str | Path) -> tuple[dict, Family, DecoderConfig]:
+    """``config.json`` (+ ``generation_config.json``'s eos ids) -> (raw dict, family, :class:`DecoderConfig`)."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise ValueError(f"model ({str(path)!r}) has no config.json")
+    hf = json.loads((path / "config.json").read_text())
+    hf = hf.get("text_config", hf) if "architectures" not in hf else hf
+    family = family_for(hf)
+    config = family.parse(hf)
+    if hf.get("hypermoe") is not None:
+        config.hypermoe = _hypermoe_config(hf["hypermoe"], config)
+    gen_path = path / "generation_config.json"
+    if gen_path.is_file():
+        eos = json.loads(gen_path.read_text()).get("eos_token_id")
+        extra = eos if isinstance(eos, list) else [] if eos is None else [eos]
+        config.eos_token_ids = tuple(dict.fromkeys(config.eos_token_ids + tuple(extra)))
+    return hf, family, config
+
+
+def checkpoint_quant(hf: dict) -> Quant | None:
+    """The FP8 format ``config.json``'s ``quantization_config`` declares (None: none); ``ValueError`` naming the
+    field for formats we cannot serve."""
+    qc = hf.get("quantization_config")
+    if qc is None:
+        return None
+    # transformers' FineGrainedFP8Config defaults for keys DeepSeek-V3's config.json leaves out, and vice versa
+    defaults = {"fmt": "e4m3", "activation_scheme": "dynamic", "scale_fmt": "float", "expert_dtype": "fp8"}
+    accepted = {**defaults, **QUANTIZATION_CONFIG}
+    for key, wanted in accepted.items():
+        value = qc.get(key, defaults.get(key))
+        if (list(value) if isinstance(value, (list, tuple)) else value) != wanted:
+            raise ValueError(f"quantization_config.{key} ({value!r}) is not supported; FP8 checkpoints must have "
+                             f"{', '.join(f'{k}={v!r}' for k, v in accepted.items())}")
+    return Quant.FP8_BLOCK
+
+
+def _resolve_quant(quantization: str | Quant | None, on_disk: Quant | None, path: Path) -> Quant | None:
+    wanted = None if quantization is None else enum_field(Quant, "quantization", quantization)
+    if on_disk is None or wanted in (None, on_disk):
+        return wanted or on_disk
+    raise ValueError(f"quantization ({wanted.value!r}) does not match checkpoint {path}, which is "
+                     f"{on_disk.value!r} (config.json quantization_config)")
+
+
+def _hypermoe_config(raw, config: DecoderConfig) -> HyperMoEConfig:
+    names = {f.name for f in dataclasses.fields(HyperMoEConfig)}
+    if not isinstance(raw, dict) or set(raw) - names:
+        raise ValueError(f"config.json hypermoe ({raw!r}) must be an object with HyperMoEConfig fields: "
+                         f"{', '.join(sorted(names))}")
+    num_moe_layers = sum(config.is_moe_layer(i) for i in range(config.num_layers))
+    return HyperMoEConfig(**{**raw, "num_layers": max(raw.get("num_layers", 1), num_moe_layers)})
+
+
+def _hypermoe_entries(config: DecoderConfig, family: Family, keys: set[str]) -> list[Entry]:
+    """HyperMoE's tensors under our own keys: ``<moe block>.hypermoe.*`` per layer (expert embeddings, the
+    processing MLP) and ``model.hypermoe.hypernetwork.*`` once (shared, stored under the first MoE layer)."""
+    hm, E, K, D = config.hypermoe, config.num_experts, config.top_k, config.hidden_size
+    with torch.device("meta"):
+        layer = HyperMoELayer(hm, E, K, D)
+    own = [n for n, _ in layer.named_parameters() if not n.startswith("hypernetwork.")]
+    shared = [n for n, _ in layer.hypernetwork.named_parameters()]
+    moe_layers = [i for i in range(config.num_layers) if config.is_moe_layer(i)]
+    entries = []
+    for i in moe_layers:
+        prefix, _ = _layer_layout(config, family, i, keys)
+        entries += [Entry(f"model.layers.{i}.{prefix}.hypermoe.{n}", f"layers.{i}.mlp.hypermoe.{n}") for n in own]
+    first = f"layers.{moe_layers[0]}.mlp.hypermoe.hypernetwork."
+    return entries + [Entry(f"model.hypermoe.hypernetwork.{n}", first + n) for n in shared]
+
+
+def _files(path: Path) -> list[Path]:
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        for name in names:
+            if not (path / name).is_file():
+                raise ValueError(f"shard {name!r} listed in {index.name} is missing from {path}")
+        return [path / n for n in names]
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise ValueError(f"model ({str(path)!r}) has no *.safetensors files")
+    return files
+
+
+def _layer_layout(config: DecoderConfig, family: Family, layer: int, keys: set[str]) -> tuple[str, bool]:
+    """(MoE block prefix, fused experts?) as found on disk; defaults to the per-expert form ``transformers`` saves."""
+    base = f"model.layers.{layer}."
+    gate = family.expert_names[0]
+    for prefix in family.moe_prefixes:
+        if base + f"{prefix}.experts.gate_up_proj" in keys:
+            return prefix, True
+        if base + f"{prefix}.experts.0.{gate}.weight" in keys:
+            return prefix, False
+    return family.moe_prefixes[0], False
+
+
+def tensor_map(config: DecoderConfig, family: Family, keys: set[str] = frozenset()) -> list[Entry]:
+    """Every checkpoint tensor and the slice of our parameter it fills (layouts detected from ``keys``)."""
+    q, kv = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
+    entries = [Entry("model.embed_tokens.weight", "embed_tokens.weight"), Entry("model.norm.weight", "norm.weight")]
+    if not config.tie_word_embeddings:
+        entries.append(Entry("lm_head.weight", "lm_head.weight"))
+    for i in range(config.num_layers):
+        hf, ours = f"model.layers.{i}.", f"layers.{i}."
+        for norm in ("input_layernorm", "post_attention_layernorm"):
+            entries.append(Entry(hf + norm + ".weight", ours + norm + ".weight"))
+        attn, at = hf + "self_attn.", ours + "self_attn."
+        rows = {"q_proj": slice(0, q), "k_proj": slice(q, q + kv), "v_proj": slice(q + kv, q + 2 * kv)}
+        for name, sl in rows.items():
+            entries.append(Entry(attn + name + ".weight", at + "qkv_proj.weight", (sl,)))
+            if config.attention_bias:
+                entries.append(Entry(attn + name + ".bias", at + "qkv_proj.bias", (sl,)))
+        entries.append(Entry(attn + "o_proj.weight", at + "o_proj.weight"))
+        if config.o_proj_bias:
+            entries.append(Entry(attn + "o_proj.bias", at + "o_proj.bias"))
+        if config.qk_norm.value != "none":
+            entries += [Entry(attn + "q_norm.weight", at + "q_norm.weight"),
+                        Entry(attn + "k_norm.weight", at + "k_norm.weight")]
+        if config.is_moe_layer(i):
+            entries += _moe_entries(config, family, i, keys)
+        else:
+            entries += _mlp_entries(hf + "mlp.", ours + "mlp.", config.dense_ffn_size, ("w13_XD", "w2_DS"))
+    if config.hypermoe is not None:
+        entries += _hypermoe_entries(config, family, keys)
+    return entries
+
+
+def _mlp_entries(hf: str, ours: str, ffn: int, names: tuple[str, str], index: tuple = ()) -> list[Entry]:
+    w13, w2 = names
+    return [Entry(hf + "gate_proj.weight", ours + w13, index + (slice(0, ffn),)),
+            Entry(hf + "up_proj.weight", ours + w13, index + (slice(ffn, 2 * ffn),)),
+            Entry(hf + "down_proj.weight", ours + w2, index)]
+
+
+def _moe_entries(config: DecoderConfig, family: Family, layer: int, keys: set[str]) -> list[Entry]:
+    prefix, fused = _layer_layout(config, family, layer, keys)
+    hf, ours = f"model.layers.{layer}.{prefix}.", f"layers.{layer}.mlp."
+    F = config.moe_ffn_size
+    entries = [Entry(hf + "gate.weight", ours + "router.weight")]
+    if fused:  # transformers-5 in-memory layout: [E, 2F, D] gate rows then up rows, [E, D, F]
+        entries += [Entry(hf + "experts.gate_up_proj", ours + "experts.w13_E2FD"),
+                    Entry(hf + "experts.down_proj", ours + "experts.w2_EDF")]
+    else:
+        gate, up, down = family.expert_names
+        for e in range(config.num_experts):
+            x = f"{hf}experts.{e}."
+            entries += [Entry(x + gate + ".weight", ours + "experts.w13_E2FD", (e, slice(0, F))),
+                        Entry(x + up + ".weight", ours + "experts.w13_E2FD", (e, slice(F, 2 * F))),
+                        Entry(x + down + ".weight", ours + "experts.w2_EDF", (e,))]
+    if config.shared_ffn_size:
+        entries += _mlp_entries(hf + "shared_expert.", ours + "shared_expert.", config.shared_ffn_size,
+                                ("w13_XD", "w2_DS"))
+        if config.shared_expert_gate:
+            entries.append(Entry(hf + "shared_expert_gate.weight", ours + "shared_expert.gate_weight"))
+    return entries
+
+
+def _build(config: DecoderConfig, dtype: torch.dtype, quant: Quant | None = None) -> MoEDecoder:
+    with torch.device("meta"):
+        model = MoEDecoder(config)
+        if quant is not None:
+            quantize_fp8(model, quant.scheme)
+    model = model.to_empty(device="cpu").to(dtype)  # FP8 experts keep their e4m3 and fp32 tensors
+    if config.tie_word_embeddings:  # to_empty re-creates parameters one module at a time
+        model.lm_head.weight = model.embed_tokens.weight
+    model.init_buffers()
+    return model.eval().requires_grad_(False)
+
+
+def load_model(path: str | Path, dtype: torch.dtype = torch.float32, hypermoe: bool | None = None,
+               quantization: str | Quant | None = None) -> MoEDecoder:
+    """Build and fill a :class:`MoEDecoder` from a HF directory; raises ``ValueError`` naming any bad key.
+
+    ``hypermoe``: None serves what the checkpoint is; True/False insist that it is / is not a HyperMoE one.
+    ``quantization`` (``"fp8-block"``, ``"fp8-channel"``): FP8 routed experts, quantised while loading from a
+    high-precision checkpoint. None serves what the checkpoint is: FP8 experts for an FP8 checkpoint (DeepSeek-V3
+    / ``transformers`` format: e4m3 tensors with ``<key>_scale_inv`` 128x128 block scales), copied bit-exactly.
+    Its other FP8 tensors (attention, shared experts, dense MLPs) are dequantised to ``dtype``; routers and
+    shared-expert gates are always high precision."""
+    path = Path(path)
+    hf, family, config = read_config(path)
+    if hypermoe is not None and hypermoe != (config.hypermoe is not None):
+        raise ValueError(f"hypermoe ({hypermoe}) but checkpoint {path} is {'' if config.hypermoe else 'not '}a "
+                         "HyperMoE checkpoint (config.json key 'hypermoe')")
+    model = _build(config, dtype, _resolve_quant(quantization, checkpoint_quant(hf), path))
+    targets = _targets(model)
+    filled = dict.fromkeys(targets, 0)
+    with contextlib.ExitStack() as stack:
+        handles = {}
+        for file in _files(path):
+            handle = stack.enter_context(safe_open(str(file), framework="pt"))
+            handles.update(dict.fromkeys(handle.keys(), handle))
+        entries = tensor_map(config, family, set(handles))
+        for entry in entries:
+            _load_entry(model, targets, filled, handles, entry, path)
+        used = {e.hf_key for e in entries} | {e.hf_key + SCALE_SUFFIX for e in entries}
+        unused = sorted(k for k in handles if k not in used and not k.endswith(IGNORED_SUFFIXES))
+    if unused:
+        warnings.warn(f"checkpoint {path} has {len(unused)} tensors the model does not use, e.g. {unused[:3]}")
+    for name, count in filled.items():
+        if count != targets[name].numel():  # a bug in tensor_map, not in the checkpoint
+            raise ValueError(f"parameter {name!r} filled {count} of {targets[name].numel()} elements")
+    return model
+
+
+def _targets(model: MoEDecoder) -> dict[str, torch.Tensor]:
+    """Every tensor a checkpoint fills: the parameters, and the FP8 experts' e4m3 weights and scales."""
+    targets = dict(model.named_parameters())
+    for prefix, module in model.named_modules():
+        if isinstance(module, Fp8Experts):
+            targets.update((f"{prefix}.{name}", buf) for name, buf in module.named_buffers())
+    return targets
+
+
+def _load_entry(model: MoEDecoder, targets: dict, filled: dict, handles: dict, entry: Entry, path: Path) -> None:
+    """Copy one checkpoint tensor into its slice: quantised into FP8 experts, dequantised elsewhere."""
+    key = entry.hf_key
+    if key not in handles:
+        raise ValueError(f"checkpoint {path} is missing tensor {key!r}")
+    target = targets[entry.param][entry.index]
+    shape = tuple(handles[key].get_slice(key).get_shape())
+    if shape != tuple(target.shape):
+        raise ValueError(f"tensor {key!r} has shape {shape}, expected {tuple(target.shape)}")
+    tensor = handles[key].get_tensor(key)
+    scale_key = key + SCALE_SUFFIX
+    scale_inv = handles[scale_key].get_tensor(scale_key) if scale_key in handles else None
+    if (tensor.dtype == FP8) != (scale_inv is not None):
+        raise ValueError(f"tensor {key!r} is {tensor.dtype} but checkpoint {path} "
+                         f"{'has no' if scale_inv is None else 'has a'} {scale_key!r}")
+    owner_name, _, name = entry.param.rpartition(".")
+    owner = model.get_submodule(owner_name)
+    if isinstance(owner, Fp8Experts):
+        try:
+            if scale_inv is None:
+                owner.load_weight(name, entry.index, tensor)
+            else:
+                owner.load_fp8(name, entry.index, tensor, scale_inv)
+        except ValueError as err:
+            raise ValueError(f"tensor {key!r}: {err}") from None
+        scale_name = f"{owner_name}.{Fp8Experts.SCALES[name]}"
+        filled[scale_name] += targets[scale_name][owner.scale_index(name, entry.index)].numel()
+    elif scale_inv is not None:
+        grid = (*shape[:-2], -(-shape[-2] // BLOCK), -(-shape[-1] // BLOCK))
+        if tuple(scale_inv.shape) != grid:
+            raise ValueError(f"tensor {scale_key!r} has shape {tuple(scale_inv.shape)}, expected {grid}")
+        target.copy_(dequantize_weight(tensor, scale_inv.float(), BLOCK))
+    else:
+        target.copy_(tensor)
+    filled[entry.param] += target.numel()
+
+
+def save_safetensors(model: MoEDecoder, family: Family, path: str | Path, dtype: torch.dtype | None = None) -> None:
+    """Write ``model.safetensors`` with the per-expert key names ``transformers`` uses for ``family``.
+
+    ``fp8-block`` experts are written as they are, e4m3 with ``<key>_scale_inv`` (add :data:`QUANTIZATION_CONFIG`
+    to ``config.json`` as ``quantization_config``); ``dtype`` applies to the other tensors."""
+    targets = _targets(model)
+    tensors = {}
+    for entry in tensor_map(model.config, family):
+        owner_name, _, name = entry.param.rpartition(".")
+        owner = model.get_submodule(owner_name)
+        t = targets[entry.param].detach()[entry.index]
+        if not isinstance(owner, Fp8Experts):
+            tensors[entry.hf_key] = t.to(dtype or t.dtype).contiguous()
+            continue
+        if owner.block is None:
+            raise ValueError(f"{owner_name} is {owner.config.quant.value!r}: only 'fp8-block' experts have a "
+                             "checkpoint format (DeepSeek-V3 weight_scale_inv)")
+        scales = targets[f"{owner_name}.{Fp8Experts.SCALES[name]}"][owner.scale_index(name, entry.index)]
+        tensors[entry.hf_key] = t.contiguous()
+        tensors[entry.hf_key + SCALE_SUFFIX] = scales.contiguous()
+    save_file(tensors, str(Path(path) / "model.safetensors"), metadata={"format": "pt"})

@@ -1,0 +1,132 @@
+"""Multi-process ``moe-serve``: 2 expert-parallel CPU ranks through torchrun, the DeepSpeed launcher and Hydra's
+submitit launcher (local executor) answer exactly as the single-process server does (greedy), stop together
+on SIGTERM with exit 0, and a rank that dies stops the job with an error naming it.
+
+Each test takes 14-22 s on a 2-core CPU (two model loads per job), so none is marked ``slow``."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import pytest
+from openai import OpenAI
+
+from tests.serve.server import RunningServer, free_port, running_server, wait_healthy
+
+EP2 = ("parallel=ep2", "launcher.master_port=0")
+PROMPTS = ["def fibonacci(n):", "import os\n", "class Stack:\n    def push(self, item):",
+           "# Sort a list of numbers in place\n" * 3]
+
+
+def ask(server: RunningServer) -> list[str]:
+    """Four prompts of different lengths in one batch (decodes and prefills share steps), n=2 (prefix sharing)."""
+    client = OpenAI(base_url=server.v1, api_key="unused", timeout=120)
+    out = client.completions.create(model="moe-serve-default", prompt=PROMPTS, max_tokens=20, temperature=0.0, n=2)
+    return [c.text for c in sorted(out.choices, key=lambda c: c.index)]
+
+
+@pytest.fixture(scope="module")
+def single_process_answers() -> list[str]:
+    with running_server() as server:
+        return ask(server)
+
+
+@pytest.mark.parametrize("launcher", ["torchrun", "deepspeed"])
+def test_two_ranks_answer_like_one_process_and_stop_together(launcher, single_process_answers):
+    started = time.monotonic()
+    with running_server(*EP2, f"launcher={launcher}", startup_timeout=180) as server:
+        assert ask(server) == single_process_answers
+        assert httpx.get(server.url + "/health", timeout=10).status_code == 200
+    log = server.log()
+    assert server.process.returncode == 0, log  # SIGTERM -> rank 0 drains, stops rank 1, both exit 0
+    assert "rank 1 of 2 ready: experts [4, 5, 6, 7]" in log and "all 2 ranks stopped" in log, log
+    print(f"{launcher}: {time.monotonic() - started:.1f} s")
+
+
+def test_a_rank_that_dies_stops_the_job(single_process_answers):
+    with running_server(*EP2, "launcher=torchrun", startup_timeout=180) as server:
+        assert ask(server)[:2] == single_process_answers[:2]
+        worker = _rank_pid(server.process.pid, rank=1)
+        os.kill(worker, signal.SIGKILL)
+        server.process.wait(60)  # no hang: rank 0 notices at once and the launcher stops the rest
+    log = server.log()
+    assert server.process.returncode != 0
+    assert "rank 1 of 2 died (Connection closed by peer" in log, log
+
+
+def test_submitit_local_runs_two_tasks(single_process_answers, tmp_path):
+    with submitit_server(tmp_path, *EP2) as (server, run_dir):
+        assert ask(server) == single_process_answers
+        os.kill(int((run_dir / "server.pid").read_text()), signal.SIGTERM)  # what scancel does to rank 0
+        assert server.process.wait(60) == 0, server.log()
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == ["0", "multirun.yaml"]
+    logs = {p.name: p.read_text() for p in run_dir.glob("moe-serve_rank*.log")}
+    assert sorted(logs) == ["moe-serve_rank0.log", "moe-serve_rank1.log"]
+    assert "all 2 ranks stopped" in logs["moe-serve_rank0.log"]
+    assert "rank 1 of 2 ready: experts [4, 5, 6, 7]" in logs["moe-serve_rank1.log"]
+
+
+@contextmanager
+def submitit_server(sweep_dir: Path, *overrides: str, startup_timeout: float = 180.0):
+    """``moe-serve launcher=submitit_local``: Hydra submits one 2-task job and waits for it."""
+    port = free_port()
+    log_path = os.path.join(tempfile.mkdtemp(prefix="moe-serve-submitit-"), "submit.log")
+    cmd = [sys.executable, "-m", "serve.launch.cli", "launcher=submitit_local", f"server.port={port}",
+           f"hydra.sweep.dir={sweep_dir}", "server.log_level=warning", *overrides]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    with open(log_path, "w") as log:  # own session: the cleanup below can reach the tasks too
+        process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    server = RunningServer(f"http://127.0.0.1:{port}", process, log_path)
+    try:
+        wait_healthy(server, startup_timeout, poll_s=0.5)
+        yield server, sweep_dir / "0"
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+def _rank_pid(root: int, rank: int) -> int:
+    """The pid of ``rank`` among ``root``'s descendants (from /proc: RANK in its environment)."""
+    children = {root}
+    for _ in range(4):  # moe-serve -> launcher -> ranks
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                pid, ppid = int(stat.parent.name), int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            if ppid in children:
+                children.add(pid)
+    for pid in children - {root}:
+        try:
+            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if f"RANK={rank}".encode() in env and any(b"serve.launch.ranks" in a for a in _cmdline(pid)):
+            return pid
+    raise AssertionError(f"no rank {rank} under pid {root}")
+
+
+def _cmdline(pid: int) -> list[bytes]:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return []
+
+
+def test_report_output_dir_gets_the_routing_statistics(tmp_path):
+    from routing.stats import RoutingStats
+
+    with running_server(f"report.output_dir={tmp_path}", "report.window=5") as server:
+        ask(server)
+    assert server.process.returncode == 0
+    stats = RoutingStats.load(tmp_path / "routing_stats.json")  # written when the server stopped
+    assert stats.window == 5 and stats.steps > 0 and int(stats.cumulative_counts().sum()) > 0

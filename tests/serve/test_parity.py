@@ -1,0 +1,98 @@
+"""Greedy generation through the engine (paged cache, continuous batching, chunked prefill, prefix caching,
+preemption) is token-for-token identical to ``transformers``' ``generate`` on tiny random checkpoints."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from serve import LLM, SamplingParams
+from tests.serve.checkpoints import FAMILIES, hf_model, save
+
+GREEDY = SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True)
+
+
+def _prompts(seed: int = 1) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    shared = torch.randint(0, 128, (40,), generator=g).tolist()  # a "system prompt" 5 blocks of 8 long
+    own = [torch.randint(0, 128, (n,), generator=g).tolist() for n in (3, 17, 1, 9, 60)]
+    return [shared + own[0], shared + own[1], own[2], own[3], own[4], shared + own[0][:2]]
+
+
+def _reference(model, prompts: list[list[int]]) -> list[list[int]]:
+    out = []
+    for p in prompts:  # one at a time: no padding in the reference
+        ids = model.generate(torch.tensor([p]), max_new_tokens=32, min_new_tokens=32, do_sample=False)
+        out.append(ids[0, len(p):].tolist())
+    return out
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def checkpoint(request, tmp_path_factory):
+    model = hf_model(request.param)
+    path = save(model, tmp_path_factory.mktemp(request.param))
+    return request.param, model, path, _reference(model, _prompts())
+
+
+def test_greedy_matches_transformers(checkpoint):
+    family, _, path, expected = checkpoint
+    llm = LLM(path, block_size=8, max_num_batched_tokens=48, max_num_seqs=4)
+    outputs = llm.generate(_prompts(), GREEDY)
+    assert [o.token_ids for o in outputs] == expected, family
+    # the same prompts again: shared blocks now come from the prefix cache and skip their prefill
+    hits_before = llm.engine.blocks.stats.hit_tokens
+    prompt_tokens_before = llm.engine.stats.prompt_tokens
+    again = llm.generate(_prompts(), GREEDY)
+    assert [o.token_ids for o in again] == expected, family
+    assert llm.engine.blocks.stats.hit_tokens - hits_before >= 40 * 3
+    assert llm.engine.stats.prompt_tokens - prompt_tokens_before <= sum(map(len, _prompts())) - 40 * 3
+    assert llm.engine.blocks.num_free_blocks == llm.engine.blocks.num_blocks
+
+
+def test_greedy_matches_under_preemption(checkpoint):
+    family, _, path, expected = checkpoint
+    # 24 blocks of 8 slots cannot hold six sequences of ~100 tokens: sequences get preempted and recomputed
+    llm = LLM(path, block_size=8, num_kv_blocks=24, max_model_len=128, max_num_batched_tokens=32, max_num_seqs=6,
+              enable_prefix_caching=family != "olmoe")
+    outputs = llm.generate(_prompts(), GREEDY)
+    assert llm.engine.scheduler.num_preemptions > 0
+    assert [o.token_ids for o in outputs] == expected, family
+    assert llm.engine.blocks.num_free_blocks == 24
+
+
+def test_sharded_checkpoint(tmp_path):
+    model = hf_model("qwen3_moe", seed=3)
+    path = save(model, tmp_path, max_shard_size="60KB")
+    assert (tmp_path / "model.safetensors.index.json").is_file()
+    prompts = _prompts(seed=2)[:3]
+    outputs = LLM(path, block_size=8).generate(prompts, GREEDY)
+    assert [o.token_ids for o in outputs] == _reference(model, prompts)
+
+
+def test_fused_expert_keys_and_tied_embeddings(tmp_path):
+    """A checkpoint in transformers-5's in-memory layout (``experts.gate_up_proj`` [E, 2F, D],
+    ``experts.down_proj`` [E, D, F]) loads to the same model; tied embeddings need no ``lm_head``."""
+    model = hf_model("mixtral", seed=4, tie_word_embeddings=True)
+    model.tie_weights()
+    path = save(model, tmp_path / "per_expert")
+    state = load_file(f"{path}/model.safetensors")
+    assert "lm_head.weight" not in state and "model.layers.0.block_sparse_moe.experts.3.w1.weight" in state
+    fused = {}
+    for key, value in state.items():
+        if ".experts." not in key:
+            fused[key.replace("block_sparse_moe", "mlp")] = value
+    for layer in range(2):
+        pre = f"model.layers.{layer}.block_sparse_moe.experts"
+        fused[f"model.layers.{layer}.mlp.experts.gate_up_proj"] = torch.stack(
+            [torch.cat([state[f"{pre}.{e}.w1.weight"], state[f"{pre}.{e}.w3.weight"]]) for e in range(8)])
+        fused[f"model.layers.{layer}.mlp.experts.down_proj"] = torch.stack(
+            [state[f"{pre}.{e}.w2.weight"] for e in range(8)])
+    (tmp_path / "fused").mkdir()
+    save_file(fused, str(tmp_path / "fused" / "model.safetensors"))
+    (tmp_path / "fused" / "config.json").write_text((tmp_path / "per_expert" / "config.json").read_text())
+    prompts = _prompts(seed=5)[2:5]
+    expected = _reference(model, prompts)
+    for variant in ("per_expert", "fused"):
+        outputs = LLM(str(tmp_path / variant), block_size=8).generate(prompts, GREEDY)
+        assert [o.token_ids for o in outputs] == expected, variant
