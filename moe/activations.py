@@ -1,11 +1,14 @@
-"""Expert activations on the first projection's output ``h13`` (gate rows then up rows when gated)."""
+"""Expert activations on the first projection's output ``h13`` (gate rows then up rows when gated), and
+:class:`ActivationSpec`, the activation with its parameters as one value."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from moe.config import Activation
+from moe.config import Activation, MoEConfig
 
 
 def expert_activation(
@@ -44,3 +47,25 @@ def expert_activation_(
     gate.clamp_(max=limit)
     up.clamp_(min=-limit, max=limit).add_(1)
     return gate.mul_(torch.sigmoid(gate * alpha)).mul_(up)
+
+
+@dataclass(frozen=True)
+class ActivationSpec:
+    """An expert activation and its parameters (gpt-oss's ``alpha`` and ``limit``), passed around as one value.
+
+    ``spec(h13, dim)`` is :func:`expert_activation`; ``spec.in_place(h13_RX)`` is :func:`expert_activation_`.
+    """
+
+    activation: Activation = Activation.SWIGLU
+    alpha: float = 1.702
+    limit: float = 7.0
+
+    @classmethod
+    def of(cls, config: MoEConfig) -> ActivationSpec:
+        return cls(config.activation, config.swiglu_alpha, config.swiglu_limit)
+
+    def __call__(self, h13: torch.Tensor, dim: int = -1) -> torch.Tensor:
+        return expert_activation(h13, self.activation, dim, self.alpha, self.limit)
+
+    def in_place(self, h13_RX: torch.Tensor) -> torch.Tensor:
+        return expert_activation_(h13_RX, self.activation, self.alpha, self.limit)

@@ -2,10 +2,12 @@
 
 Two strategies, picked per device by :func:`grouped_ffn_for` (once per call site, not inside the math):
 
-- ``loop_ffn`` (CPU): few rows per expert (decode): the grouped skinny GEMM of ``moe/kernels/cpu_gemm.py``, which
-  streams each expert weight once; prefill-sized blocks (``BLOCK_GEMM_MIN_ROWS`` on average): the grouped block
-  GEMM (packed, register-tiled; 1.1-1.5x MKL per expert); both run the activation in place in a scratch buffer.
-  Without the C kernels (or under autograd), one pass over the experts: BLAS on the *transposed* block,
+- :func:`cpu_ffn` (CPU), the one driver of every CPU expert FFN, over a :class:`CpuGemms` provider (fp32
+  weights: :class:`TensorGemms`, which :func:`loop_ffn` wraps; FP8 weights: ``quant.Fp8Experts``). Few rows per
+  expert (decode): the grouped skinny GEMM of ``moe/kernels/cpu_gemm.py``, which streams each expert weight
+  once; prefill-sized blocks (``BLOCK_GEMM_MIN_ROWS`` on average): the grouped block GEMM (packed,
+  register-tiled; 1.1-1.5x MKL per expert); both run the activation in place in a scratch buffer. Without the C
+  kernels (or under autograd), one pass over the experts: BLAS on the *transposed* block,
   ``h_XM = w13 @ x_MD.T``, MKL's fastest form for ``[out, in]`` weights at tens to hundreds of rows (measured
   1.2-2x ``F.linear``); from a few hundred rows, BLAS in row layout written straight into ``y``.
   It reads counts on the host, which on the CPU costs nothing.
@@ -17,14 +19,14 @@ Shape legend: R routed rows (sorted by expert), D hidden, F expert FFN size, L e
 from __future__ import annotations
 
 import functools
-from typing import Callable, Iterator
+from dataclasses import dataclass
+from typing import Callable, Iterator, Literal, Protocol
 
 import torch
 
-from moe.activations import expert_activation, expert_activation_
-from moe.config import Activation
-from moe.kernels.cpu_gemm import (block_gemm_available, block_gemm_grouped, decode_moe, skinny_gemm, skinny_gemm_available,
-                          skinny_gemm_grouped)
+from moe.activations import ActivationSpec
+from moe.kernels.cpu_gemm import (block_gemm_available, block_gemm_grouped, decode_moe, skinny_gemm,
+                                  skinny_gemm_available, skinny_gemm_grouped)
 from moe.workspace import scratch
 
 # Up to this many rows per expert the CPU skinny GEMM beats BLAS (measured crossover on AVX2, 2 threads).
@@ -40,45 +42,128 @@ ROW_LAYOUT_MIN_ROWS = 384
 BLOCK_GEMM_MIN_ROWS = 24
 
 
-def loop_ffn(
-    x_RD: torch.Tensor,
-    counts_L: torch.Tensor,
-    w13_LXD: torch.Tensor,
-    w2_LDF: torch.Tensor,
-    activation: Activation,
-    b13_LX: torch.Tensor | None = None,
-    b2_LD: torch.Tensor | None = None,
-    alpha: float = 1.702,
-    limit: float = 7.0,
-) -> torch.Tensor:
-    x_RD = x_RD.to(w13_LXD.dtype).contiguous()
-    # The skinny GEMM is a C kernel with no backward: under autograd every block takes the BLAS path.
-    wants_grad = torch.is_grad_enabled() and (x_RD.requires_grad or w13_LXD.requires_grad)
-    skinny = (w13_LXD.dtype == torch.float32 and x_RD.device.type == "cpu" and not wants_grad
-              and skinny_gemm_available())
-    kernel = cpu_grouped_kernel(x_RD, counts_L) if skinny else None
+Proj = Literal["w13", "w2"]
+GroupedKernel = Literal["skinny", "block"]
+
+
+class CpuGemms(Protocol):
+    """One set of routed experts as :func:`cpu_ffn` multiplies them on the CPU. ``Experts`` supplies
+    :class:`TensorGemms` (weights in the compute dtype), ``quant.Fp8Experts`` its e4m3 weights with their scales.
+
+    ``proj`` names a projection: ``"w13"`` (``[L, X, D]``) or ``"w2"`` (``[L, D, F]``).
+    """
+
+    dtype: torch.dtype  # the compute dtype: rows, outputs and biases
+    rows13: int  # X, the first projection's output rows
+    hidden: int  # D
+    b13_LX: torch.Tensor | None  # in ``dtype``
+    b2_LD: torch.Tensor | None
+
+    def kernels_apply(self, x_RD: torch.Tensor) -> bool:
+        """Whether the C kernels can run these weights on ``x_RD`` (device, dtype, library present; the driver
+        checks autograd itself)."""
+        ...
+
+    def requires_grad(self) -> bool: ...
+
+    def grouped(self, kernel: GroupedKernel, proj: Proj, x_RD: torch.Tensor, counts_L: torch.Tensor,
+                out_RO: torch.Tensor | None = None) -> torch.Tensor:
+        """One C call over every expert: ``kernel`` ``"skinny"`` (few rows each) or ``"block"`` (prefill)."""
+        ...
+
+    def skinny(self, proj: Proj, e: int, x_MD: torch.Tensor, out_MO: torch.Tensor) -> torch.Tensor:
+        """Expert ``e``'s few rows through the skinny C kernel, into ``out_MO``."""
+        ...
+
+    def dense(self, e: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Expert ``e``'s ``(w13_XD, w2_DF)`` in ``dtype``, for BLAS (differentiable where the weights are)."""
+        ...
+
+
+def cpu_ffn(x_RD: torch.Tensor, counts_L: torch.Tensor, gemms: CpuGemms, act: ActivationSpec) -> torch.Tensor:
+    """``y_RD``: each expert's rows (sorted by expert, ``counts_L[e]`` each) through its FFN, on the CPU.
+
+    1. Decode-sized (at most ``SKINNY_MAX_ROWS`` rows per expert) or prefill-sized (``BLOCK_GEMM_MIN_ROWS`` mean
+       rows) blocks: one grouped C call per projection over all experts (:func:`grouped_ffn`).
+    2. Otherwise, per expert: few rows through the skinny kernel, else BLAS on the dense weights (transposed
+       block below ``ROW_LAYOUT_MIN_ROWS`` rows, row layout above).
+    The C kernels have no backward: under autograd every block takes the BLAS path.
+    """
+    x_RD = x_RD.to(gemms.dtype).contiguous()
+    wants_grad = torch.is_grad_enabled() and (x_RD.requires_grad or gemms.requires_grad())
+    fast = not wants_grad and gemms.kernels_apply(x_RD)
+    kernel = cpu_grouped_kernel(x_RD, counts_L) if fast else None
     if kernel is not None:
-        act_ = functools.partial(expert_activation_, activation=activation, alpha=alpha, limit=limit)
-        grouped_gemm = skinny_gemm_grouped if kernel == "skinny" else block_gemm_grouped
-        return grouped_ffn(grouped_gemm, x_RD, counts_L, w13_LXD, w2_LDF, act_, b13_LX, b2_LD)
-    act = functools.partial(expert_activation, activation=activation, alpha=alpha, limit=limit)
-    y_RD = torch.empty(x_RD.shape[0], w2_LDF.shape[1], dtype=w2_LDF.dtype, device=x_RD.device)
+        return grouped_ffn(functools.partial(gemms.grouped, kernel), x_RD, counts_L, gemms.rows13, act,
+                           gemms.b13_LX, gemms.b2_LD)
+    y_RD = torch.empty(x_RD.shape[0], gemms.hidden, dtype=gemms.dtype, device=x_RD.device)
     for e, start, end in expert_blocks(counts_L):
-        b13, b2 = (None if b13_LX is None else b13_LX[e]), (None if b2_LD is None else b2_LD[e])
-        if skinny and end - start <= SKINNY_MAX_ROWS:
-            w13, w2 = w13_LXD[e], w2_LDF[e]
-            rows_ffn(x_RD[start:end], lambda x, w=w13: skinny_gemm(x, w), lambda a, out, w=w2: skinny_gemm(a, w, out),
-                     act, b13, b2, y_RD[start:end])
-        elif end - start < ROW_LAYOUT_MIN_ROWS:
-            transposed_ffn(x_RD[start:end], w13_LXD[e], w2_LDF[e], act, b13, b2, y_RD[start:end])
+        x_MD, out_MD = x_RD[start:end], y_RD[start:end]
+        b13 = None if gemms.b13_LX is None else gemms.b13_LX[e]
+        b2 = None if gemms.b2_LD is None else gemms.b2_LD[e]
+        if fast and end - start <= SKINNY_MAX_ROWS:
+            h_MX = gemms.skinny("w13", e, x_MD, torch.empty(end - start, gemms.rows13, dtype=gemms.dtype))
+            rows_ffn(h_MX, lambda a, out, e=e: gemms.skinny("w2", e, a, out), act, b13, b2, out_MD)
+            continue
+        w13_XD, w2_DF = gemms.dense(e)
+        if end - start < ROW_LAYOUT_MIN_ROWS:
+            transposed_ffn(x_MD, w13_XD, w2_DF, act, b13, b2, out_MD)
         else:
-            w13, w2 = w13_LXD[e], w2_LDF[e]
-            rows_ffn(x_RD[start:end], lambda x, w=w13: torch.mm(x, w.t()),
-                     lambda a, out, w=w2: _mm_into(a, w.t(), out), act, b13, b2, y_RD[start:end])
+            rows_ffn(torch.mm(x_MD, w13_XD.t()), lambda a, out, w=w2_DF: _mm_into(a, w.t(), out), act, b13, b2,
+                     out_MD)
     return y_RD
 
 
-def cpu_grouped_kernel(x_RD: torch.Tensor, counts_L: torch.Tensor) -> str | None:
+@dataclass
+class TensorGemms:
+    """:class:`CpuGemms` of weight tensors in the compute dtype (``Experts``; the functional :func:`loop_ffn`)."""
+
+    w13_LXD: torch.Tensor
+    w2_LDF: torch.Tensor
+    b13_LX: torch.Tensor | None = None
+    b2_LD: torch.Tensor | None = None
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.w13_LXD.dtype
+
+    @property
+    def rows13(self) -> int:
+        return self.w13_LXD.shape[1]
+
+    @property
+    def hidden(self) -> int:
+        return self.w2_LDF.shape[1]
+
+    def kernels_apply(self, x_RD: torch.Tensor) -> bool:
+        return self.dtype == torch.float32 and x_RD.device.type == "cpu" and skinny_gemm_available()
+
+    def requires_grad(self) -> bool:
+        return self.w13_LXD.requires_grad or self.w2_LDF.requires_grad
+
+    def _weight(self, proj: Proj) -> torch.Tensor:
+        return self.w13_LXD if proj == "w13" else self.w2_LDF
+
+    def grouped(self, kernel: GroupedKernel, proj: Proj, x_RD: torch.Tensor, counts_L: torch.Tensor,
+                out_RO: torch.Tensor | None = None) -> torch.Tensor:
+        gemm = skinny_gemm_grouped if kernel == "skinny" else block_gemm_grouped
+        return gemm(x_RD, self._weight(proj), counts_L, out_RO)
+
+    def skinny(self, proj: Proj, e: int, x_MD: torch.Tensor, out_MO: torch.Tensor) -> torch.Tensor:
+        return skinny_gemm(x_MD, self._weight(proj)[e], out_MO)
+
+    def dense(self, e: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.w13_LXD[e], self.w2_LDF[e]
+
+
+def loop_ffn(x_RD: torch.Tensor, counts_L: torch.Tensor, w13_LXD: torch.Tensor, w2_LDF: torch.Tensor,
+             act: ActivationSpec, b13_LX: torch.Tensor | None = None, b2_LD: torch.Tensor | None = None
+             ) -> torch.Tensor:
+    """:func:`cpu_ffn` over weight tensors (the CPU strategy of :func:`grouped_ffn_for`)."""
+    return cpu_ffn(x_RD, counts_L, TensorGemms(w13_LXD, w2_LDF, b13_LX, b2_LD), act)
+
+
+def cpu_grouped_kernel(x_RD: torch.Tensor, counts_L: torch.Tensor) -> GroupedKernel | None:
     """Which grouped C kernel takes a CPU block of rows sorted by expert: ``"skinny"`` when every expert has at
     most ``SKINNY_MAX_ROWS`` rows, ``"block"`` from ``BLOCK_GEMM_MIN_ROWS`` rows per expert on average (over
     experts with rows), else None (per-expert calls). The caller checks dtype, device and autograd."""
@@ -91,8 +176,8 @@ def cpu_grouped_kernel(x_RD: torch.Tensor, counts_L: torch.Tensor) -> str | None
 
 
 def cpu_decode_moe(x_TD: torch.Tensor, routing, experts) -> torch.Tensor | None:
-    """The whole routed pass (shuffle, grouped FFN, weighted combine) as :func:`moe.kernels.cpu_gemm.decode_moe` when
-    it applies: CPU, fp32 plain experts without biases, weights on the output, the C library present, and at
+    """The whole routed pass (shuffle, grouped FFN, weighted combine) as :func:`moe.kernels.cpu_gemm.decode_moe`
+    when it applies: CPU, fp32 plain experts without biases, weights on the output, the C library present, and at
     most ``SKINNY_MAX_ROWS`` rows per expert (decode). Else None: the caller runs the step by step path, which
     gives bit-identical results (same GEMM kernel, order and rounding)."""
     w13, w2 = experts.w13_E2FD, experts.w2_EDF
@@ -101,24 +186,21 @@ def cpu_decode_moe(x_TD: torch.Tensor, routing, experts) -> torch.Tensor | None:
     if (x_TD.device.type != "cpu" or w13.dtype != torch.float32 or experts.b13_E2F is not None
             or experts.b2_ED is not None or routing.apply_on_input or not skinny_gemm_available()):
         return None
-    cfg = experts.config
-    act = functools.partial(expert_activation, activation=cfg.activation, alpha=cfg.swiglu_alpha,
-                            limit=cfg.swiglu_limit)
     return decode_moe(x_TD.float().contiguous(), routing.ids_TK.to(torch.int32).contiguous(),
-                      routing.weights_TK.float().contiguous(),
-                      w13.contiguous(), w2.contiguous(), act, SKINNY_MAX_ROWS)
+                      routing.weights_TK.float().contiguous(), w13.contiguous(), w2.contiguous(),
+                      ActivationSpec.of(experts.config), SKINNY_MAX_ROWS)
 
 
-def grouped_ffn(grouped_gemm, x_RD, counts_L, w13_LXD, w2_LDF, act_, b13_LX, b2_LD) -> torch.Tensor:
-    """Both GEMMs as one ``grouped_gemm`` call each over all experts (the skinny kernel for decode, the block
-    kernel for prefill) and the in-place activation ``act_`` once over all rows (it is row-wise), instead of a
-    few ops per expert. ``h_RX`` lives in this thread's scratch buffer (``moe.workspace``): at prefill sizes a
-    fresh one costs more in page faults than the activation itself."""
-    h_RX = grouped_gemm(x_RD, w13_LXD, counts_L, scratch("moe.h13", (x_RD.shape[0], w13_LXD.shape[1])))
+def grouped_ffn(grouped_gemm, x_RD, counts_L, rows13: int, act: ActivationSpec, b13_LX, b2_LD) -> torch.Tensor:
+    """Both GEMMs as one ``grouped_gemm(proj, x, counts, out=None)`` call each over all experts (the skinny
+    kernel for decode, the block kernel for prefill) and the in-place activation once over all rows (it is
+    row-wise), instead of a few ops per expert. ``h_RX`` lives in this thread's scratch buffer
+    (``moe.workspace``): at prefill sizes a fresh one costs more in page faults than the activation itself."""
+    h_RX = grouped_gemm("w13", x_RD, counts_L, scratch("moe.h13", (x_RD.shape[0], rows13)))
     if b13_LX is not None:
         bias_RX = b13_LX.repeat_interleave(counts_L, dim=0)
         h_RX[: bias_RX.shape[0]] += bias_RX
-    y_RD = grouped_gemm(act_(h_RX), w2_LDF, counts_L)
+    y_RD = grouped_gemm("w2", act.in_place(h_RX), counts_L)
     if b2_LD is not None:
         bias_RD = b2_LD.repeat_interleave(counts_L, dim=0)
         y_RD[: bias_RD.shape[0]] += bias_RD
@@ -141,9 +223,9 @@ def expert_blocks(counts_L: torch.Tensor) -> Iterator[tuple[int, int, int]]:
         start += rows
 
 
-def rows_ffn(x_MD, matmul13, matmul2_into, act, b13_X, b2_D, out_MD) -> None:
-    """One expert on a few rows, row layout: ``matmul13(x) -> h_MX``, ``matmul2_into(a_MF, out_MD)``."""
-    h_MX = matmul13(x_MD)
+def rows_ffn(h_MX, matmul2_into, act, b13_X, b2_D, out_MD) -> None:
+    """The rest of one expert in row layout, from its first GEMM's ``h_MX``: bias, activation,
+    ``matmul2_into(a_MF, out_MD)``, bias."""
     if b13_X is not None:
         h_MX += b13_X
     matmul2_into(act(h_MX).contiguous(), out_MD)
@@ -162,17 +244,10 @@ def transposed_ffn(x_MD, w13_XD, w2_DF, act, b13_X, b2_D, out_MD) -> None:
     out_MD.copy_(y_DM.t())
 
 
-def grouped_mm_ffn(
-    x_RD: torch.Tensor,
-    counts_L: torch.Tensor,
-    w13_LXD: torch.Tensor,
-    w2_LDF: torch.Tensor,
-    activation: Activation,
-    b13_LX: torch.Tensor | None = None,
-    b2_LD: torch.Tensor | None = None,
-    alpha: float = 1.702,
-    limit: float = 7.0,
-) -> torch.Tensor:
+def grouped_mm_ffn(x_RD: torch.Tensor, counts_L: torch.Tensor, w13_LXD: torch.Tensor, w2_LDF: torch.Tensor,
+                   act: ActivationSpec, b13_LX: torch.Tensor | None = None, b2_LD: torch.Tensor | None = None
+                   ) -> torch.Tensor:
+    """The CUDA strategy: ``torch._grouped_mm`` over device offsets, no host synchronisation."""
     ends_L = torch.cumsum(counts_L, 0, dtype=torch.int32)
     x_RD = x_RD.to(w13_LXD.dtype)
     h_RX = torch._grouped_mm(x_RD, w13_LXD.transpose(1, 2), offs=ends_L)
@@ -181,7 +256,7 @@ def grouped_mm_ffn(
         expert_of_R = _expert_of_rows(counts_L, x_RD.shape[0])
     if b13_LX is not None:
         h_RX = h_RX + b13_LX[expert_of_R]
-    a_RF = expert_activation(h_RX, activation, alpha=alpha, limit=limit)
+    a_RF = act(h_RX)
     y_RD = torch._grouped_mm(a_RF, w2_LDF.transpose(1, 2), offs=ends_L)
     if b2_LD is not None:
         y_RD = y_RD + b2_LD[expert_of_R]

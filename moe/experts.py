@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from moe.activations import ActivationSpec
 from moe.backends import grouped_ffn_for
 from moe.config import MoEConfig
 
@@ -43,8 +44,5 @@ class Experts(nn.Module):
     def forward(self, x_RD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
         if x_RD.shape[-1] != self.w13_E2FD.shape[-1]:
             raise ValueError(f"x_RD hidden size ({x_RD.shape[-1]}) does not match w13_E2FD {tuple(self.w13_E2FD.shape)}")
-        cfg = self.config
-        return grouped_ffn_for(x_RD.device)(
-            x_RD, counts_E, self.w13_E2FD, self.w2_EDF, cfg.activation,
-            self.b13_E2F, self.b2_ED, cfg.swiglu_alpha, cfg.swiglu_limit,
-        )
+        return grouped_ffn_for(x_RD.device)(x_RD, counts_E, self.w13_E2FD, self.w2_EDF,
+                                            ActivationSpec.of(self.config), self.b13_E2F, self.b2_ED)

@@ -7,14 +7,13 @@ H halves of ``w13`` (2 when gated: gate rows, then up rows; else 1).
 from __future__ import annotations
 
 import dataclasses
-import functools
 import warnings
 
 import torch
 from torch import nn
 
-from moe.activations import expert_activation, expert_activation_
-from moe.backends import SKINNY_MAX_ROWS, cpu_grouped_kernel, expert_blocks, grouped_ffn, rows_ffn, transposed_ffn
+from moe.activations import ActivationSpec
+from moe.backends import cpu_ffn
 from moe.config import MoEConfig
 from moe.kernels.cpu_gemm import (block_gemm_grouped_fp8, dequantize_fp8, skinny_gemm_available, skinny_gemm_fp8,
                           skinny_gemm_grouped_fp8)
@@ -37,11 +36,12 @@ class Fp8Experts(nn.Module):
     ceil(X/H/128), ceil(D/128)]``, so per-expert checkpoints (gate_proj, up_proj) load bit-exactly whatever F is.
     Biases stay in high precision. ``.to(dtype)`` moves these tensors between devices but keeps their dtypes.
 
-    CPU: few rows per expert go through the grouped skinny GEMM, dequantising in registers (a quarter of the
-    fp32 weight bytes); prefill-sized blocks through the grouped block GEMM, which converts each weight as it
-    packs it (``moe.kernels.cpu_gemm.block_gemm_grouped_fp8``); in between (and under autograd), per expert: the skinny
-    GEMM for few rows, else that expert's weights dequantised once and BLAS. GPU: the Triton FP8 grouped GEMM
-    (``moe.kernels.fp8_grouped_gemm``) when the layer's backend is ``triton``.
+    The forward is ``moe.backends.cpu_ffn`` (the driver fp32 experts use too) over :class:`Fp8Gemms`: few rows
+    per expert go through the grouped skinny GEMM, dequantising in registers (a quarter of the fp32 weight
+    bytes); prefill-sized blocks through the grouped block GEMM, which converts each weight as it packs it
+    (``moe.kernels.cpu_gemm.block_gemm_grouped_fp8``); in between, per expert: the skinny GEMM for few rows,
+    else that expert's weights dequantised once and BLAS (always the latter under autograd). GPU: the Triton FP8
+    grouped GEMM (``moe.kernels.fp8_grouped_gemm``) when the layer's backend is ``triton``.
     """
 
     SCALES = {"w13_E2FD": "w13_scale", "w2_EDF": "w2_scale"}  # weight buffer -> its scale buffer
@@ -158,38 +158,13 @@ class Fp8Experts(nn.Module):
         return tuple(self._dequantize(n, getattr(self, n), getattr(self, s)) for n, s in self.SCALES.items())
 
     def forward(self, x_RD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
-        cfg = self.config
-        act = functools.partial(expert_activation, activation=cfg.activation, alpha=cfg.swiglu_alpha,
-                                limit=cfg.swiglu_limit)
-        x_RD = x_RD.float().contiguous()
-        skinny = x_RD.device.type == "cpu" and skinny_gemm_available()
-        # one grouped C call per GEMM half over all experts, as loop_ffn decides for fp32 weights (skinny or block
-        # kernel); never under autograd (no backward in C)
-        wants_grad = torch.is_grad_enabled() and x_RD.requires_grad
-        kernel = cpu_grouped_kernel(x_RD, counts_E) if skinny and not wants_grad else None
-        if kernel is not None:
-            act_ = functools.partial(expert_activation_, activation=cfg.activation, alpha=cfg.swiglu_alpha,
-                                     limit=cfg.swiglu_limit)
-            b13, b2 = (None if b is None else b.float() for b in (self.b13_E2F, self.b2_ED))
-            gemm = functools.partial(self._grouped_gemm, GROUPED_FP8_GEMMS[kernel])
-            return grouped_ffn(gemm, x_RD, counts_E, self.w13_E2FD, self.w2_EDF, act_, b13, b2)
-        y_RD = torch.empty(x_RD.shape[0], self.w2_EDF.shape[1], dtype=torch.float32, device=x_RD.device)
-        for e, start, end in expert_blocks(counts_E):
-            b13 = None if self.b13_E2F is None else self.b13_E2F[e].float()
-            b2 = None if self.b2_ED is None else self.b2_ED[e].float()
-            if skinny and end - start <= SKINNY_MAX_ROWS:
-                rows_ffn(x_RD[start:end], functools.partial(self._skinny13, e),
-                         lambda a, out, e=e: self._skinny("w2_EDF", e, a, out), act, b13, b2, y_RD[start:end])
-            else:
-                w13, w2 = self._dequantized_expert(e, skinny)
-                transposed_ffn(x_RD[start:end], w13, w2, act, b13, b2, y_RD[start:end])
-        return y_RD
+        return cpu_ffn(x_RD, counts_E, Fp8Gemms(self), ActivationSpec.of(self.config))
 
-    def _grouped_gemm(self, fp8_gemm, x_RD: torch.Tensor, q_LOD: torch.Tensor, counts_E: torch.Tensor,
+    def _grouped_gemm(self, fp8_gemm, name: str, x_RD: torch.Tensor, counts_E: torch.Tensor,
                       out_RO: torch.Tensor | None = None) -> torch.Tensor:
-        """``grouped_ffn``'s GEMM over every expert for ``q_LOD`` (``self.w13_E2FD`` or ``self.w2_EDF``): one
-        ``fp8_gemm`` call (a value of ``GROUPED_FP8_GEMMS``) per half of its rows, each half with its own scales."""
-        name = "w13_E2FD" if q_LOD is self.w13_E2FD else "w2_EDF"
+        """One GEMM over every expert for weight ``name``: one ``fp8_gemm`` call (a value of
+        ``GROUPED_FP8_GEMMS``) per half of its rows, each half with its own scales."""
+        q_LOD = getattr(self, name)
         if out_RO is None:
             out_RO = torch.empty(x_RD.shape[0], q_LOD.shape[1])
         scale, half = getattr(self, self.SCALES[name]), self._half_rows(name)
@@ -200,17 +175,13 @@ class Fp8Experts(nn.Module):
                      out_RO[:, rows])
         return out_RO
 
-    def _skinny13(self, e: int, x_MD: torch.Tensor) -> torch.Tensor:
-        h_MX = torch.empty(x_MD.shape[0], self.w13_E2FD.shape[1])
-        return self._skinny("w13_E2FD", e, x_MD, h_MX)
-
     def _skinny(self, name: str, e: int, x_MD: torch.Tensor, out_MO: torch.Tensor) -> torch.Tensor:
         for q, scale, rows in self._halves(name, e):
             skinny_gemm_fp8(x_MD, q, scale, self.block or 0, out_MO[:, rows])
         return out_MO
 
-    def _dequantized_expert(self, e: int, fast: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        if not fast:
+    def _dequantized_expert(self, e: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if not (self.w13_E2FD.device.type == "cpu" and skinny_gemm_available()):
             return tuple(self._dequantize(n, getattr(self, n)[e], getattr(self, s)[e]) for n, s in self.SCALES.items())
         # one vectorised pass in C into the reused scratch; torch's fp8 -> fp32 cast is far slower
         (X, D), (_, F) = self.w13_E2FD.shape[1:], self.w2_EDF.shape[1:]
@@ -226,3 +197,33 @@ class Fp8Experts(nn.Module):
         """Bytes of expert weights as stored: FP8 values, their scales and the biases."""
         tensors = [self.w13_E2FD, self.w13_scale, self.w2_EDF, self.w2_scale, self.b13_E2F, self.b2_ED]
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+class Fp8Gemms:
+    """:class:`moe.backends.CpuGemms` of an :class:`Fp8Experts`: fp32 compute, e4m3 weights converted in the C
+    kernels' registers (decode) or while they pack (prefill), else one expert at a time dequantised for BLAS."""
+
+    NAMES = {"w13": "w13_E2FD", "w2": "w2_EDF"}
+
+    def __init__(self, experts: Fp8Experts) -> None:
+        self.experts = experts
+        self.dtype = torch.float32
+        self.rows13, self.hidden = experts.w13_E2FD.shape[1], experts.w2_EDF.shape[1]
+        self.b13_LX = None if experts.b13_E2F is None else experts.b13_E2F.float()
+        self.b2_LD = None if experts.b2_ED is None else experts.b2_ED.float()
+
+    def kernels_apply(self, x_RD: torch.Tensor) -> bool:
+        return x_RD.device.type == "cpu" and skinny_gemm_available()
+
+    def requires_grad(self) -> bool:
+        return False  # e4m3 buffers; the biases are frozen too
+
+    def grouped(self, kernel: str, proj: str, x_RD: torch.Tensor, counts_L: torch.Tensor,
+                out_RO: torch.Tensor | None = None) -> torch.Tensor:
+        return self.experts._grouped_gemm(GROUPED_FP8_GEMMS[kernel], self.NAMES[proj], x_RD, counts_L, out_RO)
+
+    def skinny(self, proj: str, e: int, x_MD: torch.Tensor, out_MO: torch.Tensor) -> torch.Tensor:
+        return self.experts._skinny(self.NAMES[proj], e, x_MD, out_MO)
+
+    def dense(self, e: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.experts._dequantized_expert(e)

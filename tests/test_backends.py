@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from moe.activations import ActivationSpec
 from moe.backends import grouped_mm_ffn, loop_ffn
 from moe.config import Activation
 from moe.reference import reference_expert
@@ -28,7 +29,7 @@ def _blocks(counts, D=40, F=24, activation=Activation.SWIGLU, bias=False):
                                               (Activation.GELU, True)])
 def test_strategy_matches_reference(ffn, counts, activation, bias):
     x, counts_E, w13, w2, b13, b2, expected = _blocks(counts, activation=activation, bias=bias)
-    got = ffn(x, counts_E, w13, w2, activation, b13, b2)
+    got = ffn(x, counts_E, w13, w2, ActivationSpec(activation), b13, b2)
     assert got.shape == expected.shape
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
@@ -37,7 +38,7 @@ def test_loop_ffn_gradients_match_reference_under_autograd():
     x, counts_E, w13, w2, _, _, _ = _blocks([3, 0, 5, 1])
     for t in (x, w13, w2):
         t.requires_grad_(True)
-    loop_ffn(x, counts_E, w13, w2, Activation.SWIGLU).square().sum().backward()
+    loop_ffn(x, counts_E, w13, w2, ActivationSpec()).square().sum().backward()
     grads = [t.grad.clone() for t in (x, w13, w2)]
     for t in (x, w13, w2):
         t.grad = None

@@ -5,7 +5,7 @@ import threading
 import pytest
 import torch
 
-from moe.activations import expert_activation, expert_activation_
+from moe.activations import ActivationSpec, expert_activation, expert_activation_
 from moe.backends import loop_ffn
 from moe.config import Activation
 from moe import workspace
@@ -64,8 +64,8 @@ def test_block_path_results_do_not_alias_the_scratch_buffer():
     counts = torch.tensor([60, 0, 90, 51])  # mean rows per expert past BLOCK_GEMM_MIN_ROWS: the block GEMM
     w13, w2 = 0.2 * torch.randn(4, 48, 40), 0.2 * torch.randn(4, 40, 24)
     x1, x2 = torch.randn(201, 40), torch.randn(201, 40)
-    y1 = loop_ffn(x1, counts, w13, w2, Activation.SWIGLU)
+    y1 = loop_ffn(x1, counts, w13, w2, ActivationSpec())
     kept = y1.clone()
-    y2 = loop_ffn(x2, counts, w13, w2, Activation.SWIGLU)
+    y2 = loop_ffn(x2, counts, w13, w2, ActivationSpec())
     assert torch.equal(y1, kept)
     assert not torch.equal(y1, y2)
