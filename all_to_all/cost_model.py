@@ -17,7 +17,7 @@ Shape legend: T tokens per rank, D hidden, K top-k, W ranks, S slots per rank, N
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
@@ -144,7 +144,3 @@ def fit_link(samples: Sequence[tuple[int, float, float]], name: str = "fitted") 
     coef, *_ = np.linalg.lstsq(A, np.ones_like(seconds), rcond=None)
     overhead, latency, inv_bw = np.maximum(coef, [0.0, 0.0, 1e-15])
     return Link(name, float(overhead), float(latency), float(1.0 / inv_bw))
-
-
-def with_link(cluster: Cluster, link: Link) -> Cluster:
-    return replace(cluster, intra=link, inter=link)

@@ -46,10 +46,6 @@ class StepStats:
         """Host-side bookkeeping around the forward pass: scheduling, input layout, stop checks."""
         return self.schedule_s + self.prepare_s + self.postprocess_s
 
-    @property
-    def overhead_fraction(self) -> float:
-        return self.overhead_s / self.total_s if self.total_s else 0.0
-
 
 class LLMEngine:
     """Serves one model. ``add_request`` validates (``ValueError`` naming the field and value) before anything

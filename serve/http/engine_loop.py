@@ -104,10 +104,6 @@ class EngineLoop:
             return False, f"engine step running for {time.monotonic() - started:.0f} s (> {self.stall_s:.0f} s)"
         return True, "ok"
 
-    @property
-    def num_in_flight(self) -> int:
-        return len(self._groups)
-
     def shutdown(self, timeout: float = 10.0) -> None:
         """Abort everything still running, stop the thread and wait for it."""
         self._stop = True
