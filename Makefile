@@ -12,7 +12,7 @@ run: install
 	moe-serve
 
 bench-layer:
-	$(PYTHON) benchmarks/layer.py
+	$(PYTHON) -m benchmarks.layer
 
 test: install
 	$(PYTHON) -m pytest -q -m "not slow"

@@ -1,7 +1,7 @@
 """Expert-parallel dispatch/combine: measured on local gloo ranks vs the cost model; predictions for EP 8-256.
 
-    python benchmarks/ep.py                          # 2, 3, 4 ranks; T=256 tokens/rank, D=1024, K=2, E=12, fp32
-    python benchmarks/ep.py --ranks 2 4 --reps 20
+    python -m benchmarks.ep                          # 2, 3, 4 ranks; T=256 tokens/rank, D=1024, K=2, E=12, fp32
+    python -m benchmarks.ep --ranks 2 4 --reps 20
 
 1. Every rank count runs a sweep of raw ``all_to_all_single`` sizes; ``fit_link`` fits the local gloo link
    (overhead, per-peer latency, bandwidth) to all of them.
@@ -17,23 +17,20 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import os
 import queue as queue_mod
 import socket
-import sys
 import time
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from all_to_all import AllGatherDispatcher, AllToAllDispatcher, EPComm  # noqa: E402
-from all_to_all.cost_model import (  # noqa: E402
+from all_to_all import AllGatherDispatcher, AllToAllDispatcher, EPComm
+from all_to_all.cost_model import (
     H100_NVLINK_IB, LOCAL_GLOO, Step, fit_link, local_cluster, predict_all_gather, predict_all_to_all,
 )
-from expert_parallel import ExpertPlacement  # noqa: E402
-from routing import Router, RouterConfig  # noqa: E402
+from expert_parallel import ExpertPlacement
+from routing import Router, RouterConfig
 
 SWEEP_BYTES = (1 << 10, 1 << 13, 1 << 16, 1 << 19, 1 << 21, 1 << 23)
 
@@ -151,7 +148,7 @@ def print_local(results: dict[int, dict], args: argparse.Namespace) -> None:
             print(f"{W:>3} {kind:>11} | {d_total * 1e6:8.0f} {p_d.total_s * 1e6:6.0f} {d_comm * 1e6:6.0f}"
                   f" {p_d.comm_s * 1e6:6.0f} | {c_total * 1e6:8.0f} {p_c.total_s * 1e6:6.0f} {c_comm * 1e6:6.0f}"
                   f" {p_c.comm_s * 1e6:6.0f} | {sync * 1e6:9.1f} {imbalance:10.2f}")
-    print(f"local copy bandwidth (one thread, measured): " +
+    print("local copy bandwidth (one thread, measured): " +
           ", ".join(f"W={W} {r['copy_Bps'] / 1e9:.1f} GB/s" for W, r in results.items()))
 
 

@@ -1,7 +1,7 @@
 """GPU benchmark of the Triton FP8 grouped GEMMs: fp8-block (and fp8-channel) against the bf16 Triton path.
 
-    python benchmarks/gpu_fp8.py                                    # Mixtral, Qwen3, DeepSeek-V3 shapes
-    python benchmarks/gpu_fp8.py --models qwen3 --tokens 1 64 4096 --reps 20
+    python -m benchmarks.gpu_fp8                                    # Mixtral, Qwen3, DeepSeek-V3 shapes
+    python -m benchmarks.gpu_fp8 --models qwen3 --tokens 1 64 4096 --reps 20
 
 Same layers, routing, timer (CUDA events, L2 flushed) and bf16 kernels as ``benchmarks/gpu_moe.py``; the FP8
 experts hold the same weights quantised (``quant.Fp8Experts``, built one expert at a time on the GPU).
@@ -13,17 +13,15 @@ at T <= 64 and >= 1.5x at T >= 4096.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.gpu_moe import MODELS, TOKENS, Shape, Timer, make_experts, make_inputs, rel_err  # noqa: E402
-from moe.config import MoEConfig  # noqa: E402
-from moe.reference import reference_moe  # noqa: E402
-from quant import Fp8Experts  # noqa: E402
-from quant.fp8 import fake_quantize_activation  # noqa: E402
+from benchmarks.gpu_moe import MODELS, TOKENS, Shape, Timer, make_experts, make_inputs, rel_err
+from moe.config import MoEConfig
+from moe.reference import reference_moe
+from quant import Fp8Experts
+from quant.fp8 import fake_quantize_activation
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -1,7 +1,7 @@
 """GPU benchmark of the Triton MoE backend: bf16 correctness, then ours vs the torch._grouped_mm path vs rooflines.
 
-    python benchmarks/gpu_moe.py                                   # all three models, every T, autotuned
-    python benchmarks/gpu_moe.py --models qwen3 --tokens 1 64 4096 --reps 20 --no-autotune
+    python -m benchmarks.gpu_moe                                   # all three models, every T, autotuned
+    python -m benchmarks.gpu_moe --models qwen3 --tokens 1 64 4096 --reps 20 --no-autotune
 
 Layers (routed experts only, bf16, uniform random top-k routing): Mixtral-8x7B (D=4096, F=14336, E=8, K=2),
 Qwen3-30B-A3B (D=2048, F=768, E=128, K=8), DeepSeek-V3 (D=7168, F=2048, E=256, K=8).
@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 from dataclasses import asdict, dataclass
@@ -31,13 +30,12 @@ from typing import Callable
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from all_to_all.dispatcher import LocalDispatcher  # noqa: E402
-from moe.backends import grouped_mm_ffn  # noqa: E402
-from moe.config import MoEConfig  # noqa: E402
-from moe.experts import Experts  # noqa: E402
-from moe.reference import reference_moe  # noqa: E402
-from routing.router import Routing  # noqa: E402
+from all_to_all.dispatcher import LocalDispatcher
+from moe.backends import grouped_mm_ffn
+from moe.config import MoEConfig
+from moe.experts import Experts
+from moe.reference import reference_moe
+from routing.router import Routing
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """Inference overhead of HyperMoE over the plain MoE layer, Mixtral-shaped, fp32, CPU.
 
-    python benchmarks/hypermoe_overhead.py                      # D=1024 F=2816 E=8 K=2, T in 1 32 128 512
-    python benchmarks/hypermoe_overhead.py --tokens 1 32 --reps 5 --threads 2
+    python -m benchmarks.hypermoe_overhead                      # D=1024 F=2816 E=8 K=2, T in 1 32 128 512
+    python -m benchmarks.hypermoe_overhead --tokens 1 32 --reps 5 --threads 2
 
 Peers share the routed weights and are timed round-robin (median of --reps) under ``torch.inference_mode``:
 ``plain`` (no HyperMoE), ``hyper`` (the default: adapters of all C(E, K) selected sets cached across steps)
@@ -13,16 +13,13 @@ core is busy, and the noise swamps a few-percent difference.
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.common import interleaved_medians  # noqa: E402
-from hypermoe import HyperMoEConfig  # noqa: E402
-from moe import MoE, MoEConfig  # noqa: E402
+from benchmarks.common import interleaved_medians
+from hypermoe import HyperMoEConfig
+from moe import MoE, MoEConfig
 
 
 def build_layers(D: int, F: int, E: int, K: int) -> dict[str, MoE]:

@@ -1,7 +1,7 @@
 """Train two small byte-level MoE language models with the same budget, without and with HyperMoE.
 
-    python benchmarks/hypermoe_train.py                        # default: ~10 min on one CPU thread
-    python benchmarks/hypermoe_train.py --steps 2000 --dim 256 --layers 6 --threads 2
+    python -m benchmarks.hypermoe_train                        # default: ~10 min on one CPU thread
+    python -m benchmarks.hypermoe_train --steps 2000 --dim 256 --layers 6 --threads 2
 
 Corpus: the ``.py`` files of the Python standard library (``sysconfig.get_paths()['stdlib']``, without
 site-packages), read as bytes (vocabulary 256); every 20th file (by a CRC of its path) is held out for
@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
-import sys
 import sysconfig
 import time
 import zlib
@@ -32,10 +30,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from hypermoe import HyperMoEConfig, share_hypernetwork  # noqa: E402
-from moe import MoE, MoEConfig  # noqa: E402
-from routing.router import Routing  # noqa: E402
+from hypermoe import HyperMoEConfig, share_hypernetwork
+from moe import MoE, MoEConfig
+from routing.router import Routing
 
 
 

@@ -1,7 +1,7 @@
 """CPU layer benchmark: ours vs transformers' Mixtral block (eager, grouped_mm) vs DeepSpeed-MoE vs rooflines.
 
-    python benchmarks/layer.py                 # Mixtral-shaped: D=1024 F=2816 E=8 K=2, fp32, 2 threads
-    python benchmarks/layer.py --tokens 1 32 --reps 3
+    python -m benchmarks.layer                 # Mixtral-shaped: D=1024 F=2816 E=8 K=2, fp32, 2 threads
+    python -m benchmarks.layer --tokens 1 32 --reps 3
 
 Every figure comes from one run, peers timed round-robin (median of --reps), so the ratios are robust to the
 noise of a shared machine. Rooflines: "dense" = the fastest dense GEMM pair (F.linear or w @ x.T) doing the
@@ -14,19 +14,16 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import os
 import socket
-import sys
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.common import fma_peak_flops, interleaved_medians, memory_read_bandwidth, rel_err  # noqa: E402
-from moe import MoE  # noqa: E402
-from hypermoe import HyperMoEConfig  # noqa: E402
-from quant import quantize_fp8  # noqa: E402
+from benchmarks.common import fma_peak_flops, interleaved_medians, memory_read_bandwidth, rel_err
+from moe import MoE
+from hypermoe import HyperMoEConfig
+from quant import quantize_fp8
 
 
 def build_hf_blocks(D: int, F_: int, E: int, K: int):

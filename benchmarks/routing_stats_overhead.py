@@ -1,7 +1,7 @@
 """Overhead of ``RoutingStats`` on the MoE layer forward (the layer benchmark's Mixtral shape), fp32, CPU.
 
-    python benchmarks/routing_stats_overhead.py                  # D=1024 F=2816 E=8 K=2, T in 1 32 128 512 2048
-    python benchmarks/routing_stats_overhead.py --tokens 1 32 --reps 31 --threads 1
+    python -m benchmarks.routing_stats_overhead                  # D=1024 F=2816 E=8 K=2, T in 1 32 128 512 2048
+    python -m benchmarks.routing_stats_overhead --tokens 1 32 --reps 31 --threads 1
 
 One layer, timed round-robin (median of --reps, ``torch.inference_mode``) as three peers: ``off`` (no observer),
 ``on`` (``RoutingStats`` attached; ``step()`` after every forward, as an offline caller would) and ``off2`` (the
@@ -13,15 +13,12 @@ same as ``off``: the A/A gap is the noise floor of this run; the baseline is the
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.common import interleaved_medians  # noqa: E402
-from moe import MoE, MoEConfig  # noqa: E402
-from routing.stats import RoutingStats  # noqa: E402
+from benchmarks.common import interleaved_medians
+from moe import MoE, MoEConfig
+from routing.stats import RoutingStats
 
 
 def main() -> None:

@@ -1,6 +1,6 @@
 """Online serving load: Poisson arrivals against the OpenAI-compatible server, like ``vllm bench serve``.
 
-    python benchmarks/serve_load.py [--url http://127.0.0.1:8000] [--requests 64] [--request-rate 4]
+    python -m benchmarks.serve_load [--url http://127.0.0.1:8000] [--requests 64] [--request-rate 4]
                                     [--max-concurrency 32] [--input-len 16:512] [--output-len 8:256]
 
 Without ``--url`` it starts ``moe-serve`` on a free loopback port (the embedded default model, one intra-op
@@ -19,14 +19,12 @@ import json
 import os
 import random
 import statistics
-import sys
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import httpx
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from benchmarks.server import running_server
 
 
 @dataclass
@@ -145,8 +143,6 @@ def main() -> None:
         results, elapsed = asyncio.run(run_load(args.url, requests, args.request_rate, args.max_concurrency,
                                                 args.seed))
     else:
-        from tests.serve.server import running_server
-
         os.environ.setdefault("OMP_NUM_THREADS", "1")
         with running_server("server.log_level=warning") as server:
             asyncio.run(run_load(server.url, requests[:2], float("inf"), 2, args.seed))  # warm-up

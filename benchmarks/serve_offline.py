@@ -1,6 +1,6 @@
 """Offline serving throughput: our engine vs ``transformers`` ``generate`` with static batches, in one run.
 
-    python benchmarks/serve_offline.py [--requests 64] [--max-num-seqs 64] [--hf-batches 32,64] [--threads 1]
+    python -m benchmarks.serve_offline [--requests 64] [--max-num-seqs 64] [--hf-batches 32,64] [--threads 1]
 
 The embedded default model (or ``--model``); ``--requests`` requests with prompt lengths uniform in [16, 512]
 and output lengths uniform in [8, 256] (fixed seed; prompts are windows of tokenized standard-library source;

@@ -10,7 +10,7 @@ import openai
 import pytest
 
 from serve import LLM, SamplingParams
-from tests.serve.server import running_server
+from benchmarks.server import running_server
 
 ENGINE = dict(max_num_seqs=8, max_num_batched_tokens=256, max_model_len=256)
 OVERRIDES = ("engine.max_num_seqs=8", "engine.max_num_batched_tokens=256", "model.max_model_len=256")

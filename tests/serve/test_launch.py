@@ -19,7 +19,7 @@ import httpx
 import pytest
 from openai import OpenAI
 
-from tests.serve.server import RunningServer, free_port, running_server, wait_healthy
+from benchmarks.server import RunningServer, free_port, running_server, wait_healthy
 
 EP2 = ("parallel=ep2", "launcher.master_port=0")
 PROMPTS = ["def fibonacci(n):", "import os\n", "class Stack:\n    def push(self, item):",

@@ -17,7 +17,7 @@ from serve import LLMEngine
 from serve.http.app import OpenAIServer
 from serve.engine.config import EngineConfig
 from serve.http.config import ServerConfig
-from tests.serve.server import running_server
+from benchmarks.server import running_server
 
 LONG = {"prompt": "class Parser:\n", "max_tokens": 200, "ignore_eos": True, "temperature": 0}
 

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.serve.server import running_server
+from benchmarks.server import running_server
 
 OVERRIDES = ("model.max_model_len=64", "engine.max_num_seqs=4", "engine.max_num_batched_tokens=64",
              "engine.max_queued_requests=32", "server.max_request_bytes=2000000")

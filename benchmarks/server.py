@@ -1,4 +1,5 @@
-"""Start the real ``moe-serve`` (``python -m serve.launch.cli``) on a free loopback port, for the HTTP tests."""
+"""Start the real ``moe-serve`` (``python -m serve.launch.cli``) on a free loopback port: ``benchmarks.serve_load``'s
+server, and the HTTP tests' (tests may import benchmarks; benchmarks never import tests)."""
 
 from __future__ import annotations
 
@@ -76,7 +77,7 @@ def wait_healthy(server: RunningServer, timeout: float, poll_s: float = 0.2) -> 
 
 @contextmanager
 def running_server(*overrides: str, startup_timeout: float = 90.0):
-    """``moe-serve`` with Hydra ``overrides``; SIGTERM and a wait on exit (a leaked server fails the test)."""
+    """``moe-serve`` with Hydra ``overrides``; SIGTERM and a wait on exit (a leaked server fails a test)."""
     port = free_port()
     workdir = tempfile.mkdtemp(prefix="moe-serve-test-")
     log_path = os.path.join(workdir, "server.log")
