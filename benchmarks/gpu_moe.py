@@ -31,6 +31,7 @@ from typing import Callable
 import torch
 
 from all_to_all.dispatcher import LocalDispatcher
+from moe.activations import ActivationSpec
 from moe.backends import grouped_mm_ffn
 from moe.config import MoEConfig
 from moe.experts import Experts
@@ -144,7 +145,7 @@ def grouped_mm_forward(x_TD: torch.Tensor, routing: Routing, experts: Experts) -
     """The torch backend's CUDA path (LocalDispatcher + two torch._grouped_mm), as ``moe.MoE`` runs it."""
     dispatcher = LocalDispatcher(experts.num_experts)
     x_RD, counts_E, meta = dispatcher.dispatch(x_TD, routing)
-    y_RD = grouped_mm_ffn(x_RD, counts_E, experts.w13_E2FD, experts.w2_EDF, experts.config.activation)
+    y_RD = grouped_mm_ffn(x_RD, counts_E, experts.w13_E2FD, experts.w2_EDF, ActivationSpec.of(experts.config))
     return dispatcher.combine(y_RD, meta)
 
 

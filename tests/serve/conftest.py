@@ -1,5 +1,5 @@
-"""Fixtures of the serve tests (tiny checkpoints and the server harness are in ``checkpoints.py`` and
-``server.py`` next to this file)."""
+"""Fixtures of the serve tests (tiny checkpoints: ``checkpoints.py`` next to this file; the real server:
+``benchmarks/server.py``, which the load benchmark uses too)."""
 
 import pytest
 import torch
