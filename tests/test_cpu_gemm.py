@@ -29,6 +29,24 @@ def test_strided_rows_write_into_a_slice():
     assert torch.isnan(y[:4]).all() and torch.isnan(y[9:]).all()
 
 
+def test_avx2_tiles_context_says_what_it_changed_and_restores():
+    """Outside the block the best tiles run again; a nested block changes nothing more."""
+    from moe.kernels.cpu_gemm import skinny_gemm_avx2_tiles
+
+    x, w = torch.randn(5, 37), torch.randn(29, 37)  # D=37: vector steps of 8 or 16 and a scalar tail
+    native = skinny_gemm(x, w)
+    with skinny_gemm_avx2_tiles() as changed:
+        assert changed == block_gemm_has_avx512()
+        with skinny_gemm_avx2_tiles() as changed_again:
+            assert not changed_again
+        avx2 = skinny_gemm(x, w)
+    assert torch.equal(skinny_gemm(x, w), native)
+    if changed:  # other summation order
+        torch.testing.assert_close(avx2, native, rtol=1e-5, atol=1e-5)
+    else:
+        assert torch.equal(avx2, native)
+
+
 def test_bad_inputs_raise():
     with pytest.raises(ValueError, match="disagree on D"):
         skinny_gemm(torch.randn(2, 3), torch.randn(4, 5))

@@ -5,7 +5,8 @@
   weight on every call, which for an expert holding a handful of token rows costs more than the multiply
   (MKL: 25-35 GFLOP/s on 2 Zen 4 cores at M=8); the kernel streams each weight row once, prefetching the next
   block into L2, and reaches 60-75 (AVX2 tiles, or AVX-512 ones where the CPU has them), near the memory
-  bandwidth at 1-4 rows.
+  bandwidth at 1-4 rows. One C driver for both weight formats; every call passes the ISA: AVX-512 where the CPU
+  has it, AVX2 inside :func:`skinny_gemm_avx2_tiles`.
 - ``csrc/block_gemm.c``: the grouped GEMM for prefill-sized expert blocks (tens to thousands of rows each):
   both operands packed, 12 x 32 AVX-512 register tiles where the CPU has AVX-512F (checked at run time), else
   6 x 16 AVX2 tiles; 1.1-1.5x MKL's sgemm per expert on the layer benchmark's shapes (Zen 4, 2 threads).
@@ -17,6 +18,7 @@ either is missing ``*_available()`` is False and callers use torch's GEMM instea
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import ctypes
 import functools
 from pathlib import Path
@@ -29,13 +31,11 @@ from moe.kernels.native import INT, LONG, PTR, load_library
 _CSRC = Path(__file__).parent / "csrc"
 L, P = LONG, PTR
 _SKINNY_SIGNATURES = {
-    "skinny_gemm_nt": ([P, L, L, L, P, L, L, P, L, INT], None),
-    "skinny_gemm_grouped_nt": ([P, L, L, L, L, L, P, P, L, P, L, INT], None),
-    "skinny_gemm_use_avx512": ([INT], INT),
-    "moe_decode_up": ([P, L, L, L, P, L, P, L, L, L, L, L, P, P, P, P, INT], INT),
-    "moe_decode_down": ([P, L, P, L, L, L, P, L, P, P, L, L, P, P, P, INT], None),
-    "skinny_gemm_nt_fp8": ([P, L, L, L, P, L, INT, P, L, L, P, L, INT], None),
-    "skinny_gemm_grouped_fp8_nt": ([P, L, L, L, L, L, P, L, L, INT, P, P, L, P, L, INT], None),
+    "skinny_gemm_grouped_nt": ([P, L, L, L, L, L, P, P, L, P, L, INT, INT], None),
+    "skinny_gemm_grouped_fp8_nt": ([P, L, L, L, L, L, P, L, L, INT, P, P, L, P, L, INT, INT], None),
+    "skinny_gemm_has_avx512": ([], INT),
+    "moe_decode_up": ([P, L, L, L, P, L, P, L, L, L, L, L, P, P, P, P, INT, INT], INT),
+    "moe_decode_down": ([P, L, P, L, L, L, P, L, P, P, L, L, P, P, P, INT, INT], None),
     "dequantize_fp8": ([P, L, L, L, P, L, INT, P, L, INT], None),
 }
 _BLOCK_SIGNATURES = {
@@ -54,19 +54,24 @@ def skinny_gemm_available() -> bool:
     return _library() is not None
 
 
+# Whether the skinny kernels may run their AVX-512 tiles (where the CPU has them), read by every wrapper and
+# passed on per call; False only within skinny_gemm_avx2_tiles(). A context variable, not a global of the C
+# library: per thread / asyncio task, and nothing to restore if a with-block is left by an exception.
+_SKINNY_AVX512: contextvars.ContextVar[bool] = contextvars.ContextVar("skinny_avx512", default=True)
+
+
 @contextlib.contextmanager
 def skinny_gemm_avx2_tiles() -> Iterator[bool]:
-    """Within: the skinny kernels run their AVX2 tiles even where the CPU has AVX-512 (tests cover both). Yields
-    whether that changed anything (False: the CPU has no AVX-512, the AVX2 tiles run anyway)."""
+    """Within (this thread or task): the skinny kernels run their AVX2 tiles even where the CPU has AVX-512, also
+    when called from the layer (tests cover both). Yields whether that changed anything (False: the CPU has no
+    AVX-512, or an enclosing block already asked for AVX2; the AVX2 tiles run anyway)."""
     lib = _library()
-    wide = bool(lib.skinny_gemm_use_avx512(1)) if lib is not None else False
-    if wide:
-        lib.skinny_gemm_use_avx512(0)
+    changed = _SKINNY_AVX512.get() and lib is not None and bool(lib.skinny_gemm_has_avx512())
+    token = _SKINNY_AVX512.set(False)
     try:
-        yield wide
+        yield changed
     finally:
-        if wide:
-            lib.skinny_gemm_use_avx512(1)
+        _SKINNY_AVX512.reset(token)
 
 
 @functools.lru_cache(maxsize=1)
@@ -126,8 +131,10 @@ def block_gemm_grouped_fp8(x_RD: torch.Tensor, q_LOD: torch.Tensor, scale: torch
 def skinny_gemm(x_MD: torch.Tensor, w_OD: torch.Tensor, out_MO: torch.Tensor | None = None) -> torch.Tensor:
     """``x_MD @ w_OD.T`` in fp32 on the CPU. Rows of ``x``, ``w`` and ``out`` must be unit-stride."""
     lib, out_MO = _prepare(x_MD, w_OD, out_MO, torch.float32)
-    lib.skinny_gemm_nt(w_OD.data_ptr(), w_OD.shape[0], x_MD.shape[1], w_OD.stride(0), x_MD.data_ptr(), x_MD.shape[0],
-                       x_MD.stride(0), out_MO.data_ptr(), out_MO.stride(0), torch.get_num_threads())
+    (M, D), O = x_MD.shape, w_OD.shape[0]
+    lib.skinny_gemm_grouped_nt(w_OD.data_ptr(), 1, O, D, w_OD.stride(0), 0, x_MD.data_ptr(),
+                               ctypes.byref(ctypes.c_long(M)), x_MD.stride(0), out_MO.data_ptr(), out_MO.stride(0),
+                               *_threads_isa())
     return out_MO
 
 
@@ -142,8 +149,14 @@ def skinny_gemm_grouped(x_RD: torch.Tensor, w_LOD: torch.Tensor, counts_L: torch
     L, O, D = w_LOD.shape
     _library().skinny_gemm_grouped_nt(w_LOD.data_ptr(), L, O, D, w_LOD.stride(1), w_LOD.stride(0), x_RD.data_ptr(),
                                       counts.data_ptr(), x_RD.stride(0), y_RO.data_ptr(), y_RO.stride(0),
-                                      torch.get_num_threads())
+                                      *_threads_isa())
     return y_RO
+
+
+def _threads_isa() -> tuple[int, int]:
+    """The last two arguments of every skinny kernel: the thread count and whether to use AVX-512 tiles (the C
+    side also checks that the CPU has them)."""
+    return torch.get_num_threads(), int(_SKINNY_AVX512.get())
 
 
 def _grouped_checks(x_RD: torch.Tensor, w_LOD: torch.Tensor, counts_L: torch.Tensor, out_RO: torch.Tensor | None,
@@ -188,7 +201,7 @@ def decode_moe(x_TD: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Tenso
     xs_ND, h_NX = torch.empty(N, D), torch.empty(N, X)
     status = lib.moe_decode_up(x_TD.data_ptr(), T, D, x_TD.stride(0), ids_TK.data_ptr(), K, w13_EXD.data_ptr(), E, X,
                                w13_EXD.stride(1), w13_EXD.stride(0), max_rows, order_N.data_ptr(),
-                               counts_E.data_ptr(), xs_ND.data_ptr(), h_NX.data_ptr(), torch.get_num_threads())
+                               counts_E.data_ptr(), xs_ND.data_ptr(), h_NX.data_ptr(), *_threads_isa())
     if status == -2:
         raise ValueError(f"decode_moe: expert ids must be in [0, {E}), got {ids_TK.min().item()}..{ids_TK.max().item()}")
     if status:
@@ -199,7 +212,7 @@ def decode_moe(x_TD: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Tenso
     y_TD, ys_ND, pos_N = torch.empty(T, D), torch.empty(N, D), torch.empty(N, dtype=torch.int64)
     lib.moe_decode_down(a_NF.data_ptr(), F, w2_EDF.data_ptr(), D, w2_EDF.stride(1), w2_EDF.stride(0),
                         counts_E.data_ptr(), E, order_N.data_ptr(), weights_TK.data_ptr(), T, K, pos_N.data_ptr(),
-                        ys_ND.data_ptr(), y_TD.data_ptr(), torch.get_num_threads())
+                        ys_ND.data_ptr(), y_TD.data_ptr(), *_threads_isa())
     return y_TD
 
 
@@ -214,9 +227,10 @@ def skinny_gemm_fp8(
     lib, out_MO = _prepare(x_MD, q_OD, out_MO, torch.float8_e4m3fn)
     O, D = q_OD.shape
     _check_scale(q_OD, scale, block)
-    lib.skinny_gemm_nt_fp8(q_OD.data_ptr(), O, D, q_OD.stride(0), scale.data_ptr(), scale.shape[-1], block,
-                           x_MD.data_ptr(), x_MD.shape[0], x_MD.stride(0), out_MO.data_ptr(), out_MO.stride(0),
-                           torch.get_num_threads())
+    lib.skinny_gemm_grouped_fp8_nt(q_OD.data_ptr(), 1, O, D, q_OD.stride(0), 0, scale.data_ptr(), 0,
+                                   scale.shape[-1] if block else 0, block, x_MD.data_ptr(),
+                                   ctypes.byref(ctypes.c_long(x_MD.shape[0])), x_MD.stride(0), out_MO.data_ptr(),
+                                   out_MO.stride(0), *_threads_isa())
     return out_MO
 
 
@@ -230,7 +244,7 @@ def skinny_gemm_grouped_fp8(x_RD: torch.Tensor, q_LOD: torch.Tensor, scale: torc
     _library().skinny_gemm_grouped_fp8_nt(q_LOD.data_ptr(), L, O, D, q_LOD.stride(1), q_LOD.stride(0),
                                           scale.data_ptr(), scale.stride(0), scale.stride(1) if block else 0, block,
                                           x_RD.data_ptr(), counts.data_ptr(), x_RD.stride(0), y_RO.data_ptr(),
-                                          y_RO.stride(0), torch.get_num_threads())
+                                          y_RO.stride(0), *_threads_isa())
     return y_RO
 
 
