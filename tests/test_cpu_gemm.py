@@ -107,17 +107,17 @@ def _step_by_step(x_TD, ids_TK, weights_TK, w13_EXD, w2_EDF, activation):
                                            (5, 21, 13, 4, 1)])
 @pytest.mark.parametrize("activation", ["swiglu", "gelu"])
 def test_decode_moe_is_bit_identical_to_the_step_by_step_path(T, D, F, E, K, activation, skinny_isa):
-    from moe.activations import expert_activation
+    from moe.activations import ActivationSpec
     from moe.config import Activation
     from moe.kernels.cpu_gemm import decode_moe
 
-    act = Activation(activation)
-    X = 2 * F if act.gated else F
+    act = ActivationSpec(Activation(activation))  # what loop_ffn and the layer's decode_moe call take
+    X = 2 * F if act.activation.gated else F
     x, w13, w2 = torch.randn(T, D), torch.randn(E, X, D) * D**-0.5, torch.randn(E, D, F) * F**-0.5
     ids = torch.stack([torch.randperm(E)[:K] for _ in range(T)]).int()
     ids[ids == 1] = 0 if E > 2 else ids[ids == 1]  # expert 1 gets no rows
     weights = torch.rand(T, K)
-    y = decode_moe(x, ids, weights, w13, w2, lambda h: expert_activation(h, act), max_rows=T * K)
+    y = decode_moe(x, ids, weights, w13, w2, act, max_rows=T * K)
     assert y is not None and torch.equal(y, _step_by_step(x, ids, weights, w13, w2, act))
 
 
