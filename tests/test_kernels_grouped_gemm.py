@@ -12,6 +12,7 @@ import torch
 
 os.environ.setdefault("TRITON_INTERPRET", "0" if torch.cuda.is_available() else "1")
 triton = pytest.importorskip("triton")
+tl = pytest.importorskip("triton.language")
 
 from moe.config import Activation  # noqa: E402
 from moe.kernels import gemm_act as gemm_act_module  # noqa: E402
@@ -19,7 +20,8 @@ from moe.kernels.gemm_act import gemm_act  # noqa: E402
 from moe.kernels.gemm_combine import gemm_combine  # noqa: E402
 from moe.kernels.index_shuffle import index_shuffle  # noqa: E402
 from moe.kernels.schedule import (  # noqa: E402
-    GemmConfig, all_candidates, candidates, default_config, max_row_tiles, prune_for_bucket, rows_bucket,
+    GemmConfig, all_candidates, candidates, default_config, max_row_tiles, program_tile, prune_for_bucket,
+    rows_bucket,
 )
 from moe.reference import reference_expert, reference_moe  # noqa: E402
 
@@ -87,6 +89,38 @@ def test_pinned_tiles_cover_partial_tiles(tile, deterministic):
     y_TD = gemm_combine(h_NF, token_idx, order, counts, w2, weights_TK, deterministic=deterministic, config=tile)
     expected = reference_moe(x_TD, weights_TK, ids_TK, w13, w2)
     torch.testing.assert_close(y_TD, expected, rtol=1e-5, atol=1e-5)
+
+
+@triton.jit
+def _program_tile_probe(counts_ptr, out_ptr, E, num_cols, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                        GROUP_M: tl.constexpr, E_POW2: tl.constexpr):
+    """Writes each program's ``program_tile`` as one row: valid, expert, col_tile, cols[0], sum(col_ok), rows,
+    row_ok."""
+    valid, expert, rows, row_ok, cols, col_ok, col_tile = program_tile(counts_ptr, E, num_cols, BLOCK_M, BLOCK_N,
+                                                                       GROUP_M, E_POW2)
+    out = out_ptr + tl.program_id(0) * (5 + 2 * BLOCK_M)
+    tl.store(out, valid.to(tl.int32))
+    tl.store(out + 1, expert)
+    tl.store(out + 2, col_tile)
+    tl.store(out + 3, tl.min(cols, axis=0))
+    tl.store(out + 4, tl.sum(col_ok.to(tl.int32), axis=0))
+    m = tl.arange(0, BLOCK_M)
+    tl.store(out + 5 + m, rows)
+    tl.store(out + 5 + BLOCK_M + m, row_ok.to(tl.int32))
+
+
+def test_program_tile_docstring_example():
+    counts_E, block_m, block_n = _t([3, 0, 5], torch.int32), 4, 16
+    slots = max_row_tiles(8, 3, block_m)
+    assert slots == 5
+    out = torch.full((slots, 5 + 2 * block_m), -7, dtype=torch.int32, device=DEVICE)
+    _program_tile_probe[(slots,)](counts_E, out, 3, block_n, BLOCK_M=block_m, BLOCK_N=block_n, GROUP_M=1, E_POW2=16)
+    out = out.cpu()
+    assert out[:, 0].tolist() == [1, 1, 1, 0, 0]
+    #                      expert, col_tile, cols[0], sum(col_ok), rows,          row_ok
+    assert out[0, 1:].tolist() == [0, 0, 0, 16, 0, 1, 2, 3, 1, 1, 1, 0]
+    assert out[1, 1:].tolist() == [2, 0, 0, 16, 3, 4, 5, 6, 1, 1, 1, 1]
+    assert out[2, 1:].tolist() == [2, 0, 0, 16, 7, 8, 9, 10, 1, 0, 0, 0]
 
 
 def test_tile_schedule_bound_and_buckets():

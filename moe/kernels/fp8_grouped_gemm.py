@@ -3,9 +3,11 @@
 Shape legend: T tokens, D hidden, F expert FFN size, X = 2F (gated) or F rows of ``w13``, E experts,
 N = T*K routed rows sorted by expert, M rows of one tile, G = 128 columns of a quantisation group.
 
-The schedule, row gather, activation epilogue and combine are those of ``gemm_act.py`` / ``gemm_combine.py``
-(same tile lookup, same routing-weight and bias handling, same atomic or deterministic combine). What changes
-is the operands, following DeepSeek-V3's recipe with "dynamic" activation scales:
+The schedule, row gather, activation epilogue and combine are those of ``gemm_act.py`` / ``gemm_combine.py``,
+shared as jit helpers: ``schedule.program_tile`` (tile lookup, row and column masks), ``gemm_act.act_epilogue``
+(routing weight on the input, bias, activation) and ``gemm_combine.combine_epilogue`` (bias, routing weight,
+atomic or deterministic combine). What changes is the operands, following DeepSeek-V3's recipe with "dynamic"
+activation scales:
 
 - activations: e4m3 with one fp32 scale per token and group of G columns (1x128). :func:`group_quant` does
   ``x_TD`` (once per token, not per routed row); GEMM 1's epilogue does ``h_NF``, its column tile being
@@ -29,9 +31,9 @@ import torch
 import triton
 import triton.language as tl
 
-from moe.kernels.gemm_act import ACTIVATIONS, _activate
+from moe.kernels.gemm_act import ACTIVATIONS, act_epilogue
 from moe.kernels.gemm_combine import combine_buffer, combine_epilogue, combine_finish
-from moe.kernels.schedule import MAX_ROWS_BUCKET, GemmConfig, expert_tile, grouped_tile, launch_grouped, rows_bucket
+from moe.kernels.schedule import MAX_ROWS_BUCKET, GemmConfig, launch_grouped, program_tile, rows_bucket
 
 FP8 = torch.float8_e4m3fn
 GROUP = 128
@@ -102,16 +104,11 @@ def _fp8_gemm_act_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     # 1. which expert, rows and columns this program owns (see schedule.py); empty slots leave at once
-    num_col_tiles = tl.cdiv(F, BLOCK_N)
-    slot, col_tile = grouped_tile(tl.program_id(0), tl.num_programs(0) // num_col_tiles, num_col_tiles, GROUP_M)
-    expert, row_start, row_end, num_tiles = expert_tile(slot, counts_ptr, E, BLOCK_M, E_POW2)
-    if slot >= num_tiles:
+    valid, expert, rows, row_ok, cols, col_ok, col_tile = program_tile(counts_ptr, E, F, BLOCK_M, BLOCK_N, GROUP_M,
+                                                                       E_POW2)
+    if not valid:
         return
-    rows = row_start + tl.arange(0, BLOCK_M)
-    row_ok = rows < row_end
     tokens = tl.load(token_ptr + rows, mask=row_ok, other=0).to(tl.int64)
-    cols = col_tile * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_ok = cols < F
     ks = tl.arange(0, BLOCK_K)
     # 2. K loop, one group per step: e4m3 MMA, then the token's and the weight rows' scales in fp32
     x_ptrs = x_ptr + tokens[:, None] * stride_xt + ks[None, :] * stride_xd
@@ -131,18 +128,10 @@ def _fp8_gemm_act_kernel(
             up += tl.dot(x, tl.load(w_ptrs + F * stride_wx, mask=w_mask, other=0.0)) * x_scale * w_scale
         x_ptrs += BLOCK_K * stride_xd
         w_ptrs += BLOCK_K * stride_wd
-    # 3. epilogue: routing weight on the input (Llama 4), bias, activation, as in gemm_act
-    if SCALE_INPUT:
-        pair = tl.load(order_ptr + rows, mask=row_ok, other=0)
-        scale = tl.load(topk_w_ptr + pair, mask=row_ok, other=0.0)[:, None]
-        gate = gate * scale
-        up = up * scale
-    if HAS_BIAS:
-        b_ptrs = b_ptr + expert * stride_be + cols * stride_bx
-        gate += tl.load(b_ptrs, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-        if GATED:
-            up += tl.load(b_ptrs + F * stride_bx, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    h = tl.where(col_ok[None, :], _activate(gate, up, alpha, limit, ACT), 0.0)
+    # 3. epilogue: routing weight on the input (Llama 4), bias, activation: gemm_act's
+    h = act_epilogue(gate, up, rows, row_ok, cols, col_ok, expert, order_ptr, topk_w_ptr, b_ptr, F, stride_be,
+                     stride_bx, alpha, limit, ACT, GATED, HAS_BIAS, SCALE_INPUT)
+    h = tl.where(col_ok[None, :], h, 0.0)
     # 4. GEMM 2's input: this tile's columns are one group, quantised per row
     h_q, h_scale = _quantize_rows(h)
     rows64 = rows.to(tl.int64)
@@ -162,16 +151,10 @@ def _fp8_gemm_combine_kernel(
     E_POW2: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    # 1. expert, rows and output columns of this program (see schedule.py)
-    num_col_tiles = tl.cdiv(D, BLOCK_N)
-    slot, col_tile = grouped_tile(tl.program_id(0), tl.num_programs(0) // num_col_tiles, num_col_tiles, GROUP_M)
-    expert, row_start, row_end, num_tiles = expert_tile(slot, counts_ptr, E, BLOCK_M, E_POW2)
-    if slot >= num_tiles:
+    # 1. expert, rows and output columns of this program (see schedule.py); empty slots leave at once
+    valid, expert, rows, row_ok, cols, col_ok, _ = program_tile(counts_ptr, E, D, BLOCK_M, BLOCK_N, GROUP_M, E_POW2)
+    if not valid:
         return
-    rows = row_start + tl.arange(0, BLOCK_M)
-    row_ok = rows < row_end
-    cols = col_tile * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_ok = cols < D
     ks = tl.arange(0, BLOCK_K)
     # 2. K loop over F, one group per step; h rows are already contiguous in expert order
     rows64 = rows.to(tl.int64)

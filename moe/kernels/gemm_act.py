@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from moe.kernels.schedule import GemmConfig, autotuned, expert_tile, grouped_tile, launch_grouped
+from moe.kernels.schedule import GemmConfig, autotuned, launch_grouped, program_tile
 
 # Activation name (moe.config.Activation values) -> (kernel code, gated)
 ACTIVATIONS = {"swiglu": (0, True), "geglu": (1, True), "swiglu_oai": (2, True), "gelu": (3, False),
@@ -49,6 +49,25 @@ def _activate(gate, up, alpha, limit, ACT: tl.constexpr):
     return out
 
 
+@triton.jit
+def act_epilogue(gate, up, rows, row_ok, cols, col_ok, expert, order_ptr, topk_w_ptr, b_ptr, F, stride_be, stride_bx,
+                 alpha, limit, ACT: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr,
+                 SCALE_INPUT: tl.constexpr):
+    """fp32 tiles ``gate``/``up [rows, cols]`` of expert ``expert`` -> x routing weight, + bias -> activation
+    (shared with the FP8 kernel). The weight scales the input (Llama 4); linear, so it is applied to the product."""
+    if SCALE_INPUT:
+        pair = tl.load(order_ptr + rows, mask=row_ok, other=0)
+        scale = tl.load(topk_w_ptr + pair, mask=row_ok, other=0.0)[:, None]
+        gate = gate * scale
+        up = up * scale
+    if HAS_BIAS:
+        b_ptrs = b_ptr + expert * stride_be + cols * stride_bx
+        gate += tl.load(b_ptrs, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        if GATED:
+            up += tl.load(b_ptrs + F * stride_bx, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    return _activate(gate, up, alpha, limit, ACT)
+
+
 @triton.jit(do_not_specialize=["M_BUCKET"])
 def _gemm_act_kernel(
     x_ptr, token_ptr, order_ptr, topk_w_ptr, counts_ptr, w_ptr, b_ptr, h_ptr,
@@ -60,16 +79,10 @@ def _gemm_act_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     # 1. which expert, rows and columns this program owns (see schedule.py); empty slots leave at once
-    num_col_tiles = tl.cdiv(F, BLOCK_N)
-    slot, col_tile = grouped_tile(tl.program_id(0), tl.num_programs(0) // num_col_tiles, num_col_tiles, GROUP_M)
-    expert, row_start, row_end, num_tiles = expert_tile(slot, counts_ptr, E, BLOCK_M, E_POW2)
-    if slot >= num_tiles:
+    valid, expert, rows, row_ok, cols, col_ok, _ = program_tile(counts_ptr, E, F, BLOCK_M, BLOCK_N, GROUP_M, E_POW2)
+    if not valid:
         return
-    rows = row_start + tl.arange(0, BLOCK_M)
-    row_ok = rows < row_end
     tokens = tl.load(token_ptr + rows, mask=row_ok, other=0).to(tl.int64)
-    cols = col_tile * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_ok = cols < F
     ks = tl.arange(0, BLOCK_K)
     # 2. main loop over D: one gathered x tile feeds the gate and the up accumulators
     x_ptrs = x_ptr + tokens[:, None] * stride_xt + ks[None, :] * stride_xd
@@ -86,18 +99,9 @@ def _gemm_act_kernel(
             up = tl.dot(x, tl.load(w_ptrs + up_offset, mask=w_mask, other=0.0), up, input_precision=DOT_PRECISION)
         x_ptrs += BLOCK_K * stride_xd
         w_ptrs += BLOCK_K * stride_wd
-    # 3. epilogue: routing weight on the input (Llama 4; linear, so applied to the product), bias, activation
-    if SCALE_INPUT:
-        pair = tl.load(order_ptr + rows, mask=row_ok, other=0)
-        scale = tl.load(topk_w_ptr + pair, mask=row_ok, other=0.0)[:, None]
-        gate = gate * scale
-        up = up * scale
-    if HAS_BIAS:
-        b_ptrs = b_ptr + expert * stride_be + cols * stride_bx
-        gate += tl.load(b_ptrs, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-        if GATED:
-            up += tl.load(b_ptrs + F * stride_bx, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    h = _activate(gate, up, alpha, limit, ACT)
+    # 3. epilogue: routing weight on the input, bias, activation
+    h = act_epilogue(gate, up, rows, row_ok, cols, col_ok, expert, order_ptr, topk_w_ptr, b_ptr, F, stride_be,
+                     stride_bx, alpha, limit, ACT, GATED, HAS_BIAS, SCALE_INPUT)
     h_ptrs = h_ptr + rows.to(tl.int64)[:, None] * stride_hn + cols[None, :] * stride_hf
     tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 

@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from moe.kernels.schedule import GemmConfig, autotuned, expert_tile, grouped_tile, launch_grouped
+from moe.kernels.schedule import GemmConfig, autotuned, launch_grouped, program_tile
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -37,16 +37,10 @@ def _gemm_combine_kernel(
     E_POW2: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    # 1. expert, rows and output columns of this program (see schedule.py)
-    num_col_tiles = tl.cdiv(D, BLOCK_N)
-    slot, col_tile = grouped_tile(tl.program_id(0), tl.num_programs(0) // num_col_tiles, num_col_tiles, GROUP_M)
-    expert, row_start, row_end, num_tiles = expert_tile(slot, counts_ptr, E, BLOCK_M, E_POW2)
-    if slot >= num_tiles:
+    # 1. expert, rows and output columns of this program (see schedule.py); empty slots leave at once
+    valid, expert, rows, row_ok, cols, col_ok, _ = program_tile(counts_ptr, E, D, BLOCK_M, BLOCK_N, GROUP_M, E_POW2)
+    if not valid:
         return
-    rows = row_start + tl.arange(0, BLOCK_M)
-    row_ok = rows < row_end
-    cols = col_tile * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_ok = cols < D
     ks = tl.arange(0, BLOCK_K)
     # 2. main loop over F; h rows are already contiguous in expert order
     h_ptrs = h_ptr + rows.to(tl.int64)[:, None] * stride_hn + ks[None, :] * stride_hf

@@ -1,4 +1,4 @@
-"""The tile schedule and tile configs shared by the two grouped GEMMs.
+"""The tile schedule and tile configs shared by the grouped GEMMs (bf16/fp16/fp32 and FP8).
 
 Shape legend: N routed rows sorted by expert, E experts, M rows of one expert, T tokens, K top-k.
 
@@ -8,7 +8,8 @@ Each expert's rows ``offsets[e] .. offsets[e] + counts[e]`` are cut into ``ceil(
 row tiles. The grid has ``N // BLOCK_M + min(E, N)`` row-tile slots, a static upper bound of
 ``sum_e ceil(counts[e] / BLOCK_M)``, times the column tiles. A program turns its slot into (expert, tile)
 from ``counts_E`` in registers: per-expert tile counts, a cumulative sum over ``E_POW2`` lanes and one
-compare, O(E) register work. Slots past the last real tile return at once.
+compare, O(E) register work. Slots past the last real tile return at once. :func:`program_tile` is that
+whole prologue (slot, expert, row and column offsets and masks); every grouped-GEMM kernel starts with it.
 
 Why this and not a persistent grid or vLLM-style padding:
 
@@ -148,6 +149,26 @@ def expert_tile(slot, counts_ptr, E, BLOCK_M: tl.constexpr, E_POW2: tl.constexpr
     expert_start = tl.sum(tl.where(before, counts, 0), axis=0)
     expert_rows = tl.sum(tl.where(e_idx == expert, counts, 0), axis=0)
     return expert, expert_start + tile_in_expert * BLOCK_M, expert_start + expert_rows, tl.sum(tiles, axis=0)
+
+
+@triton.jit
+def program_tile(counts_ptr, E, num_cols, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr,
+                 E_POW2: tl.constexpr):
+    """This program's tile of a grouped GEMM with ``num_cols`` output columns, the prologue of all four kernels:
+    ``(valid, expert, rows, row_ok, cols, col_ok, col_tile)``. ``rows [BLOCK_M]`` are sorted-row indices
+    inside ``expert``'s rows (``row_ok`` masks the tail), ``cols [BLOCK_N]`` output columns (``col_ok``).
+    ``valid`` is false for slots past the last real tile: the caller returns before loading anything.
+
+    Example: counts_E = [3, 0, 5], BLOCK_M = 4, num_cols = BLOCK_N (one column tile), GROUP_M = 1. The grid
+    has 8 // 4 + 3 = 5 slots; expert 0 owns slot 0 (rows 0..3, row_ok = [1, 1, 1, 0]), expert 2 slots 1 and 2
+    (rows 3..6 and 7..10, the second with row_ok = [1, 0, 0, 0]); slots 3 and 4 are not valid.
+    """
+    num_col_tiles = tl.cdiv(num_cols, BLOCK_N)
+    slot, col_tile = grouped_tile(tl.program_id(0), tl.num_programs(0) // num_col_tiles, num_col_tiles, GROUP_M)
+    expert, row_start, row_end, num_tiles = expert_tile(slot, counts_ptr, E, BLOCK_M, E_POW2)
+    rows = row_start + tl.arange(0, BLOCK_M)
+    cols = col_tile * BLOCK_N + tl.arange(0, BLOCK_N)
+    return slot < num_tiles, expert, rows, rows < row_end, cols, cols < num_cols, col_tile
 
 
 def autotuned(kernel, gemm: int, restore_value: list[str] | None = None):
