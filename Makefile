@@ -2,7 +2,7 @@
 PYTHON ?= python
 PIP_INSTALL = DS_BUILD_OPS=0 $(PYTHON) -m pip install -q torch==2.13.0 -e '.[test]'
 
-.PHONY: install run test test-slow bench-layer
+.PHONY: install run test test-slow lint bench-layer
 
 install:
 	$(PIP_INSTALL)
@@ -14,8 +14,15 @@ run: install
 bench-layer:
 	$(PYTHON) -m benchmarks.layer
 
+# pytest deselects the `slow` cases by default (pyproject.toml)
 test: install
-	$(PYTHON) -m pytest -q -m "not slow"
+	$(PYTHON) -m pytest -q
 
 test-slow: install
 	$(PYTHON) -m pytest -q -m slow
+
+# the layer order (import-linter contracts in pyproject.toml), style, types; also in .ci/run and pre-commit
+lint:
+	lint-imports --no-cache
+	ruff check .
+	mypy

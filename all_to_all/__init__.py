@@ -12,5 +12,6 @@ from all_to_all.slots import SlotTable, assign_slots
 
 __all__ = [
     "AllGatherDispatcher", "AllGatherMeta", "AllToAllDispatcher", "AllToAllMeta", "CollectiveError", "CommStats",
-    "Dispatcher", "EPComm", "LocalDispatcher", "LocalMeta", "SlotTable", "assign_slots", "inverse_permutation", "weighted_sum",
+    "Dispatcher", "EPComm", "LocalDispatcher", "LocalMeta", "SlotTable", "assign_slots", "inverse_permutation",
+    "weighted_sum",
 ]

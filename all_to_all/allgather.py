@@ -16,8 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
-from all_to_all.dispatcher import inverse_permutation, weighted_sum
 from all_to_all.comm import CommStats, EPComm
+from all_to_all.dispatcher import inverse_permutation, weighted_sum
 from all_to_all.slots import SlotTable, assign_slots
 from routing.router import Routing
 

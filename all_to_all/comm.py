@@ -15,9 +15,10 @@ Every collective of a dispatcher goes through one ``EPComm``, which
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -30,7 +31,8 @@ _WIRE_DTYPES = {torch.float32, torch.float64, torch.float16, torch.bfloat16, tor
 
 # torch 2.13 renamed all_gather_into_tensor (now deprecated) to all_gather_single; torch >= 2.6 is supported
 # (getattr: a torch built without distributed support must still import moe, which imports this package)
-_all_gather_single = getattr(dist, "all_gather_single", None) or getattr(dist, "all_gather_into_tensor", None)
+_all_gather_single: Any = (getattr(dist, "all_gather_single", None)
+                           or getattr(dist, "all_gather_into_tensor", None))
 
 
 class CollectiveError(RuntimeError):
@@ -107,7 +109,7 @@ class EPComm:
             value_1, op=dist.ReduceOp.MAX, group=self.group, async_op=True))
         return value_1
 
-    def to_host(self, t: torch.Tensor) -> list[int]:
+    def to_host(self, t: torch.Tensor) -> list:
         """``t.tolist()``, timed and counted. NOTE: host sync (on a GPU it waits for all queued work)."""
         start = time.perf_counter()
         values = t.tolist()  # NOTE: host sync

@@ -17,8 +17,8 @@ Shape legend: T tokens per rank, D hidden, K top-k, W ranks, S slots per rank, N
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 

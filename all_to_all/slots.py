@@ -10,8 +10,8 @@ N = T*K routed rows.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 
@@ -35,7 +35,7 @@ class SlotTable:
 
     @classmethod
     def from_phy2log(cls, phy2log: Sequence[int], num_experts: int, num_ranks: int,
-                     device: torch.device | str | None = None) -> "SlotTable":
+                     device: torch.device | str | None = None) -> SlotTable:
         P = len(phy2log)
         if num_ranks < 1 or P % num_ranks:
             raise ValueError(f"number of slots ({P}) must be a positive multiple of num_ranks ({num_ranks})")
@@ -60,7 +60,7 @@ class SlotTable:
     def num_slots(self) -> int:
         return self.num_ranks * self.slots_per_rank
 
-    def to(self, device: torch.device | str) -> "SlotTable":
+    def to(self, device: torch.device | str) -> SlotTable:
         return SlotTable(self.replicas_EX.to(device), self.counts_E.to(device), self.slot_to_expert_P.to(device),
                          self.num_ranks, self.slots_per_rank)
 

@@ -27,7 +27,13 @@ import torch.multiprocessing as mp
 
 from all_to_all import AllGatherDispatcher, AllToAllDispatcher, EPComm
 from all_to_all.cost_model import (
-    H100_NVLINK_IB, LOCAL_GLOO, Step, fit_link, local_cluster, predict_all_gather, predict_all_to_all,
+    H100_NVLINK_IB,
+    LOCAL_GLOO,
+    Step,
+    fit_link,
+    local_cluster,
+    predict_all_gather,
+    predict_all_to_all,
 )
 from expert_parallel import ExpertPlacement
 from routing import Router, RouterConfig
@@ -134,7 +140,7 @@ def print_local(results: dict[int, dict], args: argparse.Namespace) -> None:
     for W, r in results.items():
         predicted = [link.overhead_s + link.transfer_s(p, b) for p, b, _ in r["sweep"]]
         cells = [f"{int(b * W / p) if p else 0:>8}B {s * 1e6:7.0f}/{q * 1e6:<7.0f}"
-                 for (p, b, s), q in zip(r["sweep"], predicted)]
+                 for (p, b, s), q in zip(r["sweep"], predicted, strict=True)]
         print(f"  W={W}: " + " ".join(cells))
     print(f"\ndispatchers, T={args.tokens} tokens/rank, D={args.hidden}, K={args.top_k}, E={args.experts}, fp32, "
           "us; comm = inside collectives (model fitted on the raw sweep only), total = comm + local work")

@@ -26,9 +26,9 @@ import torch.nn.functional as F
 from benchmarks.common import rel_err
 from moe import MoE
 from serve.engine.config import DEFAULT_MODEL
-from serve.models.loader import load_model
-from serve.models.layers import DenseCausalBackend
 from serve.engine.tokenizer import Tokenizer
+from serve.models.layers import DenseCausalBackend
+from serve.models.loader import load_model
 
 SCHEMES = ("fp8-channel", "fp8-block")
 
@@ -101,7 +101,7 @@ def layer_errors(reference, model, ids_S: torch.Tensor) -> list[float]:
     for hook in hooks:
         hook.remove()
     with torch.no_grad():
-        return [rel_err(q(x), r(x)) for r, q, x in zip(moe_layers(reference), moe_layers(model), inputs)]
+        return [rel_err(q(x), r(x)) for r, q, x in zip(moe_layers(reference), moe_layers(model), inputs, strict=True)]
 
 
 def expert_bytes_ratio(reference, model) -> float:

@@ -73,7 +73,7 @@ def bench_model(name: str, shape: Shape, args: argparse.Namespace, timer: Timer)
         print(f"{name:9} {scheme}: error vs FP8-emulated reference {', '.join(f'{e:.1e}' for e in errors)}")
     for T in args.tokens:
         x_TD, routing = make_inputs(shape, T)
-        t_bf16 = timer(lambda: forward(x_TD, routing, bf16))
+        t_bf16 = timer(lambda e=bf16: forward(x_TD, routing, e))
         cells = []
         for scheme, experts in fp8.items():
             speedup = t_bf16 / timer(lambda: forward(x_TD, routing, experts))

@@ -25,8 +25,8 @@ import argparse
 import json
 import statistics
 import sys
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Callable
 
 import torch
 
@@ -182,7 +182,7 @@ def rooflines(shape: Shape, T: int, routing: Routing, timer: Timer, bandwidth: f
     N = T * shape.K
     a_ND = torch.randn(N, shape.D, device="cuda", dtype=torch.bfloat16)
     b_DX = torch.randn(shape.D, 3 * shape.F, device="cuda", dtype=torch.bfloat16)
-    dense = timer(lambda: torch.mm(a_ND, b_DX))
+    dense = timer(lambda a=a_ND, b=b_DX: torch.mm(a, b))
     del a_ND, b_DX
     experts_hit = torch.unique(routing.ids_TK).numel()  # NOTE: host sync, outside the timed region
     weight_bytes = experts_hit * 3 * shape.F * shape.D * 2
@@ -196,17 +196,17 @@ def bench_model(name: str, shape: Shape, args: argparse.Namespace, timer: Timer,
     out = dict(model=name, shape=asdict(shape), check=check(shape, experts, ours, args.check_tokens), rows=[])
     for T in args.tokens:
         x_TD, routing = make_inputs(shape, T)
-        t_ours = timer(lambda: ours(x_TD, routing, experts))
-        t_peer = timer(lambda: grouped_mm_forward(x_TD, routing, experts))
+        t_ours = timer(lambda e=experts: ours(x_TD, routing, e))
+        t_peer = timer(lambda e=experts: grouped_mm_forward(x_TD, routing, e))
         dense, memory = rooflines(shape, T, routing, timer, bandwidth)
         row = dict(T=T, ours_ms=1e3 * t_ours, grouped_mm_ms=1e3 * t_peer, speedup=t_peer / t_ours,
                    dense_ms=1e3 * dense, memory_ms=1e3 * memory, dense_frac=dense / t_ours,
                    memory_frac=memory / t_ours, graph_ms=None, graph_grouped_mm_ms=None)
         if T in args.graph_tokens:
-            row["graph_ms"] = 1e3 * graph_replay_time(lambda: ours(x_TD, routing, experts), timer)
+            row["graph_ms"] = 1e3 * graph_replay_time(lambda e=experts: ours(x_TD, routing, e), timer)
             try:
                 row["graph_grouped_mm_ms"] = 1e3 * graph_replay_time(
-                    lambda: grouped_mm_forward(x_TD, routing, experts), timer)
+                    lambda e=experts: grouped_mm_forward(x_TD, routing, e), timer)
             except RuntimeError as err:  # the peer may not be capturable; say so instead of hiding it
                 print(f"  [{name} T={T}] grouped_mm path not capturable: {err}", file=sys.stderr)
         out["rows"].append(row)

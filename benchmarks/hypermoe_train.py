@@ -35,7 +35,6 @@ from moe import MoE, MoEConfig
 from routing.router import Routing
 
 
-
 def load_corpus(max_bytes: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``(train_bytes, val_bytes)`` as uint8 tensors from the standard library's sources."""
     root = Path(sysconfig.get_paths()["stdlib"])

@@ -21,8 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from benchmarks.common import fma_peak_flops, interleaved_medians, memory_read_bandwidth, rel_err
-from moe import MoE
 from hypermoe import HyperMoEConfig
+from moe import MoE
 from quant import quantize_fp8
 
 
@@ -45,7 +45,8 @@ def build_hf_blocks(D: int, F_: int, E: int, K: int):
 class SwiGLUExpert(nn.Module):
     def __init__(self, D: int, F_: int) -> None:
         super().__init__()
-        self.w1, self.w3, self.w2 = nn.Linear(D, F_, bias=False), nn.Linear(D, F_, bias=False), nn.Linear(F_, D, bias=False)
+        self.w1, self.w3 = nn.Linear(D, F_, bias=False), nn.Linear(D, F_, bias=False)
+        self.w2 = nn.Linear(F_, D, bias=False)
 
     def forward(self, x):
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
@@ -120,15 +121,16 @@ def main() -> None:
     hyper = None if args.no_hypermoe else with_hypermoe(ours)
     fp8_rows, hyper_rows = [], []
     expert_bytes = (blocks["eager"].experts.gate_up_proj[0].numel() + blocks["eager"].experts.down_proj[0].numel()) * 4
-    print(f"layer D={D} F={F_} E={E} K={K} fp32, {args.threads} threads; memory read bandwidth {bandwidth / 1e9:.1f} GB/s;"
-          f" FMA peak {peak / 1e9:.0f} GFLOP/s")
+    print(f"layer D={D} F={F_} E={E} K={K} fp32, {args.threads} threads; "
+          f"memory read bandwidth {bandwidth / 1e9:.1f} GB/s; FMA peak {peak / 1e9:.0f} GFLOP/s")
     print("% peak: the layer's expert FLOPs (6 T K D F) / its time / the FMA peak")
     header = (f"{'T':>5} {'ours ms':>9} {'hf eager':>9} {'hf gmm':>9} {'deepspeed':>9} {'dense ms':>9} {'mem ms':>8} |"
               f" {'vs best HF':>10} {'vs DS':>6} {'% dense':>8} {'% memory':>8} {'% peak':>7} {'err':>8}")
     print(header)
     for T in args.tokens:
         x = torch.randn(1, T, D)
-        fns = {"ours": lambda: ours(x), "hf eager": lambda: blocks["eager"](x), "hf gmm": lambda: blocks["grouped_mm"](x)}
+        fns = {"ours": lambda: ours(x), "hf eager": lambda: blocks["eager"](x),
+               "hf gmm": lambda: blocks["grouped_mm"](x)}
         if ds is not None:
             fns["deepspeed"] = lambda: ds(x)
         fns.update(dense_roofline_fns(T * K, D, F_))
@@ -147,8 +149,9 @@ def main() -> None:
         best_hf = min(t["hf eager"], t["hf gmm"])
         ds_t = t.get("deepspeed", float("nan"))
         ms = lambda s: f"{s * 1e3:9.2f}"  # noqa: E731
-        print(f"{T:>5} {ms(t['ours'])} {ms(t['hf eager'])} {ms(t['hf gmm'])} {ms(ds_t)} {ms(dense)} {memory * 1e3:8.2f} |"
-              f" {best_hf / t['ours']:9.2f}x {ds_t / t['ours']:5.2f}x {dense / t['ours']:7.0%} {memory / t['ours']:8.0%}"
+        print(f"{T:>5} {ms(t['ours'])} {ms(t['hf eager'])} {ms(t['hf gmm'])} {ms(ds_t)} {ms(dense)} "
+              f"{memory * 1e3:8.2f} | {best_hf / t['ours']:9.2f}x {ds_t / t['ours']:5.2f}x "
+              f"{dense / t['ours']:7.0%} {memory / t['ours']:8.0%}"
               f" {6 * T * K * D * F_ / t['ours'] / peak:7.0%} {err:8.1e}")
         if fp8:
             with torch.no_grad():
@@ -164,10 +167,12 @@ def print_fp8(rows) -> None:
     if not rows:
         return
     print("\nFP8 experts (e4m3fn weights, fp32 compute) vs our fp32 layer, same run; err = relative to fp32 output")
-    print(f"{'T':>5} {'fp32 ms':>9} {'channel':>9} {'block':>9} | {'ch speedup':>10} {'blk speedup':>11} {'ch err':>8} {'blk err':>8}")
+    print(f"{'T':>5} {'fp32 ms':>9} {'channel':>9} {'block':>9} | {'ch speedup':>10} {'blk speedup':>11} "
+          f"{'ch err':>8} {'blk err':>8}")
     for T, t32, by in rows:
         (tc, ec), (tb, eb) = by["channel"], by["block"]
-        print(f"{T:>5} {t32 * 1e3:9.2f} {tc * 1e3:9.2f} {tb * 1e3:9.2f} | {t32 / tc:9.2f}x {t32 / tb:10.2f}x {ec:8.1e} {eb:8.1e}")
+        print(f"{T:>5} {t32 * 1e3:9.2f} {tc * 1e3:9.2f} {tb * 1e3:9.2f} | {t32 / tc:9.2f}x {t32 / tb:10.2f}x "
+              f"{ec:8.1e} {eb:8.1e}")
 
 
 def print_hypermoe(rows) -> None:
@@ -178,7 +183,8 @@ def print_hypermoe(rows) -> None:
     print(f"{'T':>5} {'plain ms':>9} {'hyper ms':>9} {'adapter ms':>10} | {'measured':>9} {'computed':>9}"
           "  (target <= 10% at T >= 32)")
     for T, plain, hyper, adapter in rows:
-        print(f"{T:>5} {plain * 1e3:9.2f} {hyper * 1e3:9.2f} {adapter * 1e3:10.2f} | {100 * (hyper / plain - 1):+8.1f}% "
+        print(f"{T:>5} {plain * 1e3:9.2f} {hyper * 1e3:9.2f} {adapter * 1e3:10.2f} | "
+              f"{100 * (hyper / plain - 1):+8.1f}% "
               f"{100 * adapter / plain:+8.1f}%")
 
 

@@ -152,7 +152,7 @@ def main() -> None:
 
     ok = [r for r in results if r.ok]
     tokens = sum(r.output_tokens for r in ok)
-    prompt_tokens = sum(len(p) for (p, _), r in zip(requests, results) if r.ok)
+    prompt_tokens = sum(len(p) for (p, _), r in zip(requests, results, strict=True) if r.ok)
     print(f"requests: {len(ok)}/{len(results)} ok, rate {args.request_rate}/s, max concurrency "
           f"{args.max_concurrency}, duration {elapsed:.1f} s")
     for r in results:

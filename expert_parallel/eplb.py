@@ -12,7 +12,7 @@ hot path. Shape legend: E logical experts, P physical slots, W ranks (GPUs), S =
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 
 def balanced_packing(weights: Sequence[float], num_packs: int) -> list[int]:
@@ -80,5 +80,5 @@ def _place_in_node(load: list[float], experts: list[int], num_slots: int, num_ra
     rank_of_replica = balanced_packing([load[i] / counts[i] for i in replica_expert], num_ranks)
     slots: list[int] = []
     for rank in range(num_ranks):
-        slots += sorted(experts[i] for i, r in zip(replica_expert, rank_of_replica) if r == rank)
+        slots += sorted(experts[i] for i, r in zip(replica_expert, rank_of_replica, strict=True) if r == rank)
     return slots

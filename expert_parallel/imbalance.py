@@ -110,7 +110,7 @@ class LayerLoad:
     dead: list[int]
 
     @classmethod
-    def of(cls, name: str, counts_E, num_hottest: int = 3) -> "LayerLoad":
+    def of(cls, name: str, counts_E, num_hottest: int = 3) -> LayerLoad:
         c = as_counts(counts_E)
         total = c.sum()
         hot = hottest_experts(c, num_hottest)
@@ -139,11 +139,11 @@ class EpLoad:
     phy2log: list[list[int]]  # [L][slots]: the placement of each layer
 
     @classmethod
-    def of(cls, counts_LE, ep_size: int, kind: str, num_redundant: int = 0) -> "EpLoad":
+    def of(cls, counts_LE, ep_size: int, kind: str, num_redundant: int = 0) -> EpLoad:
         counts = as_counts(counts_LE)
         redundant = num_redundant if kind == "eplb" else 0
         placements = [make_placement(kind, c, ep_size, redundant) for c in counts]
-        per_layer = np.stack([rank_loads(c, p) for c, p in zip(counts, placements)])  # [L, R]
+        per_layer = np.stack([rank_loads(c, p) for c, p in zip(counts, placements, strict=True)])  # [L, R]
         loads = per_layer.sum(axis=0)
         peak = per_layer.max(axis=1).sum()
         step = float(per_layer.mean(axis=1).sum() / peak) if peak > 0 else 1.0

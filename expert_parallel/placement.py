@@ -9,8 +9,8 @@ Shape legend: E logical experts, W ranks, S slots per rank, P = W*S physical slo
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 
@@ -36,13 +36,13 @@ class ExpertPlacement:
         SlotTable.from_phy2log(self.phy2log, self.num_experts, self.num_ranks)  # validates
 
     @classmethod
-    def linear(cls, num_experts: int, num_ranks: int) -> "ExpertPlacement":
+    def linear(cls, num_experts: int, num_ranks: int) -> ExpertPlacement:
         """Contiguous blocks: rank ``r`` holds experts ``r*E/W .. (r+1)*E/W - 1``."""
         _check_divisible(num_experts, num_ranks)
         return cls(tuple(range(num_experts)), num_experts, num_ranks)
 
     @classmethod
-    def round_robin(cls, num_experts: int, num_ranks: int) -> "ExpertPlacement":
+    def round_robin(cls, num_experts: int, num_ranks: int) -> ExpertPlacement:
         """Strided: rank ``r`` holds experts ``r, r + W, r + 2W, ...``."""
         _check_divisible(num_experts, num_ranks)
         per_rank = num_experts // num_ranks
@@ -50,7 +50,7 @@ class ExpertPlacement:
 
     @classmethod
     def balanced(cls, load_E: Sequence[float] | torch.Tensor, num_ranks: int, num_redundant: int = 0,
-                 num_groups: int = 1, num_nodes: int = 1) -> "ExpertPlacement":
+                 num_groups: int = 1, num_nodes: int = 1) -> ExpertPlacement:
         """EPLB (see :mod:`expert_parallel.eplb`) from a measured per-expert load (tokens per expert)."""
         load = load_E.tolist() if isinstance(load_E, torch.Tensor) else list(load_E)
         return cls(tuple(rebalance(load, num_ranks, num_redundant, num_groups, num_nodes)), len(load), num_ranks)

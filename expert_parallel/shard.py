@@ -7,7 +7,8 @@ there), and ``dispatcher`` by an EP dispatcher over the process group. The math 
 
 from __future__ import annotations
 
-from typing import Literal, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Literal
 
 import torch
 import torch.distributed as dist

@@ -177,7 +177,7 @@ def apply_adapters(
     if len(rows) == 1:
         return apply_adapter(x_TD, params, rows[0])
     order_T = torch.argsort(inverse_T, stable=True)
-    pieces = [apply_adapter(x_MD, params, row) for x_MD, row in zip(x_TD[order_T].split(counts_U), rows)]
+    pieces = [apply_adapter(x_MD, params, row) for x_MD, row in zip(x_TD[order_T].split(counts_U), rows, strict=True)]
     y_sorted_TD = torch.cat(pieces)
     return y_sorted_TD.new_empty(y_sorted_TD.shape).index_copy(0, order_T, y_sorted_TD)
 

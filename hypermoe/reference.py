@@ -43,7 +43,7 @@ def reference_hypermoe(layer: HyperMoELayer, x_TD: torch.Tensor, ids_TK: torch.T
         hn_input = torch.cat([processed, z_Z])
         hidden = torch.relu(p["hypernetwork.linear1.weight"] @ hn_input + p["hypernetwork.linear1.bias"])
 
-        def head(name: str) -> torch.Tensor:
+        def head(name: str, hidden: torch.Tensor = hidden) -> torch.Tensor:
             return p[f"hypernetwork.{name}.weight"] @ hidden + p[f"hypernetwork.{name}.bias"]
 
         w_down_AD, b_down_A = head("weight_down").view(A, D), head("bias_down")

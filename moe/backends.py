@@ -19,14 +19,21 @@ Shape legend: R routed rows (sorted by expert), D hidden, F expert FFN size, L e
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Callable, Iterator, Literal, Protocol
+from typing import Literal, Protocol
 
 import torch
 
 from moe.activations import ActivationSpec
-from moe.kernels.cpu_gemm import (block_gemm_available, block_gemm_grouped, decode_moe, skinny_gemm,
-                                  skinny_gemm_available, skinny_gemm_grouped)
+from moe.kernels.cpu_gemm import (
+    block_gemm_available,
+    block_gemm_grouped,
+    decode_moe,
+    skinny_gemm,
+    skinny_gemm_available,
+    skinny_gemm_grouped,
+)
 from moe.workspace import scratch
 
 # Up to this many rows per expert the CPU skinny GEMM beats BLAS (measured crossover on AVX2, 2 threads).
@@ -53,11 +60,26 @@ class CpuGemms(Protocol):
     ``proj`` names a projection: ``"w13"`` (``[L, X, D]``) or ``"w2"`` (``[L, D, F]``).
     """
 
-    dtype: torch.dtype  # the compute dtype: rows, outputs and biases
-    rows13: int  # X, the first projection's output rows
-    hidden: int  # D
-    b13_LX: torch.Tensor | None  # in ``dtype``
-    b2_LD: torch.Tensor | None
+    @property
+    def dtype(self) -> torch.dtype:
+        """The compute dtype: rows, outputs and biases."""
+        ...
+
+    @property
+    def rows13(self) -> int:
+        """X, the first projection's output rows."""
+        ...
+
+    @property
+    def hidden(self) -> int:
+        """D."""
+        ...
+
+    @property
+    def b13_LX(self) -> torch.Tensor | None: ...
+
+    @property
+    def b2_LD(self) -> torch.Tensor | None: ...
 
     def kernels_apply(self, x_RD: torch.Tensor) -> bool:
         """Whether the C kernels can run these weights on ``x_RD`` (device, dtype, library present; the driver

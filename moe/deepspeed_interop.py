@@ -7,7 +7,7 @@ stacked (copied once) into our fused ``[E, F, D]`` / ``[E, D, F]`` layout; the r
 
 from __future__ import annotations
 
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
@@ -16,17 +16,18 @@ from moe.config import Activation, MoEConfig
 from routing.config import RouterConfig, Scoring
 
 Layer = TypeVar("Layer", bound=nn.Module)
+DeepSpeedModule = Any  # deepspeed.moe's modules (typed Any: deepspeed is optional and untyped)
 
 
-def moe_from_deepspeed(ds_moe: nn.Module, layer_cls: type[Layer]) -> Layer:
+def moe_from_deepspeed(ds_moe: DeepSpeedModule, layer_cls: type[Layer]) -> Layer:
     """A ``layer_cls`` (``moe.MoE``, which passes itself in ``MoE.from_deepspeed``: this module sits below
     ``moe.layer``) computing what ``ds_moe`` computes."""
     inner = ds_moe.deepspeed_moe
     gate = inner.gate
     experts = list(inner.experts.deepspeed_experts)
     _check_supported(ds_moe, gate, len(experts))
-    linears, activation = zip(*[_linear_act_linear(e) for e in experts])
-    fc1s, fc2s = zip(*linears)
+    linears, activation = zip(*[_linear_act_linear(e) for e in experts], strict=True)
+    fc1s, fc2s = zip(*linears, strict=True)
     E, k = len(experts), gate.k
     D, F = fc1s[0].in_features, fc1s[0].out_features
     has_bias = fc1s[0].bias is not None or fc2s[0].bias is not None
@@ -34,7 +35,7 @@ def moe_from_deepspeed(ds_moe: nn.Module, layer_cls: type[Layer]) -> Layer:
         D, F, E, k, activation[0], RouterConfig(E, k, Scoring.SOFTMAX, renormalize=k >= 2),
         expert_bias=has_bias, extra={"from": "deepspeed.moe.layer.MoE"},
     )
-    layer = layer_cls(config).to(gate.wg.weight.device)
+    layer: Any = layer_cls(config).to(gate.wg.weight.device)  # the layer class, typed from below it
     with torch.no_grad():
         layer.router.weight = gate.wg.weight
         layer.experts.w13_E2FD.copy_(torch.stack([fc.weight for fc in fc1s]))
@@ -45,9 +46,10 @@ def moe_from_deepspeed(ds_moe: nn.Module, layer_cls: type[Layer]) -> Layer:
     return layer
 
 
-def _check_supported(ds_moe: nn.Module, gate: nn.Module, num_local: int) -> None:
+def _check_supported(ds_moe: DeepSpeedModule, gate: DeepSpeedModule, num_local: int) -> None:
     if getattr(ds_moe, "ep_size", 1) != 1:
-        raise ValueError(f"ep_size ({ds_moe.ep_size}) must be 1: convert the full layer, then use expert_parallel.shard_moe")
+        raise ValueError(f"ep_size ({ds_moe.ep_size}) must be 1: convert the full layer, then use "
+                         "expert_parallel.shard_moe")
     if getattr(ds_moe, "use_residual", False):
         raise ValueError("use_residual (True): residual (PR-MoE) layers are not supported")
     if gate.drop_tokens:
@@ -59,7 +61,7 @@ def _check_supported(ds_moe: nn.Module, gate: nn.Module, num_local: int) -> None
         raise ValueError(f"num_experts ({num_local}) must be >= 1")
 
 
-def _linear_act_linear(expert: nn.Module) -> tuple[tuple[nn.Linear, nn.Linear], Activation]:
+def _linear_act_linear(expert: DeepSpeedModule) -> tuple[tuple[nn.Linear, nn.Linear], Activation]:
     """The two ``nn.Linear`` and the activation of a Linear-activation-Linear expert, in call order."""
     children = list(expert.children())
     linears = [m for m in children if isinstance(m, nn.Linear)]

@@ -22,6 +22,9 @@ class Experts(nn.Module):
     ``x_RD`` must be sorted by expert with ``counts_E[e]`` rows for expert ``e`` (zero is fine).
     """
 
+    b13_E2F: nn.Parameter | None
+    b2_ED: nn.Parameter | None
+
     def __init__(self, config: MoEConfig, num_local_experts: int | None = None) -> None:
         super().__init__()
         self.config = config
@@ -43,6 +46,7 @@ class Experts(nn.Module):
 
     def forward(self, x_RD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
         if x_RD.shape[-1] != self.w13_E2FD.shape[-1]:
-            raise ValueError(f"x_RD hidden size ({x_RD.shape[-1]}) does not match w13_E2FD {tuple(self.w13_E2FD.shape)}")
+            raise ValueError(f"x_RD hidden size ({x_RD.shape[-1]}) does not match w13_E2FD "
+                             f"{tuple(self.w13_E2FD.shape)}")
         return grouped_ffn_for(x_RD.device)(x_RD, counts_E, self.w13_E2FD, self.w2_EDF,
                                             ActivationSpec.of(self.config), self.b13_E2F, self.b2_ED)

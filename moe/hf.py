@@ -9,7 +9,8 @@ are copied once into our fused layout. The layer class comes in as an argument: 
 
 from __future__ import annotations
 
-from typing import Callable, TypeVar
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
@@ -27,10 +28,13 @@ _DEEPSEEK_V3_BLOCKS = {"DeepseekV3MoE", "Glm4MoeMoE", "Dots1MoE", "ExaoneMoeMoE"
 
 
 Layer = TypeVar("Layer", bound=nn.Module)  # moe.MoE (passed in by MoE.from_hf)
-Builder = Callable[[nn.Module, type[nn.Module]], nn.Module]
+# A transformers module (block, experts, gate, MLP): typed Any, its attributes differ from family to family. The
+# layers built here are typed Any for the same reason from below moe.layer: they are layer_cls(config).
+Block = Any
+Builder = Callable[[Block, Callable[[MoEConfig], Any]], Any]
 
 
-def moe_from_hf(block: nn.Module, layer_cls: type[Layer]) -> Layer:
+def moe_from_hf(block: Block, layer_cls: type[Layer]) -> Layer:
     """A ``layer_cls`` (``moe.MoE``) computing exactly what the ``transformers`` block computes (see
     ``supported_blocks()``)."""
     builder = _BUILDERS.get(type(block).__name__)
@@ -49,11 +53,11 @@ def supported_blocks() -> list[str]:
     return sorted(_BUILDERS)
 
 
-def is_supported(block: nn.Module) -> bool:
+def is_supported(block: Block) -> bool:
     return type(block).__name__ in _BUILDERS
 
 
-def _activation(experts: nn.Module) -> Activation:
+def _activation(experts: Block) -> Activation:
     """The gated activation of a HF experts module, from its ``act_fn``."""
     act_fn = experts.act_fn
     if isinstance(act_fn, nn.SiLU) or type(act_fn).__name__ == "SiLUActivation":
@@ -63,7 +67,7 @@ def _activation(experts: nn.Module) -> Activation:
     raise ValueError(f"unsupported expert activation {type(act_fn).__name__!r} in {type(experts).__name__}")
 
 
-def _standard_experts(experts: nn.Module) -> tuple[nn.Parameter, nn.Parameter]:
+def _standard_experts(experts: Block) -> tuple[nn.Parameter, nn.Parameter]:
     """``gate_up_proj [E, 2F, D]`` and ``down_proj [E, D, F]`` of a transformers-5 fused experts module."""
     layout = (getattr(experts, "is_transposed", False), getattr(experts, "is_concatenated", True),
               getattr(experts, "has_bias", False), getattr(experts, "has_gate", True))
@@ -72,8 +76,8 @@ def _standard_experts(experts: nn.Module) -> tuple[nn.Parameter, nn.Parameter]:
     return experts.gate_up_proj, experts.down_proj
 
 
-def _build(layer_cls: type[nn.Module], config: MoEConfig, w13: nn.Parameter, w2: nn.Parameter,
-           router_weight: nn.Parameter) -> nn.Module:
+def _build(layer_cls: Callable[[MoEConfig], Any], config: MoEConfig, w13: nn.Parameter, w2: nn.Parameter,
+           router_weight: nn.Parameter) -> Any:
     """A ``layer_cls`` whose routed-expert and router parameters *are* the given ones (no copy)."""
     with torch.device("meta"):
         layer = layer_cls(config)  # parameters created on meta, then replaced: no allocation, no init cost
@@ -83,7 +87,7 @@ def _build(layer_cls: type[nn.Module], config: MoEConfig, w13: nn.Parameter, w2:
     return layer
 
 
-def _set_shared(layer: nn.Module, mlp: nn.Module, gate: nn.Module | None = None) -> None:
+def _set_shared(layer: Any, mlp: Block, gate: Block | None = None) -> None:
     """Copy a HF dense MLP (``gate_proj``/``up_proj``/``down_proj``) into the layer's fused shared expert."""
     shared = layer.shared_expert
     with torch.no_grad():
@@ -93,7 +97,7 @@ def _set_shared(layer: nn.Module, mlp: nn.Module, gate: nn.Module | None = None)
             shared.gate_weight = gate.weight
 
 
-def _softmax_block(block: nn.Module, layer_cls: type[nn.Module]) -> nn.Module:
+def _softmax_block(block: Block, layer_cls: Callable[[MoEConfig], Any]) -> Any:
     gate, experts = block.gate, block.experts
     w13, w2 = _standard_experts(experts)
     E, X, D = w13.shape
@@ -111,7 +115,7 @@ def _softmax_block(block: nn.Module, layer_cls: type[nn.Module]) -> nn.Module:
     return layer
 
 
-def _deepseek_v3_block(block: nn.Module, layer_cls: type[nn.Module]) -> nn.Module:
+def _deepseek_v3_block(block: Block, layer_cls: Callable[[MoEConfig], Any]) -> Any:
     gate, experts = block.gate, block.experts
     w13, w2 = _standard_experts(experts)
     E, X, D = w13.shape
@@ -129,7 +133,7 @@ def _deepseek_v3_block(block: nn.Module, layer_cls: type[nn.Module]) -> nn.Modul
     return layer
 
 
-def _deepseek_v2_block(block: nn.Module, layer_cls: type[nn.Module]) -> nn.Module:
+def _deepseek_v2_block(block: Block, layer_cls: Callable[[MoEConfig], Any]) -> Any:
     gate, experts = block.gate, block.experts
     w13, w2 = _standard_experts(experts)
     E, X, D = w13.shape
@@ -147,7 +151,7 @@ def _deepseek_v2_block(block: nn.Module, layer_cls: type[nn.Module]) -> nn.Modul
     return layer
 
 
-def _gpt_oss_block(block: nn.Module, layer_cls: type[nn.Module]) -> nn.Module:
+def _gpt_oss_block(block: Block, layer_cls: Callable[[MoEConfig], Any]) -> Any:
     """gpt-oss: ``[in, out]`` experts with gate/up *interleaved* and biases; top-k on logits then softmax."""
     router, experts = block.router, block.experts
     E, D, X = experts.gate_up_proj.shape
@@ -167,7 +171,7 @@ def _gpt_oss_block(block: nn.Module, layer_cls: type[nn.Module]) -> nn.Module:
     return layer
 
 
-def _llama4_block(block: nn.Module, layer_cls: type[nn.Module]) -> nn.Module:
+def _llama4_block(block: Block, layer_cls: Callable[[MoEConfig], Any]) -> Any:
     """Llama 4: ``[in, out]`` experts (gate columns then up), sigmoid top-k scaling the expert *input*."""
     router, experts = block.router, block.experts
     E, D, X = experts.gate_up_proj.shape

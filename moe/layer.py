@@ -6,7 +6,7 @@ Shape legend: T tokens, D hidden, E experts, K top-k, R routed rows after dispat
 from __future__ import annotations
 
 import importlib.util
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -36,6 +36,7 @@ class MoE(nn.Module):
     ) -> None:
         super().__init__()
         self.config = config
+        assert config.router is not None  # MoEConfig.__post_init__ fills it in
         self.router = Router(config.router, config.hidden_size)
         self.experts = Fp8Experts(config) if config.quant is not None else Experts(config)
         self.shared_expert = (
@@ -91,12 +92,12 @@ class MoE(nn.Module):
         return y_TD.to(x.dtype).reshape(x.shape), routing
 
     @classmethod
-    def from_hf(cls, block: nn.Module) -> "MoE":
+    def from_hf(cls, block: nn.Module) -> MoE:
         """Build from a ``transformers`` MoE block, sharing its weights where layouts agree."""
         return moe_from_hf(block, cls)
 
     @classmethod
-    def from_deepspeed(cls, ds_moe: nn.Module) -> "MoE":
+    def from_deepspeed(cls, ds_moe: nn.Module) -> MoE:
         """Build from a ``deepspeed.moe.layer.MoE`` whose experts are Linear-activation-Linear MLPs."""
         return moe_from_deepspeed(ds_moe, cls)
 

@@ -43,9 +43,9 @@ def patch_hf(model: nn.Module) -> int:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         block = getattr(parent, child)
-        replacement = MoE.from_hf(block)
-        if cls_returns_tuple(block):
-            replacement = TupleOutputMoE(replacement, "logits" if _is_llama4(block) else "weights")
+        layer = MoE.from_hf(block)
+        replacement = TupleOutputMoE(layer, "logits" if _is_llama4(block) else "weights") \
+            if cls_returns_tuple(block) else layer
         setattr(parent, child, replacement)
     return len(targets)
 

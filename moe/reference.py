@@ -8,7 +8,8 @@ Shape legend: T tokens, D hidden, F expert FFN size, E experts, K top-k, N = T*K
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -33,8 +34,10 @@ def reference_shuffle(ids_TK: torch.Tensor, num_experts: int) -> tuple[torch.Ten
                 token_idx.append(n // K)
                 expert_of.append(e)
     counts = [expert_of.count(e) for e in range(num_experts)]
-    as_int = dict(dtype=torch.int32, device=ids_TK.device)
-    return torch.tensor(token_idx, **as_int), torch.tensor(expert_of, **as_int), torch.tensor(counts, **as_int)
+    def as_int(values: list[int]) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.int32, device=ids_TK.device)
+
+    return as_int(token_idx), as_int(expert_of), as_int(counts)
 
 
 def reference_expert(
@@ -94,8 +97,9 @@ def reference_moe(
     return y_TD
 
 
-def reference_moe_layer(layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The whole ``moe.MoE`` layer in reference math, using the layer's own router and weights."""
+def reference_moe_layer(layer: Any, x: torch.Tensor) -> torch.Tensor:
+    """The whole ``moe.MoE`` layer in reference math, using the layer's own router and weights (``layer`` is
+    typed Any: this oracle sits below ``moe.layer``)."""
     x_TD = x.reshape(-1, x.shape[-1])
     routing = layer.router(x_TD)
     ex = layer.experts

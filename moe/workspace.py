@@ -6,7 +6,8 @@ Why: glibc serves allocations above 32 MB with a fresh ``mmap`` every time, and 
 reused by every later call on the same thread.
 
 Only for intermediates that never leave the function that asks for them: the next request for the same name on
-the thread overwrites the memory. Inside and outside ``torch.inference_mode`` a name has separate buffers. The largest size asked for stays allocated until :func:`release_scratch`.
+the thread overwrites the memory. Inside and outside ``torch.inference_mode`` a name has separate buffers. The
+largest size asked for stays allocated until :func:`release_scratch`.
 """
 
 from __future__ import annotations

@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import torch
 from torch import nn
 
 from moe.config import Quant
 from moe.experts import Experts
+from moe.fields import enum_field
 from quant.fp8 import Scheme, quantize_weight
 from quant.fp8_experts import Fp8Experts
-from moe.fields import enum_field
 
 
 def quantize_fp8(module_or_weights: nn.Module | torch.Tensor, scheme: Scheme | str = Scheme.BLOCK):
@@ -26,7 +27,8 @@ def quantize_fp8(module_or_weights: nn.Module | torch.Tensor, scheme: Scheme | s
     if isinstance(module_or_weights, torch.Tensor):
         return quantize_weight(module_or_weights, scheme)
     # MoE layers are the modules holding routed experts (this package sits below moe.layer, which builds on it)
-    layers = [m for m in module_or_weights.modules() if isinstance(getattr(m, "experts", None), (Experts, Fp8Experts))]
+    layers: list[Any] = [m for m in module_or_weights.modules()
+                         if isinstance(getattr(m, "experts", None), (Experts, Fp8Experts))]
     if not layers:
         raise ValueError(f"no moe.MoE layer in {type(module_or_weights).__name__}: patch it first (moe.patch_hf)")
     for layer in layers:

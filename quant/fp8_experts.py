@@ -15,11 +15,15 @@ from torch import nn
 from moe.activations import ActivationSpec
 from moe.backends import cpu_ffn
 from moe.config import MoEConfig
-from moe.kernels.cpu_gemm import (block_gemm_grouped_fp8, dequantize_fp8, skinny_gemm_available, skinny_gemm_fp8,
-                          skinny_gemm_grouped_fp8)
 from moe.experts import Experts
+from moe.kernels.cpu_gemm import (
+    block_gemm_grouped_fp8,
+    dequantize_fp8,
+    skinny_gemm_available,
+    skinny_gemm_fp8,
+    skinny_gemm_grouped_fp8,
+)
 from quant.fp8 import BLOCK, Scheme, dequantize_weight, quantize_weight
-
 
 # moe.backends.cpu_grouped_kernel's choice -> the grouped FP8 kernel that runs it
 GROUPED_FP8_GEMMS = {"skinny": skinny_gemm_grouped_fp8, "block": block_gemm_grouped_fp8}
@@ -45,6 +49,12 @@ class Fp8Experts(nn.Module):
     """
 
     SCALES = {"w13_E2FD": "w13_scale", "w2_EDF": "w2_scale"}  # weight buffer -> its scale buffer
+    w13_E2FD: torch.Tensor  # buffers (registered in __init__)
+    w2_EDF: torch.Tensor
+    w13_scale: torch.Tensor
+    w2_scale: torch.Tensor
+    b13_E2F: nn.Parameter | None
+    b2_ED: nn.Parameter | None
 
     def __init__(self, config: MoEConfig, num_local_experts: int | None = None, weights: Experts | None = None) -> None:
         super().__init__()
@@ -132,7 +142,7 @@ class Fp8Experts(nn.Module):
             self._store(name, index, q, scale_inv.float())
             return
         warnings.warn(f"{name}: the checkpoint's 128x128 blocks differ from {self.scheme.value} scales here; "
-                      "re-quantising (not bit-exact)")
+                      "re-quantising (not bit-exact)", stacklevel=2)
         self.load_weight(name, index, dequantize_weight(q, scale_inv.float(), BLOCK))
 
     def _store(self, name: str, index: tuple, q: torch.Tensor, scale: torch.Tensor) -> None:
@@ -155,7 +165,8 @@ class Fp8Experts(nn.Module):
     # -- compute --------------------------------------------------------------------------------------------------
     def dequantized(self) -> tuple[torch.Tensor, torch.Tensor]:
         """fp32 ``(w13_E2FD, w2_EDF)``: the weights the FP8 experts actually compute with."""
-        return tuple(self._dequantize(n, getattr(self, n), getattr(self, s)) for n, s in self.SCALES.items())
+        return (self._dequantize("w13_E2FD", self.w13_E2FD, self.w13_scale),
+                self._dequantize("w2_EDF", self.w2_EDF, self.w2_scale))
 
     def forward(self, x_RD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
         return cpu_ffn(x_RD, counts_E, Fp8Gemms(self), ActivationSpec.of(self.config))
@@ -182,7 +193,8 @@ class Fp8Experts(nn.Module):
 
     def _dequantized_expert(self, e: int) -> tuple[torch.Tensor, torch.Tensor]:
         if not (self.w13_E2FD.device.type == "cpu" and skinny_gemm_available()):
-            return tuple(self._dequantize(n, getattr(self, n)[e], getattr(self, s)[e]) for n, s in self.SCALES.items())
+            return (self._dequantize("w13_E2FD", self.w13_E2FD[e], self.w13_scale[e]),
+                    self._dequantize("w2_EDF", self.w2_EDF[e], self.w2_scale[e]))
         # one vectorised pass in C into the reused scratch; torch's fp8 -> fp32 cast is far slower
         (X, D), (_, F) = self.w13_E2FD.shape[1:], self.w2_EDF.shape[1:]
         if self._scratch is None or self._scratch.numel() != X * D + D * F:

@@ -72,7 +72,7 @@ def route(
     scores_TE = None
     if not (order_preserved and config.renormalize):  # else the scores of all E experts are never read
         scores_TE = torch.softmax(logits_TE, dim=-1) if config.scoring is Scoring.SOFTMAX else torch.sigmoid(logits_TE)
-    choice_TE = logits_TE if order_preserved else scores_TE
+    choice_TE = logits_TE if order_preserved else _computed(scores_TE)
     if correction_bias_E is not None:
         choice_TE = choice_TE + correction_bias_E
     if config.num_groups > 1:
@@ -88,8 +88,14 @@ def route(
             # underflow to 0 (very negative logits) still give their true proportions instead of 0/0.
             weights_TK = torch.softmax(F.logsigmoid(chosen_logits_TK), dim=-1)
     else:
-        weights_TK = scores_TE.gather(1, ids_TK)
+        weights_TK = _computed(scores_TE).gather(1, ids_TK)
     return _finish(weights_TK, config), ids_TK
+
+
+def _computed(scores_TE: torch.Tensor | None) -> torch.Tensor:
+    """The scores, which the branches that read them always computed."""
+    assert scores_TE is not None
+    return scores_TE
 
 
 def _finish(weights_TK: torch.Tensor, config: RouterConfig) -> torch.Tensor:

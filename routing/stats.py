@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import threading
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -48,12 +49,12 @@ class RoutingStats:
         self.total_LE = torch.zeros_like(self.current_LE)
         self.ring_WLE = torch.zeros(window, num_layers, num_experts, dtype=torch.int64, device=device)
         self.steps = 0
-        self._hooked: list[nn.Module] = []
+        self._hooked: list[Any] = []  # the moe.MoE layers observed (found by their on_routing slot)
         self._lock = threading.RLock()  # step() vs readers on other threads (a server's /metrics scrape)
 
     # -- collecting ---------------------------------------------------------------------------------------------
     @classmethod
-    def attach(cls, model: nn.Module, window: int = 100, name: str | None = None) -> "RoutingStats":
+    def attach(cls, model: nn.Module, window: int = 100, name: str | None = None) -> RoutingStats:
         """Count the routing of every ``moe.MoE`` in ``model`` (a layer, a serving model, a patched HF model);
         ``ValueError`` if it has none. A layer's previous observer is replaced.
 
@@ -127,7 +128,7 @@ class RoutingStats:
         Path(path).write_text(json.dumps(self.to_dict()))
 
     @classmethod
-    def from_dict(cls, data: dict) -> "RoutingStats":
+    def from_dict(cls, data: dict) -> RoutingStats:
         """Rebuild from ``to_dict`` output (read-only use: the window ring is summarised into one slot).
         Any inconsistency raises a one-line ``ValueError``."""
         if not isinstance(data, dict) or data.get("format") != FORMAT:
@@ -157,7 +158,7 @@ class RoutingStats:
         return stats
 
     @classmethod
-    def load(cls, path: str | Path) -> "RoutingStats":
+    def load(cls, path: str | Path) -> RoutingStats:
         try:
             data = json.loads(Path(path).read_text())
         except (OSError, ValueError) as e:
@@ -165,7 +166,7 @@ class RoutingStats:
         return cls.from_dict(data)
 
 
-def expert_weight_bytes(layer: nn.Module) -> int:
+def expert_weight_bytes(layer: Any) -> int:
     """Bytes of one routed expert of an ``moe.MoE`` as stored: its parameters and buffers (weights, biases, FP8
     scales) over its local experts. For a SwiGLU expert without biases that is ``3*D*F*element_size``."""
     experts = layer.experts

@@ -51,4 +51,5 @@ def skinny_isa(request):
 
 
 os.environ.setdefault("WANDB_MODE", "disabled")
-os.environ.setdefault("TRITON_INTERPRET", "0" if torch.cuda.is_available() else "1")  # CPU: Triton kernels run interpreted
+# CPU: Triton kernels run interpreted
+os.environ.setdefault("TRITON_INTERPRET", "0" if torch.cuda.is_available() else "1")

@@ -29,13 +29,15 @@ def _cfg(name: str):
                                  num_experts_per_tok=2, shared_expert_intermediate_size=56, decoder_sparse_step=1)
     if name == "deepseek_v3":
         return tf.DeepseekV3Config(
-            **{k: v for k, v in COMMON.items() if k not in ("head_dim", "num_key_value_heads")}, num_key_value_heads=4, intermediate_size=64, moe_intermediate_size=40, n_routed_experts=8,
+            **{k: v for k, v in COMMON.items() if k not in ("head_dim", "num_key_value_heads")},
+            num_key_value_heads=4, intermediate_size=64, moe_intermediate_size=40, n_routed_experts=8,
             num_experts_per_tok=3, n_group=4, topk_group=2, n_shared_experts=1, first_k_dense_replace=0,
             routed_scaling_factor=2.5, norm_topk_prob=True, q_lora_rank=None, kv_lora_rank=16,
             qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=12)
     if name == "deepseek_v2":
         return tf.DeepseekV2Config(
-            **{k: v for k, v in COMMON.items() if k not in ("head_dim", "num_key_value_heads")}, num_key_value_heads=4, intermediate_size=64, moe_intermediate_size=40, n_routed_experts=8,
+            **{k: v for k, v in COMMON.items() if k not in ("head_dim", "num_key_value_heads")},
+            num_key_value_heads=4, intermediate_size=64, moe_intermediate_size=40, n_routed_experts=8,
             num_experts_per_tok=2, n_group=4, topk_group=2, topk_method="group_limited_greedy", n_shared_experts=1,
             first_k_dense_replace=0, routed_scaling_factor=1.5, q_lora_rank=None, kv_lora_rank=16,
             qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=12)

@@ -16,10 +16,10 @@ import torch.distributed as dist
 
 from all_to_all import AllGatherDispatcher, AllToAllDispatcher, CollectiveError, EPComm, LocalDispatcher, SlotTable
 from all_to_all.slots import assign_slots
-from tests.dist_harness import run_ranks
 from expert_parallel import ExpertPlacement, shard_moe
 from moe import MoE, MoEConfig
 from routing.router import Routing
+from tests.dist_harness import run_ranks
 
 D, E, K = 24, 8, 2
 

@@ -24,7 +24,8 @@ def _blocks(counts, D=40, F=24, activation=Activation.SWIGLU, bias=False):
 
 
 @pytest.mark.parametrize("ffn", [loop_ffn, grouped_mm_ffn])
-@pytest.mark.parametrize("counts", [[1], [2, 0, 7, 32, 1], [60, 0, 90, 51], [0, 3, 0, 40], [5, 0, 0, 0, 2, 33, 1, 0], [400, 0, 7]])
+@pytest.mark.parametrize("counts", [[1], [2, 0, 7, 32, 1], [60, 0, 90, 51], [0, 3, 0, 40], [5, 0, 0, 0, 2, 33, 1, 0],
+                                    [400, 0, 7]])
 @pytest.mark.parametrize("activation, bias", [(Activation.SWIGLU, False), (Activation.SWIGLU_OAI, True),
                                               (Activation.GELU, True)])
 def test_strategy_matches_reference(ffn, counts, activation, bias):
@@ -47,5 +48,5 @@ def test_loop_ffn_gradients_match_reference_under_autograd():
         outs.append(reference_expert(x[start:start + rows], w13[e], w2[e], Activation.SWIGLU))
         start += rows
     torch.cat(outs).square().sum().backward()
-    for got, t in zip(grads, (x, w13, w2)):
+    for got, t in zip(grads, (x, w13, w2), strict=True):
         torch.testing.assert_close(got, t.grad, rtol=1e-4, atol=1e-5)

@@ -3,7 +3,14 @@
 import pytest
 
 from all_to_all.cost_model import (
-    H100_NVLINK_IB, INFINIBAND_NDR, NVLINK_H100, Link, Step, fit_link, local_cluster, predict_all_gather,
+    H100_NVLINK_IB,
+    INFINIBAND_NDR,
+    NVLINK_H100,
+    Link,
+    Step,
+    fit_link,
+    local_cluster,
+    predict_all_gather,
     predict_all_to_all,
 )
 

@@ -13,10 +13,10 @@ import pytest
 import torch
 from torch import nn
 
-from tests.dist_harness import run_ranks
 from expert_parallel import ExpertPlacement, shard_moe
 from moe import MoE, MoEConfig
 from routing.router import Routing
+from tests.dist_harness import run_ranks
 
 D, F_, E, SHARED_F = 24, 20, 8, 16
 ZIPF_E = [(e + 1) ** -1.2 for e in range(E)]

@@ -56,7 +56,7 @@ def test_block_scales_of_gate_and_up_are_their_own():
     ex = quant.Fp8Experts(moe.MoEConfig(136, 200, 3, 2, quant="fp8-block"), weights=source)
     assert tuple(ex.w13_scale.shape) == (3, 4, 2)
     for e in range(3):
-        for half, rows in ((0, slice(0, 200)), (1, slice(200, 400))):
+        for rows in (slice(0, 200), slice(200, 400)):
             q, scale = quantize_weight(source.w13_E2FD[e, rows], "block")
             assert torch.equal(ex.w13_E2FD[e, rows].view(torch.uint8), q.view(torch.uint8))
             assert torch.equal(ex.w13_scale[e, ex.scale_index("w13_E2FD", (e, rows))[1]], scale)

@@ -255,7 +255,7 @@ def test_table_rows_are_colex_ranks_of_every_selected_set():
     with torch.no_grad():
         layer(torch.randn(1, D), torch.tensor([[0, 1, 2]]))
         expected = layer.generate(sets_CK[[7, 19]])
-    for got, want in zip(layer._table, expected):
+    for got, want in zip(layer._table, expected, strict=True):
         torch.testing.assert_close(got[[7, 19]], want)
 
 

@@ -8,10 +8,21 @@ import numpy as np
 import pytest
 import torch
 
+from expert_parallel.imbalance import (
+    EpLoad,
+    LayerLoad,
+    balancedness,
+    coefficient_of_variation,
+    dead_experts,
+    default_redundant,
+    ep_loads,
+    hottest_experts,
+    max_over_mean,
+    normalized_entropy,
+    rank_loads,
+    straggler,
+)
 from expert_parallel.placement import ExpertPlacement
-from expert_parallel.imbalance import (EpLoad, LayerLoad, balancedness, coefficient_of_variation, dead_experts,
-                               default_redundant, ep_loads, hottest_experts, max_over_mean, normalized_entropy,
-                               rank_loads, straggler)
 
 EXAMPLE = [6, 2, 0, 0]  # the module docstring's worked example
 

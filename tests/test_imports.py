@@ -11,7 +11,8 @@ class Block:
             raise ImportError('blocked for this test: ' + name)
 sys.meta_path.insert(0, Block())
 import importlib.util
-importlib.util.find_spec = lambda name, *a: None if name.split('.')[0] in {'triton', 'deepspeed', 'megablocks', 'wandb'} else _find(name, *a)
+optional = {'triton', 'deepspeed', 'megablocks', 'wandb'}
+importlib.util.find_spec = lambda name, *a: None if name.split('.')[0] in optional else _find(name, *a)
 """
 
 

@@ -20,7 +20,13 @@ from moe.kernels.gemm_act import gemm_act  # noqa: E402
 from moe.kernels.gemm_combine import gemm_combine  # noqa: E402
 from moe.kernels.index_shuffle import index_shuffle  # noqa: E402
 from moe.kernels.schedule import (  # noqa: E402
-    GemmConfig, all_candidates, candidates, default_config, max_row_tiles, program_tile, prune_for_bucket,
+    GemmConfig,
+    all_candidates,
+    candidates,
+    default_config,
+    max_row_tiles,
+    program_tile,
+    prune_for_bucket,
     rows_bucket,
 )
 from moe.reference import reference_expert, reference_moe  # noqa: E402

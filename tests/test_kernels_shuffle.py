@@ -33,7 +33,7 @@ def _assert_same_as_torch_shuffle(ids, E, **kwargs):
     got = index_shuffle(ids, E, **kwargs)
     s = shuffle(ids, E)
     for name, a, b in zip(("order", "token_idx", "expert_of", "counts", "offsets"), got,
-                          (s.order_N, s.token_idx_N, s.expert_of_N, s.counts_E, s.offsets_E1)):
+                          (s.order_N, s.token_idx_N, s.expert_of_N, s.counts_E, s.offsets_E1), strict=True):
         assert a.dtype == b.dtype and a.shape == b.shape, name
         assert torch.equal(a, b), name
     return got
@@ -43,7 +43,7 @@ def test_docstring_example():
     got = index_shuffle(torch.tensor([[1, 0], [1, 2]], dtype=torch.int32, device=DEVICE), 3)
     expected = ([1, 0, 2, 3], [0, 0, 1, 1], [0, 1, 1, 2], [1, 2, 1], [0, 1, 3, 4])
     dtypes = (torch.int64, torch.int64, torch.int32, torch.int32, torch.int32)
-    for a, values, dtype in zip(got, expected, dtypes):
+    for a, values, dtype in zip(got, expected, dtypes, strict=True):
         assert torch.equal(a, torch.tensor(values, dtype=dtype, device=DEVICE))
 
 

@@ -211,7 +211,7 @@ def test_shell_blocks_compose():
     serve_commands = [c for c in commands if c[0] == "moe-serve"]
     results = compose(serve_commands)
     assert serve_commands and len(results) == len(serve_commands)
-    for argv, (code, printed) in zip(serve_commands, results):
+    for argv, (code, printed) in zip(serve_commands, results, strict=True):
         assert code == 0, argv
         cfg = OmegaConf.create(printed)
         to_config(cfg)  # types and __post_init__ checks

@@ -34,7 +34,7 @@ def test_counts_equal_a_bincount_of_each_layers_routing():
 
 def test_window_keeps_only_the_last_steps_and_padding_is_excluded():
     stats = RoutingStats(num_layers=1, num_experts=4, window=2)
-    for step, expert in enumerate([0, 1, 2]):
+    for expert in [0, 1, 2]:
         stats.record(0, torch.full((5, 1), expert), valid_T=torch.arange(5) < 3)  # 2 padding tokens
         stats.step()
     assert stats.cumulative_counts().tolist() == [[3, 3, 3, 0]]

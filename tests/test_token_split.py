@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import torch
 
-from tests.dist_harness import run_ranks
 from expert_parallel.token_split import TokenSplitDispatcher, shard_moe_token_split
 from moe.layer import MoE
 from quant import quantize_fp8
 from serve.engine.config import DEFAULT_MODEL
-from serve.models.loader import load_model
 from serve.models.layers import DenseCausalBackend
+from serve.models.loader import load_model
+from tests.dist_harness import run_ranks
 
 TOKENS = (1, 3, 33)  # 1 and 3: some ranks' shares are empty or short
 
@@ -32,8 +32,8 @@ def _compare(rank: int, world_size: int, fp8: str | None = None) -> dict:
         shard_moe_token_split(model, timeout_s=20)
         got = [_logits(model, ids) for ids in batches]
     layers = [m for m in model.modules() if isinstance(m, MoE)]
-    return {"exact": [torch.equal(a, b) for a, b in zip(got, expected)],
-            "max_err": [(a - b).abs().max().item() for a, b in zip(got, expected)],
+    return {"exact": [torch.equal(a, b) for a, b in zip(got, expected, strict=True)],
+            "max_err": [(a - b).abs().max().item() for a, b in zip(got, expected, strict=True)],
             "split": all(isinstance(m.dispatcher, TokenSplitDispatcher) for m in layers),
             "local_experts": len(layers[0].experts.w13_E2FD)}
 

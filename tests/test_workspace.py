@@ -5,10 +5,10 @@ import threading
 import pytest
 import torch
 
+from moe import workspace
 from moe.activations import ActivationSpec, expert_activation, expert_activation_
 from moe.backends import loop_ffn
 from moe.config import Activation
-from moe import workspace
 from moe.workspace import release_scratch, scratch
 
 

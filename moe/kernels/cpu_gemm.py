@@ -21,8 +21,8 @@ import contextlib
 import contextvars
 import ctypes
 import functools
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 import torch
 
@@ -96,7 +96,8 @@ def block_gemm_grouped(x_RD: torch.Tensor, w_LOD: torch.Tensor, counts_L: torch.
     ``avx512=False`` runs the AVX2 micro-kernel even where the CPU has AVX-512 (tests cover both)."""
     lib = _block_library()
     if lib is None:
-        raise RuntimeError("block GEMM unavailable (needs an AVX2+FMA CPU and a C compiler); check block_gemm_available()")
+        raise RuntimeError("block GEMM unavailable (needs an AVX2+FMA CPU and a C compiler); check "
+                           "block_gemm_available()")
     counts, y_RO = _grouped_checks(x_RD, w_LOD, counts_L, out_RO)
     L, O, D = w_LOD.shape
     status = lib.block_gemm_grouped_nt(w_LOD.data_ptr(), L, O, D, w_LOD.stride(1), w_LOD.stride(0), x_RD.data_ptr(),
@@ -115,7 +116,8 @@ def block_gemm_grouped_fp8(x_RD: torch.Tensor, q_LOD: torch.Tensor, scale: torch
     0``) or ``[L, ceil(O/block), ceil(D/block)]``; views are fine as long as the last dim is unit-stride."""
     lib = _block_library()
     if lib is None:
-        raise RuntimeError("block GEMM unavailable (needs an AVX2+FMA CPU and a C compiler); check block_gemm_available()")
+        raise RuntimeError("block GEMM unavailable (needs an AVX2+FMA CPU and a C compiler); check "
+                           "block_gemm_available()")
     counts, y_RO = _grouped_checks(x_RD, q_LOD, counts_L, out_RO, torch.float8_e4m3fn)
     L, O, D = q_LOD.shape
     _check_grouped_scale(q_LOD, scale, block)
@@ -147,9 +149,9 @@ def skinny_gemm_grouped(x_RD: torch.Tensor, w_LOD: torch.Tensor, counts_L: torch
     """
     counts, y_RO = _grouped_checks(x_RD, w_LOD, counts_L, out_RO)
     L, O, D = w_LOD.shape
-    _library().skinny_gemm_grouped_nt(w_LOD.data_ptr(), L, O, D, w_LOD.stride(1), w_LOD.stride(0), x_RD.data_ptr(),
-                                      counts.data_ptr(), x_RD.stride(0), y_RO.data_ptr(), y_RO.stride(0),
-                                      *_threads_isa())
+    _skinny_library().skinny_gemm_grouped_nt(w_LOD.data_ptr(), L, O, D, w_LOD.stride(1), w_LOD.stride(0),
+                                             x_RD.data_ptr(), counts.data_ptr(), x_RD.stride(0), y_RO.data_ptr(),
+                                             y_RO.stride(0), *_threads_isa())
     return y_RO
 
 
@@ -169,7 +171,8 @@ def _grouped_checks(x_RD: torch.Tensor, w_LOD: torch.Tensor, counts_L: torch.Ten
         raise ValueError(f"counts_L {tuple(counts_L.shape)} must be [{L}] for w_LOD {tuple(w_LOD.shape)} with "
                          f"unit-stride rows, got strides {w_LOD.stride()}")
     if bool((counts < 0).any()) or int(counts.sum()) > x_RD.shape[0]:  # NOTE: host sync (CPU kernels only)
-        raise ValueError(f"counts_L ({counts.tolist()}) must be >= 0 and sum to at most the {x_RD.shape[0]} rows of x_RD")
+        raise ValueError(f"counts_L ({counts.tolist()}) must be >= 0 and sum to at most the {x_RD.shape[0]} rows "
+                         "of x_RD")
     _, y_RO = _prepare(x_RD, w_LOD[0] if L else w_LOD.new_empty(O, D), out_RO, w_dtype)
     return counts, y_RO
 
@@ -192,7 +195,7 @@ def decode_moe(x_TD: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Tenso
     ok = (lib is not None and x_TD.dtype == w13_EXD.dtype == w2_EDF.dtype == weights_TK.dtype == torch.float32
           and ids_TK.dtype == torch.int32 and Dw == D == Dy and tuple(weights_TK.shape) == (T, K)
           and all(t.device.type == "cpu" and t.is_contiguous() for t in (x_TD, ids_TK, weights_TK, w13_EXD, w2_EDF)))
-    if not ok:
+    if lib is None or not ok:
         raise ValueError(f"decode_moe: contiguous CPU fp32 x_TD {tuple(x_TD.shape)}, w13 {tuple(w13_EXD.shape)}, "
                          f"w2 {tuple(w2_EDF.shape)}, weights {tuple(weights_TK.shape)} and int32 ids "
                          f"{tuple(ids_TK.shape)} expected (and the C library: see skinny_gemm_available)")
@@ -203,7 +206,8 @@ def decode_moe(x_TD: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Tenso
                                w13_EXD.stride(1), w13_EXD.stride(0), max_rows, order_N.data_ptr(),
                                counts_E.data_ptr(), xs_ND.data_ptr(), h_NX.data_ptr(), *_threads_isa())
     if status == -2:
-        raise ValueError(f"decode_moe: expert ids must be in [0, {E}), got {ids_TK.min().item()}..{ids_TK.max().item()}")
+        raise ValueError(f"decode_moe: expert ids must be in [0, {E}), got "
+                         f"{ids_TK.min().item()}..{ids_TK.max().item()}")
     if status:
         return None
     a_NF = activation(h_NX).contiguous()
@@ -241,14 +245,15 @@ def skinny_gemm_grouped_fp8(x_RD: torch.Tensor, q_LOD: torch.Tensor, scale: torc
     counts, y_RO = _grouped_checks(x_RD, q_LOD, counts_L, out_RO, torch.float8_e4m3fn)
     L, O, D = q_LOD.shape
     _check_grouped_scale(q_LOD, scale, block)
-    _library().skinny_gemm_grouped_fp8_nt(q_LOD.data_ptr(), L, O, D, q_LOD.stride(1), q_LOD.stride(0),
+    _skinny_library().skinny_gemm_grouped_fp8_nt(q_LOD.data_ptr(), L, O, D, q_LOD.stride(1), q_LOD.stride(0),
                                           scale.data_ptr(), scale.stride(0), scale.stride(1) if block else 0, block,
                                           x_RD.data_ptr(), counts.data_ptr(), x_RD.stride(0), y_RO.data_ptr(),
                                           y_RO.stride(0), *_threads_isa())
     return y_RO
 
 
-def dequantize_fp8(q_OD: torch.Tensor, scale: torch.Tensor, block: int, out_OD: torch.Tensor | None = None) -> torch.Tensor:
+def dequantize_fp8(q_OD: torch.Tensor, scale: torch.Tensor, block: int,
+                   out_OD: torch.Tensor | None = None) -> torch.Tensor:
     """fp32 ``[O, D]`` from e4m3fn weights and scales (same layouts as :func:`skinny_gemm_fp8`)."""
     O, D = q_OD.shape
     out_OD = torch.empty(O, D) if out_OD is None else out_OD
@@ -276,10 +281,16 @@ def _check_scale(q_OD: torch.Tensor, scale: torch.Tensor, block: int) -> None:
                          f"{expected} and block 0 or a multiple of 8")
 
 
-def _prepare(x_MD, w_OD, out_MO, w_dtype, out_shape=None):
+def _skinny_library() -> ctypes.CDLL:
     lib = _library()
     if lib is None:
-        raise RuntimeError("skinny GEMM unavailable (needs an AVX2+FMA CPU and a C compiler); check skinny_gemm_available()")
+        raise RuntimeError("skinny GEMM unavailable (needs an AVX2+FMA CPU and a C compiler); check "
+                           "skinny_gemm_available()")
+    return lib
+
+
+def _prepare(x_MD, w_OD, out_MO, w_dtype, out_shape=None):
+    lib = _skinny_library()
     M, D = x_MD.shape
     O, Dw = w_OD.shape
     if D != Dw:

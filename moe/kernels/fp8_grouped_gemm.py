@@ -56,7 +56,7 @@ def fp8_config(gemm: int, num_rows: int, num_experts: int, deterministic: bool =
     if deterministic:
         return BATCH_INVARIANT
     bucket = rows_bucket(num_rows, num_experts)
-    return next(row[gemm] for row in _TABLE if bucket <= row[0])
+    return next(cfg1 if gemm == 1 else cfg2 for max_bucket, cfg1, cfg2 in _TABLE if bucket <= max_bucket)
 
 
 @triton.jit

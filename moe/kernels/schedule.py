@@ -86,7 +86,8 @@ def default_config(gemm: int, bucket: int) -> GemmConfig:
     for max_bucket, cfg1, cfg2 in _TABLE:
         if bucket <= max_bucket:
             return cfg1 if gemm == 1 else cfg2
-    return _TABLE[-1][gemm]
+    _, last1, last2 = _TABLE[-1]
+    return last1 if gemm == 1 else last2
 
 
 def candidates(gemm: int, bucket: int) -> list[GemmConfig]:

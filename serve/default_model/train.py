@@ -29,9 +29,9 @@ import torch
 import torch.nn.functional as F
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from serve.models.loader import save_safetensors
 from serve.models import ARCHITECTURES, DecoderConfig, MoEDecoder, QKNorm
 from serve.models.layers import DenseCausalBackend
+from serve.models.loader import save_safetensors
 
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 CHAT_TEMPLATE = (

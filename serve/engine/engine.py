@@ -10,18 +10,18 @@ import itertools
 import time
 from dataclasses import dataclass, fields
 
-from serve.engine.config import EngineConfig
 from serve.engine.block_manager import BlockManager
-from serve.models.attention import PagedKVCache
-from serve.models.loader import load_model
+from serve.engine.config import EngineConfig
 from serve.engine.model_runner import ModelRunner
 from serve.engine.outputs import RequestOutput
 from serve.engine.sampler import Sampler
 from serve.engine.sampling_params import SamplingParams
 from serve.engine.scheduler import Scheduler
-from serve.engine.sequence import Sequence, SequenceStatus
+from serve.engine.sequence import Sequence
 from serve.engine.stopping import StopChecker
 from serve.engine.tokenizer import Tokenizer
+from serve.models.attention import PagedKVCache
+from serve.models.loader import load_model
 
 
 @dataclass
@@ -154,7 +154,7 @@ class LLMEngine:
         return outputs
 
     def _postprocess(self, seqs, num_new_tokens, sampled, result) -> list[RequestOutput]:
-        for seq, n in zip(seqs, num_new_tokens):
+        for seq, n in zip(seqs, num_new_tokens, strict=True):
             if seq.num_computed < seq.num_prompt_tokens:
                 self.stats.prompt_tokens += min(n, seq.num_prompt_tokens - seq.num_computed)
             seq.num_computed += n
@@ -212,7 +212,7 @@ class LLM:
         if len(params) != len(prompts):
             raise ValueError(f"sampling ({len(params)} SamplingParams) must match prompts ({len(prompts)})")
         ids = [f"offline-{next(self._ids)}" for _ in prompts]
-        for rid, prompt, p in zip(ids, prompts, params):
+        for rid, prompt, p in zip(ids, prompts, params, strict=True):
             try:
                 self.engine.add_request(rid, prompt, p)
             except Exception:

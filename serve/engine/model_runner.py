@@ -11,9 +11,9 @@ from dataclasses import dataclass
 
 import torch
 
-from serve.models.attention import DecodeGroup, PagedAttention, PagedKVCache, PrefillChunk
-from serve.models import MoEDecoder
 from serve.engine.sequence import Sequence
+from serve.models import MoEDecoder
+from serve.models.attention import DecodeGroup, PagedAttention, PagedKVCache, PrefillChunk
 
 
 @dataclass
@@ -56,7 +56,7 @@ class ModelRunner:
         # the C kernel reads each sequence's own keys: one group; the torch path pads a group to its longest
         bounds = (([0] if lens else []) if self.cache.c_decode else split_by_length(lens)) + [len(lens)]
         groups = [DecodeGroup.build(a, [seqs[i].block_table for i in decodes[a:b]], lens[a:b], bs)
-                  for a, b in zip(bounds, bounds[1:])]
+                  for a, b in zip(bounds, bounds[1:], strict=False)]
         return StepInputs(torch.tensor(ids), torch.tensor(positions), torch.tensor(slots), groups, prefills,
                           torch.tensor(last_rows, dtype=torch.long), sampled)
 

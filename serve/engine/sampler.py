@@ -83,7 +83,7 @@ def _logprobs(logits_BV: torch.Tensor, tokens_B: torch.Tensor, params: list[Samp
             out.append(None)
             continue
         entry = {int(tokens_B[i]): chosen_B[i]}
-        for tok, val in zip(top_ids[i, :n].tolist(), top_vals[i, :n].tolist()):
+        for tok, val in zip(top_ids[i, :n].tolist(), top_vals[i, :n].tolist(), strict=True):
             entry.setdefault(tok, val)
         out.append(entry)
     return out

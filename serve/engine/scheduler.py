@@ -13,8 +13,8 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-from serve.engine.config import EngineConfig
 from serve.engine.block_manager import BlockManager
+from serve.engine.config import EngineConfig
 from serve.engine.sequence import Sequence, SequenceStatus
 
 

@@ -38,7 +38,7 @@ class Sequence:
     logprobs: list[dict[int, float]] = field(default_factory=list)
     text: str = ""  # detokenized output so far (kept up to date only where stop strings need it)
     detok_state: object = None
-    prefix_source: "Sequence | None" = None  # same prompt, computed first; this one reuses its cached blocks
+    prefix_source: Sequence | None = None  # same prompt, computed first; this one reuses its cached blocks
 
     def __post_init__(self) -> None:
         if not self.token_ids:

@@ -88,7 +88,7 @@ class IncrementalDetokenizer:
     read_offset: int
 
     @classmethod
-    def after_prompt(cls, tokenizer: Tokenizer, prompt_len: int) -> "IncrementalDetokenizer":
+    def after_prompt(cls, tokenizer: Tokenizer, prompt_len: int) -> IncrementalDetokenizer:
         return cls(tokenizer, max(0, prompt_len - 5), prompt_len)
 
     def add(self, ids: list[int]) -> str:

@@ -23,13 +23,13 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from serve.engine import LLMEngine
+from serve.engine.sampling_params import SamplingParams
+from serve.engine.scheduler import QueueFullError
+from serve.http.config import ServerConfig
 from serve.http.engine_loop import EngineDeadError, EngineLoop, RequestGroup, SubRequest
 from serve.http.metrics import ServerMetrics
 from serve.http.openai_format import ChoiceText, LogprobFormatter, usage
 from serve.http.protocol import ApiError, ChatRequest, CompletionRequest, parse_body, validation_error
-from serve.engine.sampling_params import SamplingParams
-from serve.engine.scheduler import QueueFullError
-from serve.http.config import ServerConfig
 
 
 @dataclass

@@ -55,7 +55,8 @@ class RequestGroup:
 class EngineLoop:
     """``start()``; ``await submit(subs) -> RequestGroup``; ``abort(group)``; ``shutdown()``.
 
-    ``on_step(engine, outputs)`` runs on the loop thread after every step and every batch of aborts (metrics). ``health()`` is
+    ``on_step(engine, outputs)`` runs on the loop thread after every step and every batch of aborts (metrics).
+    ``health()`` is
     ``(ok, reason)``: not ok when the thread is dead or one step has run longer than ``stall_s``.
     """
 

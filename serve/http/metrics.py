@@ -90,7 +90,7 @@ class ServerMetrics:
         now = (blocks.stats.queried_tokens, blocks.stats.hit_tokens, engine.stats.output_tokens,
                sched.num_preemptions)
         for counter, new, old in zip((self.prefix_queries, self.prefix_hits, self.generation_tokens,
-                                      self.preemptions), now, self._last):
+                                      self.preemptions), now, self._last, strict=True):
             if new > old:
                 counter.inc(new - old)
         self._last = now

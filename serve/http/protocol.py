@@ -33,7 +33,7 @@ class ApiError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.status}}
 
     @classmethod
-    def from_value_error(cls, error: ValueError) -> "ApiError":
+    def from_value_error(cls, error: ValueError) -> ApiError:
         """Our ValueErrors start with the field they blame: ``"top_p (1.5) must be in (0, 1]"``,
         ``"prompt token ids ([99999]) must be ..."`` (-> ``prompt``)."""
         message = str(error)

@@ -39,7 +39,8 @@ def config_dir() -> Path:
     for candidate in (package.parent / "configs", package / "configs"):
         if (candidate / "config.yaml").is_file():
             return candidate
-    raise FileNotFoundError(f"moe-serve's configs/ is neither at {package.parent / 'configs'} nor {package / 'configs'}")
+    raise FileNotFoundError(f"moe-serve's configs/ is neither at {package.parent / 'configs'} nor "
+                            f"{package / 'configs'}")
 
 
 register()

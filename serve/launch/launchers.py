@@ -29,8 +29,8 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from serve.launch.schema import MoEServeSchema, to_config
 from serve.launch.ranks import PID_FILE
+from serve.launch.schema import MoEServeSchema, to_config
 
 log = logging.getLogger("moe-serve")
 

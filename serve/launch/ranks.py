@@ -28,9 +28,9 @@ import os
 import signal
 import sys
 import threading
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -81,7 +81,8 @@ def init_groups(parallel: ParallelSchema) -> Groups:
 
 # -- the step protocol ------------------------------------------------------------------------------------------
 class StepChannel:
-    """Rank 0 -> all: ``send_step(inputs, copies)`` / ``send_stop()``; workers: ``recv() -> (inputs, copies) | None``."""
+    """Rank 0 -> all: ``send_step(inputs, copies)`` / ``send_stop()``; workers:
+    ``recv() -> (inputs, copies) | None``."""
 
     def __init__(self, group: dist.ProcessGroup, block_size: int) -> None:
         self.group = group

@@ -24,9 +24,9 @@ from pathlib import Path
 
 import numpy as np
 
-from serve.launch.report_figures import plot_heatmap, plot_ranks, short_name
 from expert_parallel.imbalance import LayerLoad, as_counts, ep_loads
 from routing.stats import RoutingStats
+from serve.launch.report_figures import plot_heatmap, plot_ranks, short_name
 
 FORMAT = "moe-report/1"
 
@@ -146,7 +146,7 @@ def build_report(stats: RoutingStats, counts: str = "cumulative", ep_sizes: list
         "num_experts": stats.num_experts, "top_k": stats.top_k, "steps": stats.steps, "window": stats.window,
         "routed": routed, "tokens": routed // (stats.top_k * stats.num_layers) if stats.top_k else None,
         "layer_names": stats.layer_names, "counts_LE": counts_LE.astype(np.int64).tolist(),
-        "layers": [asdict(LayerLoad.of(name, c)) for name, c in zip(stats.layer_names, counts_LE)],
+        "layers": [asdict(LayerLoad.of(name, c)) for name, c in zip(stats.layer_names, counts_LE, strict=True)],
         "all_layers": asdict(LayerLoad.of("all", counts_LE.sum(axis=0))),
         "ep": placements, "eplb": advice, "expert_bytes": expert_bytes,
         "notes": ["balancedness = mean/max rank load (1 = perfect); step_balancedness = sum over layers of the mean "
@@ -172,7 +172,7 @@ def print_report(report: dict, console=None) -> None:
     for column in ("layer", "routed", "max/mean", "CV", "norm. entropy", "hottest expert:share", "dead experts"):
         table.add_column(column, justify="right" if column in ("routed", "max/mean", "CV", "norm. entropy") else "left")
     for row in report["layers"] + [report["all_layers"]]:
-        hot = " ".join(f"{e}:{s:.0%}" for e, s in zip(row["hottest"], row["hottest_share"]))
+        hot = " ".join(f"{e}:{s:.0%}" for e, s in zip(row["hottest"], row["hottest_share"], strict=True))
         dead = " ".join(map(str, row["dead"][:8])) + (" …" if len(row["dead"]) > 8 else "") or "-"
         table.add_row(short_name(row["name"]), f"{row['routed']:,}", f"{row['max_over_mean']:.2f}", f"{row['cv']:.2f}",
                       f"{row['normalized_entropy']:.3f}", hot or "-", dead, end_section=row["name"] == "all")

@@ -52,7 +52,7 @@ def plot_ranks(report: dict, path: str) -> None:
     sizes = sorted({row["ep_size"] for row in report["ep"]})
     fig = Figure(figsize=(min(4 + 4.5 * len(sizes), 20), 4.8), dpi=110, layout="constrained")
     axes = np.atleast_1d(fig.subplots(1, len(sizes)))
-    for ax, size in zip(axes, sizes):
+    for ax, size in zip(axes, sizes, strict=True):
         rows = [row for row in report["ep"] if row["ep_size"] == size]
         width = 0.8 / len(rows)
         for i, row in enumerate(rows):

@@ -11,7 +11,8 @@ key), which runs when :func:`to_config` converts the composed config into these 
 | ``quant``  | :class:`QuantSchema`    | ``none``, ``fp8-channel``, ``fp8-block``                 |
 | ``parallel`` | :class:`ParallelSchema` | ``single``, ``ep2``, ``ep4``, ``ep8``                  |
 | ``server`` | :class:`serve.http.config.ServerConfig` | ``default``                        |
-| ``launcher`` | :class:`LauncherSchema` | ``local``, ``torchrun``, ``deepspeed``, ``submitit_local``, ``submitit_slurm`` |
+| ``launcher`` | :class:`LauncherSchema` | ``local``, ``torchrun``, ``deepspeed``, ``submitit_local``,             |
+|              |                         | ``submitit_slurm``                                                      |
 | ``report`` | :class:`ReportSchema`   | ``default``                                              |
 
 ``engine`` (scheduling and KV-cache options) is a typed node without presets.

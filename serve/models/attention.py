@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from serve.models.cpu_attention import paged_decode_attention, paged_decode_available
 from serve.models.config import DecoderConfig
+from serve.models.cpu_attention import paged_decode_attention, paged_decode_available
 
 
 class PagedKVCache:
@@ -65,7 +65,7 @@ class DecodeGroup:
     _mask: torch.Tensor | None = field(default=None, repr=False)
 
     @classmethod
-    def build(cls, start: int, tables: list[list[int]], lens: list[int], block_size: int) -> "DecodeGroup":
+    def build(cls, start: int, tables: list[list[int]], lens: list[int], block_size: int) -> DecodeGroup:
         width = -(-max(lens) // block_size)
         tables_BM = torch.tensor([t[:width] + [0] * (width - len(t[:width])) for t in tables])
         return cls(start, tables_BM, torch.tensor(lens), block_size)

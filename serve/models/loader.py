@@ -24,10 +24,10 @@ from safetensors.torch import save_file
 
 from hypermoe import HyperMoEConfig, HyperMoELayer
 from moe.config import Quant
+from moe.fields import enum_field
 from quant import Fp8Experts, quantize_fp8
 from quant.fp8 import BLOCK, FP8, dequantize_weight
-from moe.fields import enum_field
-from serve.models import Family, DecoderConfig, MoEDecoder, family_for
+from serve.models import DecoderConfig, Family, MoEDecoder, family_for
 
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # buffers some old checkpoints carry; we recompute them
 SCALE_SUFFIX = "_scale_inv"  # DeepSeek-V3 / transformers FP8: "<key>_scale_inv" holds <key>'s 128x128 block scales
@@ -241,7 +241,8 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, hypermoe: b
         used = {e.hf_key for e in entries} | {e.hf_key + SCALE_SUFFIX for e in entries}
         unused = sorted(k for k in handles if k not in used and not k.endswith(IGNORED_SUFFIXES))
     if unused:
-        warnings.warn(f"checkpoint {path} has {len(unused)} tensors the model does not use, e.g. {unused[:3]}")
+        warnings.warn(f"checkpoint {path} has {len(unused)} tensors the model does not use, e.g. {unused[:3]}",
+                      stacklevel=2)
     for name, count in filled.items():
         if count != targets[name].numel():  # a bug in tensor_map, not in the checkpoint
             raise ValueError(f"parameter {name!r} filled {count} of {targets[name].numel()} elements")

@@ -7,9 +7,10 @@ attention biases, the router's renormalisation, shared experts and where the MoE
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any, Callable
+from typing import Any
 
 from serve.models.config import DecoderConfig, QKNorm
 

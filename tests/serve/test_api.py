@@ -9,8 +9,8 @@ import httpx
 import openai
 import pytest
 
-from serve import LLM, SamplingParams
 from benchmarks.server import running_server
+from serve import LLM, SamplingParams
 
 ENGINE = dict(max_num_seqs=8, max_num_batched_tokens=256, max_model_len=256)
 OVERRIDES = ("engine.max_num_seqs=8", "engine.max_num_batched_tokens=256", "model.max_model_len=256")
@@ -120,12 +120,12 @@ def test_completion_logprobs_match_offline_engine(client, offline):
     out = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=8, temperature=0, logprobs=3)
     lp = out.choices[0].logprobs
     assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 8
-    for got, want in zip(lp.token_logprobs, ref.logprobs):
+    for got, want in zip(lp.token_logprobs, ref.logprobs, strict=True):
         assert math.isclose(got, next(iter(want.values())), abs_tol=1e-4)
     assert all(len(top) == 3 and max(top.values()) <= 0 for top in lp.top_logprobs)
     # greedy: the chosen token is the most likely one
     assert all(math.isclose(max(top.values()), chosen, abs_tol=1e-5)
-               for top, chosen in zip(lp.top_logprobs, lp.token_logprobs))
+               for top, chosen in zip(lp.top_logprobs, lp.token_logprobs, strict=True))
     assert lp.text_offset == sorted(lp.text_offset)
 
 

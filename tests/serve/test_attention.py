@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from serve.models.attention import DecodeGroup, PagedAttention, PagedKVCache, PrefillChunk
-from serve.models.cpu_attention import paged_decode_available
 from serve.engine.model_runner import split_by_length
 from serve.models import DecoderConfig
+from serve.models.attention import DecodeGroup, PagedAttention, PagedKVCache, PrefillChunk
+from serve.models.cpu_attention import paged_decode_available
 from serve.models.layers import DenseCausalBackend
 
 H, HKV, DH, BS = 4, 2, 8, 4

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import torch
 
-from serve.models.attention import PagedKVCache
 from serve.engine.block_manager import BlockManager, block_key
-from serve.models import DecoderConfig
 from serve.engine.sampling_params import SamplingParams
 from serve.engine.sequence import Sequence
+from serve.models import DecoderConfig
+from serve.models.attention import PagedKVCache
 
 
 def _seq(tokens: list[int], name: str = "s") -> Sequence:

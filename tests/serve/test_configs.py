@@ -15,8 +15,8 @@ from hydra.errors import ConfigCompositionException, MissingConfigException
 from omegaconf import OmegaConf
 
 from serve.launch.cli import config_dir
-from serve.launch.schema import GROUPS, MoEServeSchema, to_config
 from serve.launch.launchers import deepspeed_command, export_submitit_env, torchrun_command
+from serve.launch.schema import GROUPS, MoEServeSchema, to_config
 
 CONFIGS = config_dir()
 PRESETS = {
@@ -130,8 +130,8 @@ def test_report_window_drives_the_server_window():
 
 
 def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "serve.launch.cli", *args], capture_output=True, text=True, timeout=120,
-                          env={**os.environ, **(env or {})})
+    return subprocess.run([sys.executable, "-m", "serve.launch.cli", *args], capture_output=True, text=True,
+                          timeout=120, env={**os.environ, **(env or {})})
 
 
 def test_cli_prints_the_composed_config_and_refuses_a_typo(tmp_path):

@@ -30,7 +30,7 @@ def test_files_fit_in_10_mb():
 def test_greedy_output_is_python(outputs):
     markers = ("self", "return", "def ", "(", "):", "\n    ", " = ", "import ", "None", "if ")
     seen = set()
-    for prompt, out in zip(PROMPTS, outputs):
+    for prompt, out in zip(PROMPTS, outputs, strict=True):
         found = {m for m in markers if m in out.text}
         assert len(out.token_ids) == 48 and found, (prompt, out.text)
         seen |= found
@@ -42,6 +42,6 @@ def test_matches_transformers(outputs):
 
     model = AutoModelForCausalLM.from_pretrained(str(DEFAULT_MODEL), dtype=torch.float32).eval()
     llm_ids = [out.prompt_token_ids for out in outputs]
-    for ids, out in zip(llm_ids, outputs):
+    for ids, out in zip(llm_ids, outputs, strict=True):
         ref = model.generate(torch.tensor([ids]), max_new_tokens=48, do_sample=False)[0, len(ids):].tolist()
         assert ref == out.token_ids

@@ -87,7 +87,7 @@ def test_stop_strings_stop_tokens_and_length(llm):
 def test_logprobs(llm):
     out = llm.generate("import ", SamplingParams(max_tokens=6, temperature=0.0, logprobs=3))[0]
     assert len(out.logprobs) == 6
-    for token, entry in zip(out.token_ids, out.logprobs):
+    for token, entry in zip(out.token_ids, out.logprobs, strict=True):
         assert list(entry)[0] == token and len(entry) == 3
         assert entry[token] == max(entry.values()) and all(v <= 0 for v in entry.values())
 

@@ -16,9 +16,9 @@ import serve
 from moe import MoEConfig
 from quant import Fp8Experts, quantize_fp8
 from quant.fp8 import FP8, dequantize_weight, quantize_weight
-from serve.models.loader import QUANTIZATION_CONFIG, load_model, save_safetensors
 from serve.models import ARCHITECTURES
 from serve.models.layers import DenseCausalBackend
+from serve.models.loader import QUANTIZATION_CONFIG, load_model, save_safetensors
 from tests.serve.checkpoints import hf_model, save
 
 # What DeepSeek-V3's config.json carries (written out here, not taken from the loader)
@@ -97,7 +97,7 @@ def test_fp8_checkpoint_loads_bit_exactly_and_equals_its_dequantised_model(dirs)
         F = ex.w2_EDF.shape[2]
         for e in range(ex.num_experts):
             for name, (buf, rows) in zip(names, (("w13_E2FD", slice(0, F)), ("w13_E2FD", slice(F, 2 * F)),
-                                                 ("w2_EDF", None))):
+                                                 ("w2_EDF", None)), strict=True):
                 index = (e,) if rows is None else (e, rows)
                 key = f"{prefix}.experts.{e}.{name}.weight"
                 assert torch.equal(getattr(ex, buf)[index].view(torch.uint8), state[key].view(torch.uint8)), key
@@ -117,7 +117,7 @@ def test_quantise_while_loading_equals_quantising_the_loaded_model(dirs):
     for scheme in ("channel", "block"):
         model = load_model(hf_dir, quantization=f"fp8-{scheme}")
         reference = quantize_fp8(load_model(hf_dir), scheme)
-        for (name, got), (_, want) in zip(model.state_dict().items(), reference.state_dict().items()):
+        for (name, got), (_, want) in zip(model.state_dict().items(), reference.state_dict().items(), strict=True):
             assert got.dtype == want.dtype and torch.equal(got.view(torch.uint8), want.view(torch.uint8)), name
         assert rel(logits(model, ids), expected32) < 0.1  # sanity: FP8 experts stay close to fp32 (random weights)
 

@@ -10,9 +10,8 @@ import torch
 
 from benchmarks.fp8_quality import HELD_OUT_TEXT, agreement_and_perplexity, expert_bytes_ratio, layer_errors
 from serve.engine.config import DEFAULT_MODEL
-from serve.models.loader import load_model
 from serve.engine.tokenizer import Tokenizer
-
+from serve.models.loader import load_model
 
 SCHEMES = ("fp8-channel", "fp8-block")
 

@@ -11,9 +11,9 @@ import torch
 
 from hypermoe import HyperMoEConfig
 from serve import LLM, SamplingParams
-from serve.models.loader import load_model, read_config, save_safetensors
 from serve.models import MoEDecoder
 from serve.models.layers import DenseCausalBackend
+from serve.models.loader import load_model, read_config, save_safetensors
 from tests.serve.checkpoints import hf_model, save
 
 HYPER = HyperMoEConfig(expert_embedding_dim=16, process_dim=16, hypernet_input_dim=16, layer_embedding_dim=4,

@@ -13,11 +13,11 @@ import httpx
 import pytest
 from starlette.testclient import TestClient
 
-from serve import LLMEngine
-from serve.http.app import OpenAIServer
-from serve.engine.config import EngineConfig
-from serve.http.config import ServerConfig
 from benchmarks.server import running_server
+from serve import LLMEngine
+from serve.engine.config import EngineConfig
+from serve.http.app import OpenAIServer
+from serve.http.config import ServerConfig
 
 LONG = {"prompt": "class Parser:\n", "max_tokens": 200, "ignore_eos": True, "temperature": 0}
 

@@ -10,8 +10,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from serve.models.loader import load_model, read_config, save_safetensors
 from serve.models import ARCHITECTURES
+from serve.models.loader import load_model, read_config, save_safetensors
 from tests.serve.checkpoints import hf_model, save
 
 

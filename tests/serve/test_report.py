@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from serve.launch.report import build_report, main, read_prompts
 from routing.stats import RoutingStats
+from serve.launch.report import build_report, main, read_prompts
 
 REPO = Path(__file__).resolve().parents[2]
 

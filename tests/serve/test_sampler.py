@@ -70,7 +70,7 @@ def test_logprobs_of_chosen_and_top_tokens():
     assert out.logprobs[1] is None
     assert list(entry)[0] == out.token_ids[0] and len(entry) == 3  # greedy: the chosen token is the top one
     top = expected.topk(3)
-    for tok, val in zip(top.indices.tolist(), top.values.tolist()):
+    for tok, val in zip(top.indices.tolist(), top.values.tolist(), strict=True):
         assert entry[tok] == pytest.approx(val, abs=1e-6)
 
 

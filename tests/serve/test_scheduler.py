@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from serve.engine.config import EngineConfig
 from serve.engine.block_manager import BlockManager
+from serve.engine.config import EngineConfig
 from serve.engine.sampling_params import SamplingParams
 from serve.engine.scheduler import QueueFullError, Scheduler
 from serve.engine.sequence import Sequence, SequenceStatus
@@ -26,7 +26,7 @@ def _add(sched: Scheduler, name: str, prompt_len: int, max_tokens: int = 4, star
 def _step(sched: Scheduler):
     """One scheduling step with a fake model: computed tokens advance; a finished prompt emits token 7."""
     out = sched.schedule()
-    for seq, n in zip(out.seqs, out.num_new_tokens):
+    for seq, n in zip(out.seqs, out.num_new_tokens, strict=True):
         seq.num_computed += n
         sched.blocks.register_full_blocks(seq)
         if seq.num_computed == seq.num_tokens:
@@ -45,7 +45,7 @@ def test_chunked_prefill_under_token_budget_with_decodes_first():
     plan = []
     for _ in range(4):
         out = _step(sched)
-        plan.append([(s.request_id, n) for s, n in zip(out.seqs, out.num_new_tokens)])
+        plan.append([(s.request_id, n) for s, n in zip(out.seqs, out.num_new_tokens, strict=True)])
     # the decode goes first every step; the 40-token prompt fills the rest of the budget in chunks
     assert plan == [[("short", 1), ("long", 15)], [("short", 1), ("long", 15)], [("short", 1), ("long", 10)],
                     [("short", 1), ("long", 1)]]
