@@ -27,7 +27,7 @@ from benchmarks.common import rel_err
 from moe import MoE
 from serve.engine.config import DEFAULT_MODEL
 from serve.engine.tokenizer import Tokenizer
-from serve.models.layers import DenseCausalBackend
+from serve.models.layers import DenseCausalAttention
 from serve.models.loader import load_model
 
 SCHEMES = ("fp8-channel", "fp8-block")
@@ -77,7 +77,7 @@ def next_token_logits(model, ids_S: torch.Tensor) -> torch.Tensor:
     """Teacher-forced logits ``[S, V]`` of one sequence."""
     with torch.no_grad():
         S = ids_S.numel()
-        return model.logits(model(ids_S, torch.arange(S), DenseCausalBackend(1, S)))
+        return model.logits(model(ids_S, torch.arange(S), DenseCausalAttention(1, S)))
 
 
 def agreement_and_perplexity(reference, model, ids_S: torch.Tensor) -> tuple[float, float, float]:

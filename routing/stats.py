@@ -9,14 +9,21 @@ the largest id to size its output). ``step()`` closes one step (the serving engi
 step) into a ring of the last ``window`` steps, so the windowed and the cumulative loads can both be read.
 Reading (``to_dict``, ``cumulative_counts().tolist()``) is the only host sync.
 
+Padding: a forward whose batch holds rows that are not tokens (a decode step padded to a CUDA-graph size) runs
+inside ``counting_only(valid_T)``; the observers then count only the rows where ``valid_T`` is True. A graph
+captured there keeps reading that mask tensor, so its replays count right when the mask's contents change.
+
 Example: 1 layer, E=4, window=2; steps routing experts ``[0]``, ``[1]``, ``[2]`` (3 tokens each, K=1) ->
 cumulative ``[[3, 3, 3, 0]]``, windowed ``[[0, 3, 3, 0]]`` (step 0 fell out of the window).
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import json
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +31,18 @@ import torch
 from torch import nn
 
 FORMAT = "moe-routing-stats/1"
+_VALID_T: contextvars.ContextVar[torch.Tensor | None] = contextvars.ContextVar("routing_valid_T", default=None)
+
+
+@contextlib.contextmanager
+def counting_only(valid_T: torch.Tensor | None) -> Iterator[None]:
+    """Within: routing observers count only the token rows where ``valid_T`` (bool ``[T]``) is True (None:
+    every row)."""
+    token = _VALID_T.set(valid_T)
+    try:
+        yield
+    finally:
+        _VALID_T.reset(token)
 
 
 class RoutingStats:
@@ -118,6 +137,7 @@ class RoutingStats:
     def to_dict(self) -> dict:
         """JSON-able snapshot (what ``GET /v1/moe/routing`` serves and ``save`` writes)."""
         with self._lock:  # one consistent snapshot: counts and steps of the same instant
+            # NOTE: host sync: reading the counts (to_dict) is the one sync of the statistics
             cumulative, windowed, steps = self.cumulative_counts().tolist(), self.window_counts().tolist(), self.steps
         return {"format": FORMAT, "model": self.model, "num_layers": self.num_layers,
                 "num_experts": self.num_experts, "top_k": self.top_k, "layer_names": list(self.layer_names),
@@ -149,9 +169,9 @@ class RoutingStats:
             if tuple(t.shape) != (L, E):
                 raise ValueError(f"routing statistics {name} has shape {tuple(t.shape)}, expected ({L}, {E}) "
                                  "from num_layers and num_experts")
-            if bool((t < 0).any()):
+            if bool((t < 0).any()):  # NOTE: host sync (loading a saved file, not a step)
                 raise ValueError(f"routing statistics {name} has negative counts")
-        if bool((windowed > total).any()):
+        if bool((windowed > total).any()):  # NOTE: host sync (loading, as above)
             raise ValueError("routing statistics windowed counts exceed the cumulative counts")
         stats.total_LE.copy_(total)
         stats.ring_WLE[-1].copy_(windowed)
@@ -181,4 +201,4 @@ class _Recorder:
         self.stats, self.layer = stats, layer
 
     def __call__(self, routing) -> None:
-        self.stats.record(self.layer, routing.ids_TK)
+        self.stats.record(self.layer, routing.ids_TK, _VALID_T.get())

@@ -9,7 +9,7 @@ from expert_parallel.token_split import TokenSplitDispatcher, shard_moe_token_sp
 from moe.layer import MoE
 from quant import quantize_fp8
 from serve.engine.config import DEFAULT_MODEL
-from serve.models.layers import DenseCausalBackend
+from serve.models.layers import DenseCausalAttention
 from serve.models.loader import load_model
 from tests.dist_harness import run_ranks
 
@@ -18,7 +18,7 @@ TOKENS = (1, 3, 33)  # 1 and 3: some ranks' shares are empty or short
 
 def _logits(model, ids_T: torch.Tensor) -> torch.Tensor:
     T = ids_T.shape[0]
-    return model.logits(model(ids_T, torch.arange(T), DenseCausalBackend(1, T)))
+    return model.logits(model(ids_T, torch.arange(T), DenseCausalAttention(1, T)))
 
 
 def _compare(rank: int, world_size: int, fp8: str | None = None) -> dict:

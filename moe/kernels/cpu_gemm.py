@@ -207,7 +207,7 @@ def decode_moe(x_TD: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Tenso
                                counts_E.data_ptr(), xs_ND.data_ptr(), h_NX.data_ptr(), *_threads_isa())
     if status == -2:
         raise ValueError(f"decode_moe: expert ids must be in [0, {E}), got "
-                         f"{ids_TK.min().item()}..{ids_TK.max().item()}")
+                         f"{ids_TK.min().item()}..{ids_TK.max().item()}")  # NOTE: host sync (error path, CPU)
     if status:
         return None
     a_NF = activation(h_NX).contiguous()

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from serve.models import ARCHITECTURES, DecoderConfig, MoEDecoder, QKNorm
-from serve.models.layers import DenseCausalBackend
+from serve.models.layers import DenseCausalAttention
 from serve.models.loader import save_safetensors
 
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
@@ -173,7 +173,7 @@ def train(cfg: TrainConfig, ids: torch.Tensor, model: MoEDecoder) -> None:
         offsets = torch.randint(0, len(ids) - S - 1, (B,), generator=gen)
         window = torch.stack([ids[o:o + S + 1] for o in offsets.tolist()]).long()
         captured.clear()
-        hidden = model(window[:, :-1].reshape(-1), positions, DenseCausalBackend(B, S))
+        hidden = model(window[:, :-1].reshape(-1), positions, DenseCausalAttention(B, S))
         lm = F.cross_entropy(model.logits(hidden), window[:, 1:].reshape(-1))
         loss = lm + cfg.aux_loss * balance_loss(captured, cfg.num_experts)
         opt.zero_grad(set_to_none=True)

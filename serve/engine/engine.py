@@ -12,6 +12,7 @@ from dataclasses import dataclass, fields
 
 from serve.engine.block_manager import BlockManager
 from serve.engine.config import EngineConfig
+from serve.engine.device import kv_cache_blocks, resolve_device
 from serve.engine.model_runner import ModelRunner
 from serve.engine.outputs import RequestOutput
 from serve.engine.sampler import Sampler
@@ -53,23 +54,27 @@ class LLMEngine:
 
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
-        self.model = load_model(config.model, config.torch_dtype, config.hypermoe, config.quantization)
+        self.device = resolve_device(config.device)
+        self.model = load_model(config.model, config.torch_dtype, config.hypermoe, config.quantization, self.device)
         mc = self.model.config
         self.tokenizer = Tokenizer(config.tokenizer) if config.tokenizer else None
         self.max_model_len = config.max_model_len or mc.max_position_embeddings
         if self.max_model_len > mc.max_position_embeddings:
             raise ValueError(f"max_model_len ({self.max_model_len}) exceeds the model's max_position_embeddings "
                              f"({mc.max_position_embeddings})")
-        num_blocks = config.num_kv_blocks or config.kv_cache_bytes // PagedKVCache.bytes_per_block(
-            mc, config.block_size, config.torch_dtype)
+        num_blocks = config.num_kv_blocks or kv_cache_blocks(
+            self.device, config.kv_cache_bytes, config.gpu_memory_utilization,
+            PagedKVCache.bytes_per_block(mc, config.block_size, config.torch_dtype))
         needed = -(-self.max_model_len // config.block_size)
         if num_blocks < needed:
             raise ValueError(f"num_kv_blocks ({num_blocks}) cannot hold one max_model_len ({self.max_model_len}) "
                              f"sequence ({needed} blocks of {config.block_size})")
         self.blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(config, self.blocks)
-        self.runner = ModelRunner(self.model, num_blocks, config.block_size)
-        self.sampler = Sampler(config.seed)
+        self.runner = ModelRunner(self.model, num_blocks, config.block_size, self.device, config.attention_backend,
+                                  config.cuda_graphs, config.max_num_seqs, self.max_model_len)
+        self.runner.capture_graphs()
+        self.sampler = Sampler(config.seed, self.device)
         self.stops = StopChecker(self.tokenizer, mc.eos_token_ids, self.max_model_len)
         self.requests: dict[str, Sequence] = {}
         self.stats = StepStats()

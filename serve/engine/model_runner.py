@@ -2,40 +2,77 @@
 
 Shape legend: T tokens of the step, B sequences, M blocks per decoding sequence (padded), V vocabulary.
 Layout of the step's tokens: the one-token sequences (decodes) first, longest context first, then each longer
-chunk contiguously.
+chunk contiguously. ``prepare`` builds the step on the host (from Python lists; the ranks of a distributed job
+receive it from rank 0 as it is), ``forward`` moves it to the device once and runs it: replayed from a CUDA
+graph for decode-only steps where :mod:`serve.engine.cuda_graphs` captured one, eagerly otherwise.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
+import logging
 
 import torch
+import torch.nn.functional as F
 
+from routing.stats import counting_only
+from serve.engine.cuda_graphs import DecodeGraphs, Graph, graph_batch_sizes
 from serve.engine.sequence import Sequence
 from serve.models import MoEDecoder
-from serve.models.attention import DecodeGroup, PagedAttention, PagedKVCache, PrefillChunk
+from serve.models.attention import AttentionMetadata, DecodeGroup, PagedKVCache, PrefillChunk
+from serve.models.attention_backends import select_attention_backend
+
+log = logging.getLogger("moe-serve")
 
 
-@dataclass
+@dataclasses.dataclass
 class StepInputs:
     input_ids_T: torch.Tensor
     positions_T: torch.Tensor
-    slot_mapping_T: torch.Tensor
-    decodes: list[DecodeGroup]
-    prefills: list[PrefillChunk]
+    attention: AttentionMetadata
     last_rows: torch.Tensor  # rows of the step whose logits are sampled
     sampled: list[int]  # the sequences (indices into the scheduled list) those rows belong to
+    valid_T: torch.Tensor | None = None  # bool, False on padding rows (a padded decode step); None: no padding
+
+    def to(self, device: torch.device) -> StepInputs:
+        """The same step with its tensors on ``device``."""
+        if device.type == "cpu":
+            return self
+        ids, positions, rows = (t.to(device, non_blocking=True) for t in
+                                (self.input_ids_T, self.positions_T, self.last_rows))
+        valid = None if self.valid_T is None else self.valid_T.to(device, non_blocking=True)
+        return StepInputs(ids, positions, self.attention.to(device), rows, self.sampled, valid)
 
 
 class ModelRunner:
-    def __init__(self, model: MoEDecoder, num_blocks: int, block_size: int) -> None:
+    """``prepare(seqs, num_new_tokens) -> StepInputs``; ``forward(inputs, copies) -> logits``.
+
+    ``attention_backend``: see :func:`serve.models.attention_backends.select_attention_backend`.
+    ``cuda_graphs``: replay decode steps of up to ``max_num_seqs`` sequences from CUDA graphs (CUDA only;
+    ``graph_factory`` replaces the CUDA graph, for tests). ``max_model_len`` bounds the graphs' block tables.
+    """
+
+    def __init__(self, model: MoEDecoder, num_blocks: int, block_size: int, device: torch.device | None = None,
+                 attention_backend: str = "auto", cuda_graphs: bool = False, max_num_seqs: int = 64,
+                 max_model_len: int | None = None, graph_factory: type[Graph] | None = None) -> None:
         self.model = model
         self.block_size = block_size
-        dtype = next(model.parameters()).dtype
-        self.cache = PagedKVCache(model.config, num_blocks, block_size, dtype)
+        weight = next(model.parameters())
+        self.device = weight.device if device is None else torch.device(device)
+        self.cache = PagedKVCache(model.config, num_blocks, block_size, weight.dtype, self.device)
+        self.attention = select_attention_backend(attention_backend, self.device, weight.dtype)
+        max_len = max_model_len or model.config.max_position_embeddings
+        self.max_blocks = -(-max_len // block_size)  # block-table width of a graph's decode step
+        self._moe_layers = [m for m in model.modules() if hasattr(m, "on_routing")]
+        self.graphs: DecodeGraphs | None = None
+        if cuda_graphs and (self.device.type == "cuda" or graph_factory is not None):
+            factory = {} if graph_factory is None else {"graph_factory": graph_factory}
+            self.graphs = DecodeGraphs(self._forward, self.pad_decode, graph_batch_sizes(max_num_seqs),
+                                       observers=self._observers, device=self.device, **factory)
 
     def prepare(self, seqs: list[Sequence], num_new_tokens: list[int]) -> StepInputs:
-        """Lay out the step's tokens (decodes first, longest context first) with their slots and block tables."""
+        """Lay out the step's tokens (decodes first, longest context first) with their slots and block tables, as
+        host tensors (``forward`` moves them to the device)."""
         decodes = sorted((i for i, n in enumerate(num_new_tokens) if n == 1), key=lambda i: -seqs[i].num_tokens)
         order = decodes + [i for i, n in enumerate(num_new_tokens) if n > 1]
         ids, positions, slots, prefills, last_rows, sampled = [], [], [], [], [], []
@@ -45,7 +82,8 @@ class ModelRunner:
             start, end = seq.num_computed, seq.num_computed + n
             table = seq.block_table
             if rank >= len(decodes):
-                prefills.append(PrefillChunk(len(ids), n, start, torch.tensor(table[:-(-end // bs)])))
+                table_M = torch.tensor(table[:-(-end // bs)])  # host tensors, as every one of prepare's
+                prefills.append(PrefillChunk(len(ids), n, start, table_M))
             ids += seq.token_ids[start:end]
             positions += range(start, end)
             slots += [table[p // bs] * bs + p % bs for p in range(start, end)]
@@ -53,20 +91,66 @@ class ModelRunner:
                 last_rows.append(len(ids) - 1)
                 sampled.append(i)
         lens = [seqs[i].num_computed + 1 for i in decodes]
-        # the C kernel reads each sequence's own keys: one group; the torch path pads a group to its longest
-        bounds = (([0] if lens else []) if self.cache.c_decode else split_by_length(lens)) + [len(lens)]
+        # the C and Triton kernels read each sequence's own keys: one group; the torch path pads a group to its
+        # longest, so it splits them by length
+        one_group = self.attention.one_decode_group or (self.graphs is not None and not prefills)
+        bounds = (([0] if lens else []) if one_group else split_by_length(lens)) + [len(lens)]
         groups = [DecodeGroup.build(a, [seqs[i].block_table for i in decodes[a:b]], lens[a:b], bs)
                   for a, b in zip(bounds, bounds[1:], strict=False)]
-        return StepInputs(torch.tensor(ids), torch.tensor(positions), torch.tensor(slots), groups, prefills,
-                          torch.tensor(last_rows, dtype=torch.long), sampled)
+        # host tensors: forward moves the whole step to the device at once (non-blocking)
+        meta = self.attention.metadata(torch.tensor(slots), groups, prefills)
+        return StepInputs(torch.tensor(ids), torch.tensor(positions), meta,  # host, as above
+                          torch.tensor(last_rows, dtype=torch.long), sampled)  # host, as above
+
+    def pad_decode(self, inputs: StepInputs, size: int) -> StepInputs:
+        """A decode-only step padded to ``size`` sequences with ``max_blocks``-wide tables (host tensors): the
+        padding rows decode token 0 at position 0 into the cache's null slot, reading only the null block."""
+        group = inputs.attention.decodes[0]
+        (B, M), pad = group.tables_BM.shape, size - group.tables_BM.shape[0]
+        tables_BM = F.pad(group.tables_BM, (0, self.max_blocks - M))  # 0: a block never read (past each length)
+        tables_BM = torch.cat([tables_BM, torch.full((pad, self.max_blocks), self.cache.null_block)])
+        padded = DecodeGroup(0, tables_BM, torch.cat([group.lens_B, torch.ones(pad, dtype=torch.long)]),
+                             self.block_size)
+        slots = torch.cat([inputs.attention.slot_mapping_T, torch.full((pad,), self.cache.null_slot)])
+        meta = self.attention.metadata(slots, [padded], [])
+        zeros = torch.zeros(pad, dtype=torch.long)
+        return StepInputs(torch.cat([inputs.input_ids_T, zeros]), torch.cat([inputs.positions_T, zeros]), meta,
+                          torch.cat([inputs.last_rows, torch.arange(B, size)]), inputs.sampled,
+                          torch.arange(size) < B)
 
     @torch.inference_mode()
     def forward(self, inputs: StepInputs, copies: list[tuple[int, int]]) -> torch.Tensor:
-        """Run the model over the step; returns logits ``[len(inputs.sampled), V]`` (fp32)."""
+        """Run the model over the step; returns logits ``[len(inputs.sampled), V]`` (fp32, on the device)."""
         self.cache.copy_blocks(copies)
-        backend = PagedAttention(self.cache, inputs.slot_mapping_T, inputs.decodes, inputs.prefills)
-        hidden_TD = self.model(inputs.input_ids_T, inputs.positions_T, backend)
+        size = self.graphs.size_for(inputs) if self.graphs is not None else None
+        if size is not None:
+            return self.graphs.forward(inputs, size)
+        return self._forward(inputs.to(self.device))
+
+    def capture_graphs(self) -> None:
+        """Capture every decode graph now (the engine calls it at start, as vLLM does, so that no request waits
+        for a capture); a no-op without ``cuda_graphs``."""
+        if self.graphs is None:
+            return
+        table = [self.cache.null_block]
+        null_slot = torch.full((1,), self.cache.null_slot)  # a host step, as prepare makes them
+        example = StepInputs(torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long),
+                             self.attention.metadata(null_slot,
+                                                     [DecodeGroup.build(0, [table], [1], self.block_size)], []),
+                             torch.zeros(1, dtype=torch.long), [0])
+        with torch.inference_mode():
+            self.graphs.capture_all(example)
+
+    def _forward(self, inputs: StepInputs) -> torch.Tensor:
+        step = self.attention.step(self.cache, inputs.attention)
+        with counting_only(inputs.valid_T):  # routing statistics skip the padding rows
+            hidden_TD = self.model(inputs.input_ids_T, inputs.positions_T, step)
         return self.model.logits(hidden_TD[inputs.last_rows])
+
+    def _observers(self) -> tuple[int, ...]:
+        """Who watches the MoE layers' routing (``on_routing``): a graph captured before a change would keep
+        calling the old observers, so a change means a new capture."""
+        return tuple(id(layer.on_routing) for layer in self._moe_layers)
 
 
 def split_by_length(lens: list[int], min_saving: int = 1536) -> list[int]:

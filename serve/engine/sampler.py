@@ -23,10 +23,22 @@ class SampleResult:
 
 
 class Sampler:
-    """``Sampler(seed)(logits_BV, seqs) -> SampleResult``; ``seed`` drives requests that bring none."""
+    """``Sampler(seed, device)(logits_BV, seqs) -> SampleResult``; ``seed`` drives requests that bring none.
 
-    def __init__(self, seed: int = 0) -> None:
-        self.generator = torch.Generator().manual_seed(seed)
+    The draws happen where the logits are (``device``): a seeded request gets its own generator there on its
+    first draw, kept on its sequence so that preemption and batching do not change its stream.
+    """
+
+    def __init__(self, seed: int = 0, device: torch.device | str = "cpu") -> None:
+        self.device = torch.device(device)
+        self.generator = torch.Generator(self.device).manual_seed(seed)
+
+    def _generator(self, seq: Sequence) -> torch.Generator:
+        if seq.params.seed is None:
+            return self.generator
+        if seq.generator is None:
+            seq.generator = torch.Generator(self.device).manual_seed(seq.params.seed)
+        return seq.generator
 
     def __call__(self, logits_BV: torch.Tensor, seqs: list[Sequence]) -> SampleResult:
         params = [s.params for s in seqs]
@@ -34,36 +46,37 @@ class Sampler:
         tokens_B = logits_BV.argmax(dim=-1)
         sampled = [i for i, p in enumerate(params) if not p.greedy]
         if sampled:
-            rows = torch.tensor(sampled)
+            rows = torch.tensor(sampled, device=logits_BV.device)
             probs_RV = filtered_probs(logits_BV[rows], [params[i] for i in sampled])
             q_RV = torch.empty_like(probs_RV)
             for r, i in enumerate(sampled):
-                q_RV[r].exponential_(generator=seqs[i].generator or self.generator)
+                q_RV[r].exponential_(generator=self._generator(seqs[i]))
             tokens_B[rows] = (probs_RV / q_RV).argmax(dim=-1)
-        token_ids = tokens_B.tolist()
+        token_ids = tokens_B.tolist()  # NOTE: host sync: stop checks and outputs need the tokens on the host
         return SampleResult(token_ids, _logprobs(logits_BV, tokens_B, params))
 
 
 def filtered_probs(logits_BV: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
     """Probabilities after temperature, top-k, top-p and min-p (filtered tokens get 0)."""
     B, V = logits_BV.shape
-    temps_B1 = torch.tensor([p.temperature for p in params]).unsqueeze(1)
+    device = logits_BV.device
+    temps_B1 = torch.tensor([p.temperature for p in params], device=device).unsqueeze(1)
     logits_BV = logits_BV / temps_B1
     top_ks = [p.top_k if 0 < p.top_k < V else V for p in params]
     top_ps = [p.top_p for p in params]
     if any(k < V for k in top_ks) or any(p < 1 for p in top_ps):
         sorted_BV, order_BV = logits_BV.sort(dim=-1, descending=True)
-        keep_BV = torch.arange(V)[None, :] < torch.tensor(top_ks)[:, None]
+        keep_BV = torch.arange(V, device=device)[None, :] < torch.tensor(top_ks, device=device)[:, None]
         sorted_BV = sorted_BV.masked_fill(~keep_BV, float("-inf"))
         probs_BV = torch.softmax(sorted_BV, dim=-1)
         # drop a token when the more likely ones already reach top_p (the first token always stays)
         before_BV = probs_BV.cumsum(dim=-1) - probs_BV
-        keep_BV &= before_BV < torch.tensor(top_ps)[:, None]
+        keep_BV &= before_BV < torch.tensor(top_ps, device=device)[:, None]
         sorted_BV = sorted_BV.masked_fill(~keep_BV, float("-inf"))
         logits_BV = torch.full_like(logits_BV, float("-inf")).scatter_(1, order_BV, sorted_BV)
     probs_BV = torch.softmax(logits_BV, dim=-1)
-    min_ps = torch.tensor([p.min_p for p in params])
-    if bool((min_ps > 0).any()):
+    if any(p.min_p > 0 for p in params):
+        min_ps = torch.tensor([p.min_p for p in params], device=device)
         cut_B1 = (min_ps * probs_BV.max(dim=-1).values).unsqueeze(1)
         probs_BV = probs_BV.masked_fill(probs_BV < cut_B1, 0.0)
     return probs_BV
@@ -74,7 +87,7 @@ def _logprobs(logits_BV: torch.Tensor, tokens_B: torch.Tensor, params: list[Samp
     if all(n is None for n in wanted):
         return [None] * len(params)
     logp_BV = torch.log_softmax(logits_BV, dim=-1)
-    chosen_B = logp_BV.gather(1, tokens_B[:, None]).squeeze(1).tolist()
+    chosen_B = logp_BV.gather(1, tokens_B[:, None]).squeeze(1).tolist()  # NOTE: host sync: logprobs, with the tokens
     top = max(n for n in wanted if n is not None)
     top_vals, top_ids = logp_BV.topk(top, dim=-1) if top else (logp_BV[:, :0], tokens_B[:, None][:, :0])
     out = []
@@ -83,6 +96,7 @@ def _logprobs(logits_BV: torch.Tensor, tokens_B: torch.Tensor, params: list[Samp
             out.append(None)
             continue
         entry = {int(tokens_B[i]): chosen_B[i]}
+        # NOTE: host sync (the top logprobs of requests that ask for them; the tokens' sync came first)
         for tok, val in zip(top_ids[i, :n].tolist(), top_vals[i, :n].tolist(), strict=True):
             entry.setdefault(tok, val)
         out.append(entry)

@@ -34,7 +34,7 @@ class Sequence:
     stop_reason: int | str | None = None
     num_cached_tokens: int = -1  # prefix-cache hit on first admission; -1 until admitted
     num_preemptions: int = 0
-    generator: torch.Generator | None = None
+    generator: torch.Generator | None = None  # a seeded request's own, made by the sampler on its first draw
     logprobs: list[dict[int, float]] = field(default_factory=list)
     text: str = ""  # detokenized output so far (kept up to date only where stop strings need it)
     detok_state: object = None
@@ -43,8 +43,6 @@ class Sequence:
     def __post_init__(self) -> None:
         if not self.token_ids:
             self.token_ids = list(self.prompt_token_ids)
-        if self.params.seed is not None:
-            self.generator = torch.Generator().manual_seed(self.params.seed)
 
     @property
     def num_tokens(self) -> int:

@@ -10,9 +10,9 @@ Every rank builds the same engine (weights, KV-cache pool), then keeps only its 
 
 - WORLD (gloo; NCCL added for CUDA tensors when CUDA is available): the MoE layers' all-to-all and all-gather,
   bounded by ``parallel.timeout_s`` (a dead or hung rank -> ``CollectiveError`` naming it).
-- control (gloo): per engine step, rank 0 broadcasts the step's inputs (``StepInputs`` without the decode
-  masks, which every rank rebuilds) and KV block copies, or STOP. Workers wait for it without a timeout while
-  the server idles; a dead rank 0 closes its sockets, which fails that wait at once.
+- control (gloo): per engine step, rank 0 broadcasts the step's inputs (``StepInputs``, host tensors) and KV
+  block copies, or STOP. Workers wait for it without a timeout while the server idles; a dead rank 0 closes its
+  sockets, which fails that wait at once.
 - watch (gloo): rank 0 waits, on one thread per worker, for that worker's goodbye (sent after STOP). A wait
   that fails means the worker died: rank 0 logs which one and stops the job (exit 1) instead of hanging.
 
@@ -41,7 +41,6 @@ from moe import MoE
 from serve.engine.model_runner import ModelRunner, StepInputs
 from serve.launch.schema import MoEServeSchema, ParallelSchema, to_config
 from serve.launch.serving import build_engine, serve
-from serve.models.attention import DecodeGroup
 
 log = logging.getLogger("moe-serve")
 
@@ -79,18 +78,24 @@ def init_groups(parallel: ParallelSchema) -> Groups:
     return Groups(dist.get_rank(), dist.get_world_size(), control, watch)
 
 
+def rank_device(spec: str) -> str:
+    """A rank's ``engine.device``: its own GPU, ``cuda:LOCAL_RANK``, where ``auto`` or ``cuda`` finds CUDA (the
+    launchers start one rank per GPU of a node); anything else as given."""
+    if spec in ("auto", "cuda") and torch.cuda.is_available():
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    return spec
+
+
 # -- the step protocol ------------------------------------------------------------------------------------------
 class StepChannel:
     """Rank 0 -> all: ``send_step(inputs, copies)`` / ``send_stop()``; workers:
     ``recv() -> (inputs, copies) | None``."""
 
-    def __init__(self, group: dist.ProcessGroup, block_size: int) -> None:
+    def __init__(self, group: dist.ProcessGroup) -> None:
         self.group = group
-        self.block_size = block_size
 
     def send_step(self, inputs: StepInputs, copies: list[tuple[int, int]]) -> None:
-        decodes = [(g.start, g.tables_BM, g.lens_B) for g in inputs.decodes]  # masks are rebuilt from lens
-        self._broadcast(("step", dataclasses.replace(inputs, decodes=decodes), copies))
+        self._broadcast(("step", inputs, copies))  # host tensors, as prepare made them (no decode masks yet)
 
     def send_stop(self) -> None:
         self._broadcast(("stop",))
@@ -103,9 +108,7 @@ class StepChannel:
         if message[0] == "stop":
             return None
         _, inputs, copies = message
-        decodes = [DecodeGroup.build(start, tables.tolist(), lens.tolist(), self.block_size)
-                   for start, tables, lens in inputs.decodes]
-        return dataclasses.replace(inputs, decodes=decodes), copies
+        return inputs, copies
 
     def _broadcast(self, message):
         box = [message]
@@ -175,11 +178,15 @@ def run_rank(cfg: MoEServeSchema, run_dir: Path) -> None:
     if groups.rank:  # the server drains on a signal, then stops the workers itself
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # CUDA graphs stay off across ranks: the expert-parallel all-to-all reads its split sizes on the host
+    engine_cfg = dataclasses.replace(cfg.engine, device=rank_device(cfg.engine.device),
+                                     cuda_graphs=cfg.engine.cuda_graphs and groups.world_size == 1)
+    cfg = dataclasses.replace(cfg, engine=engine_cfg)
     engine = build_engine(cfg)  # every rank: the same weights and KV-cache pool
     shard_moe_token_split(engine.model, dispatcher=cfg.parallel.dispatcher, timeout_s=cfg.parallel.timeout_s)
     dist.monitored_barrier(groups.control, timeout=timedelta(seconds=cfg.parallel.startup_timeout_s),
                            wait_all_ranks=True)  # rank 0 names any rank that failed to start
-    channel = StepChannel(groups.control, cfg.engine.block_size)
+    channel = StepChannel(groups.control)
     log.info("rank %d of %d ready: experts %s", groups.rank, groups.world_size, _local_experts(engine.model))
     if groups.rank == 0:
         _serve_rank0(cfg, engine, groups, channel, run_dir)

@@ -51,8 +51,12 @@ class EngineSchema:
     """Scheduling and KV-cache options (see :class:`serve.engine.config.EngineConfig`)."""
 
     block_size: int = EngineConfig.block_size
+    device: str = EngineConfig.device
+    gpu_memory_utilization: float = EngineConfig.gpu_memory_utilization
+    cuda_graphs: bool = EngineConfig.cuda_graphs
+    attention_backend: str = EngineConfig.attention_backend
     num_kv_blocks: int | None = None
-    kv_cache_bytes: int = EngineConfig.kv_cache_bytes
+    kv_cache_bytes: int | None = None
     max_num_seqs: int = EngineConfig.max_num_seqs
     max_num_batched_tokens: int = EngineConfig.max_num_batched_tokens
     max_queued_requests: int = EngineConfig.max_queued_requests

@@ -1,37 +1,52 @@
-"""Attention over the paged KV cache, in plain torch (CPU or any device).
+"""The paged KV cache, the step's attention metadata, and the attention backends that read it.
 
 Shape legend: T tokens of the step, H query heads, Hkv key/value heads, Dh head dim, B decoding sequences,
 NB blocks in the pool, BS block size, M blocks per sequence (padded), S = M * BS key slots.
 
 A step's tokens are laid out decodes first (one token each, in groups of similar length so that padding to the
-longest wastes little), then each prefill chunk contiguously. Token ``t``
-of a sequence at position ``p`` writes its K/V to slot ``block_table[p // BS] * BS + p % BS`` before attending.
+longest wastes little), then each prefill chunk contiguously. Token ``t`` of a sequence at position ``p`` writes
+its K/V to slot ``block_table[p // BS] * BS + p % BS`` before attending.
+
+One interface, :class:`AttentionBackend`: ``metadata(...)`` describes a step on the host (``ModelRunner.prepare``
+moves it to the device with the token ids), ``step(cache, metadata)`` returns the :class:`StepAttention` that
+every layer calls. The backends (``select_attention_backend`` in :mod:`serve.models.attention_backends`):
+
+- :class:`TorchAttention`: plain torch on any device (gather the blocks, SDPA); the reference.
+- ``CpuAttention`` (:mod:`serve.models.cpu_attention`): the C decode kernel reading the cache in place, SDPA for
+  prefill; fp32 CPU caches.
+- ``TritonAttention`` (:mod:`serve.models.triton_attention`): one Triton kernel for the whole step, decodes and
+  prefill chunks over cached prefixes, reading K/V in place through the block tables; CUDA (or the interpreter).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, fields, replace
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 
 from serve.models.config import DecoderConfig
-from serve.models.cpu_attention import paged_decode_attention, paged_decode_available
+from serve.models.layers import StepAttention
 
 
 class PagedKVCache:
-    """K and V for every layer: ``k[layer]``, ``v[layer]`` are ``[Hkv, NB, BS, Dh]`` views of one pool.
+    """K and V for every layer: ``k[layer]``, ``v[layer]`` are ``[Hkv, NB + 1, BS, Dh]`` views of one pool.
 
     Head-major: gathering a batch's blocks (``index_select`` on the block dim) gives ``[Hkv, B, S, Dh]``, the
     contiguous operand of a batched matmul, with no transpose copy (~3x faster decode attention on CPU).
+    Block ``NB`` (``null_block``) belongs to no sequence: the rows that pad a step to a CUDA-graph size write
+    their K/V there (``null_slot``) and read only it.
     """
 
-    def __init__(self, config: DecoderConfig, num_blocks: int, block_size: int, dtype: torch.dtype) -> None:
-        shape = (2, config.num_layers, config.num_kv_heads, num_blocks, block_size, config.head_dim)
-        self.pool = torch.zeros(shape, dtype=dtype)
+    def __init__(self, config: DecoderConfig, num_blocks: int, block_size: int, dtype: torch.dtype,
+                 device: torch.device | str = "cpu") -> None:
+        shape = (2, config.num_layers, config.num_kv_heads, num_blocks + 1, block_size, config.head_dim)
+        self.pool = torch.zeros(shape, dtype=dtype, device=device)
         self.k, self.v = self.pool[0], self.pool[1]
         self.block_size = block_size
-        self.c_decode = paged_decode_available(self.pool)  # decode attention by the C kernel, read in place
+        self.null_block = num_blocks
+        self.null_slot = num_blocks * block_size
 
     @staticmethod
     def bytes_per_block(config: DecoderConfig, block_size: int, dtype: torch.dtype) -> int:
@@ -40,9 +55,17 @@ class PagedKVCache:
 
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         if copies:
-            src = torch.tensor([s for s, _ in copies])
-            dst = torch.tensor([d for _, d in copies])
+            # from host lists to the device, non-blocking: no sync
+            src = torch.tensor([s for s, _ in copies]).to(self.pool.device, non_blocking=True)  # host list
+            dst = torch.tensor([d for _, d in copies]).to(self.pool.device, non_blocking=True)  # host list
             self.pool[:, :, :, dst] = self.pool[:, :, :, src]
+
+    def write(self, layer: int, slot_mapping_T: torch.Tensor, k_THd: torch.Tensor, v_THd: torch.Tensor) -> None:
+        """Store the step's K/V of ``layer`` in their slots (torch ``index_copy_``, any device)."""
+        k_cache, v_cache = self.k[layer], self.v[layer]
+        Hkv, Dh = k_THd.shape[1:]
+        k_cache.view(Hkv, -1, Dh).index_copy_(1, slot_mapping_T, k_THd.transpose(0, 1).to(k_cache.dtype))
+        v_cache.view(Hkv, -1, Dh).index_copy_(1, slot_mapping_T, v_THd.transpose(0, 1).to(v_cache.dtype))
 
 
 @dataclass
@@ -52,69 +75,87 @@ class PrefillChunk:
     num_cached: int  # tokens of this sequence already in the cache before the chunk
     block_table: torch.Tensor  # [blocks covering num_cached + num_tokens] int64
 
+    def to(self, device: torch.device) -> PrefillChunk:
+        return replace(self, block_table=self.block_table.to(device, non_blocking=True))
+
 
 @dataclass
 class DecodeGroup:
     """Consecutive one-token sequences of the step, attended in one batch (padded to the longest of them on the
-    torch path; the C kernel reads each sequence's own keys)."""
+    torch path; the C and Triton kernels read each sequence's own keys)."""
 
     start: int
     tables_BM: torch.Tensor  # int64, padded with block 0
     lens_B: torch.Tensor  # int64 keys per sequence
     block_size: int
-    _mask: torch.Tensor | None = field(default=None, repr=False)
+
+    def to(self, device: torch.device) -> DecodeGroup:
+        return DecodeGroup(self.start, self.tables_BM.to(device, non_blocking=True),
+                           self.lens_B.to(device, non_blocking=True), self.block_size)
 
     @classmethod
-    def build(cls, start: int, tables: list[list[int]], lens: list[int], block_size: int) -> DecodeGroup:
-        width = -(-max(lens) // block_size)
-        tables_BM = torch.tensor([t[:width] + [0] * (width - len(t[:width])) for t in tables])
-        return cls(start, tables_BM, torch.tensor(lens), block_size)
+    def build(cls, start: int, tables: list[list[int]], lens: list[int], block_size: int,
+              width: int | None = None) -> DecodeGroup:
+        """``width``: blocks per row of ``tables_BM`` (default: what the longest sequence needs)."""
+        width = -(-max(lens) // block_size) if width is None else width
+        # host tensors: ModelRunner.prepare builds the step on the host, forward moves it
+        tables_BM = torch.tensor([t[:width] + [0] * (width - len(t[:width])) for t in tables], dtype=torch.int64)
+        return cls(start, tables_BM, torch.tensor(lens, dtype=torch.int64), block_size)  # host, as above
 
-    @property
     def mask_B11S(self) -> torch.Tensor:
-        """Additive float mask: 0 where slot s holds one of the sequence's keys, else -inf. Built on first use
-        (the torch path; once per step, not per layer: SDPA would convert a boolean mask in every layer)."""
-        if self._mask is None:
-            slots = self.tables_BM.shape[1] * self.block_size
-            mask_BS = torch.arange(slots)[None, :] >= self.lens_B[:, None]
-            self._mask = torch.zeros(mask_BS.shape).masked_fill_(mask_BS, float("-inf"))[:, None, None]
-        return self._mask
+        """Additive float mask: 0 where slot s holds one of the sequence's keys, else -inf (the torch path)."""
+        slots = self.tables_BM.shape[1] * self.block_size
+        mask_BS = torch.arange(slots, device=self.lens_B.device)[None, :] >= self.lens_B[:, None]
+        return torch.zeros(mask_BS.shape, device=mask_BS.device).masked_fill_(mask_BS, float("-inf"))[:, None, None]
 
 
-class PagedAttention:
-    """``AttentionBackend`` for one step: writes the step's K/V into the cache, then attends through it."""
+@dataclass
+class AttentionMetadata:
+    """What a step's attention needs besides q/k/v, built on the host by ``ModelRunner.prepare``. A backend
+    that wants more (the Triton one: its query tiles) subclasses it; every tensor field moves with ``to``."""
 
-    def __init__(self, cache: PagedKVCache, slot_mapping_T: torch.Tensor, decodes: list[DecodeGroup],
-                 prefills: list[PrefillChunk]) -> None:
-        self.cache = cache
-        self.slot_mapping_T = slot_mapping_T
-        self.decodes = decodes
-        self.prefills = prefills
+    slot_mapping_T: torch.Tensor
+    decodes: list[DecodeGroup]
+    prefills: list[PrefillChunk]
 
-    def attend(self, layer: int, q_THd: torch.Tensor, k_THd: torch.Tensor, v_THd: torch.Tensor) -> torch.Tensor:
-        k_cache, v_cache = self.cache.k[layer], self.cache.v[layer]
-        Hkv, Dh = k_THd.shape[1:]
-        k_cache.view(Hkv, -1, Dh).index_copy_(1, self.slot_mapping_T, k_THd.transpose(0, 1).to(k_cache.dtype))
-        v_cache.view(Hkv, -1, Dh).index_copy_(1, self.slot_mapping_T, v_THd.transpose(0, 1).to(v_cache.dtype))
-        if len(self.decodes) == 1 and not self.prefills:
-            return self._decode(q_THd, k_cache, v_cache, self.decodes[0])
-        o_THd = torch.empty_like(q_THd)
-        for group in self.decodes:
-            rows = slice(group.start, group.start + group.tables_BM.shape[0])
-            o_THd[rows] = self._decode(q_THd[rows], k_cache, v_cache, group)
-        for chunk in self.prefills:
-            rows = slice(chunk.start, chunk.start + chunk.num_tokens)
-            if chunk.num_cached == 0:  # nothing to read back: attend over the chunk's own K/V
-                o_THd[rows] = _attend(q_THd[rows].transpose(0, 1), k_THd[rows].transpose(0, 1),
-                                      v_THd[rows].transpose(0, 1), None)
-            else:
-                o_THd[rows] = self._prefill(q_THd[rows], k_cache, v_cache, chunk)
-        return o_THd
+    def to(self, device: torch.device) -> AttentionMetadata:
+        moved = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, torch.Tensor):
+                moved[f.name] = value.to(device, non_blocking=True)
+            elif isinstance(value, list):
+                moved[f.name] = [item.to(device) for item in value]
+        return replace(self, **moved)
 
-    def _decode(self, q_BHd: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                group: DecodeGroup) -> torch.Tensor:
-        if self.cache.c_decode:
-            return paged_decode_attention(q_BHd, k_cache, v_cache, group.tables_BM, group.lens_B).to(q_BHd.dtype)
+
+class AttentionBackend:
+    """One way of attending through the paged cache. ``one_decode_group``: the backend reads each sequence's
+    own keys, so every decode of a step goes in one group (the torch path pads a group to its longest)."""
+
+    name: ClassVar[str]
+    one_decode_group: ClassVar[bool] = False
+
+    def metadata(self, slot_mapping_T: torch.Tensor, decodes: list[DecodeGroup],
+                 prefills: list[PrefillChunk]) -> AttentionMetadata:
+        return AttentionMetadata(slot_mapping_T, decodes, prefills)
+
+    def step(self, cache: PagedKVCache, metadata: AttentionMetadata) -> StepAttention:
+        raise NotImplementedError
+
+
+class TorchAttention(AttentionBackend):
+    """Plain torch on any device: the reference backend (gathered blocks + SDPA). ``uses_mask``: ``decode`` takes
+    the group's padding mask (the C kernel reads lengths instead)."""
+
+    name = "torch"
+    uses_mask = True
+
+    def step(self, cache: PagedKVCache, metadata: AttentionMetadata) -> StepAttention:
+        return _TorchStep(self, cache, metadata)
+
+    def decode(self, q_BHd: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, group: DecodeGroup,
+               mask_B11S: torch.Tensor) -> torch.Tensor:
         B, H, Dh = q_BHd.shape
         Hkv = k_cache.shape[0]
         blocks = group.tables_BM.view(-1)
@@ -123,23 +164,58 @@ class PagedAttention:
         v_BHkvSd = v_cache.index_select(1, blocks).view(Hkv, B, -1, Dh).transpose(0, 1)
         dtype = q_BHd.dtype
         o_BH1d = F.scaled_dot_product_attention(q_BHd[:, :, None], k_BHkvSd.to(dtype), v_BHkvSd.to(dtype),
-                                                attn_mask=group.mask_B11S.to(dtype), enable_gqa=True)
+                                                attn_mask=mask_B11S.to(dtype), enable_gqa=True)
         return o_BH1d.view(B, H, Dh)
 
     @staticmethod
-    def _prefill(q_THd: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                 chunk: PrefillChunk) -> torch.Tensor:
+    def prefill(q_THd: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                chunk: PrefillChunk) -> torch.Tensor:
         Hkv, Dh = k_cache.shape[0], k_cache.shape[-1]
         total = chunk.num_cached + chunk.num_tokens
         k_HkvSd = k_cache.index_select(1, chunk.block_table).view(Hkv, -1, Dh)[:, :total]
         v_HkvSd = v_cache.index_select(1, chunk.block_table).view(Hkv, -1, Dh)[:, :total]
         # query i (at position num_cached + i) sees keys 0 .. num_cached + i
-        mask_TS = torch.arange(total)[None, :] <= (chunk.num_cached + torch.arange(chunk.num_tokens))[:, None]
-        return _attend(q_THd.transpose(0, 1), k_HkvSd, v_HkvSd, mask_TS)
+        keys_S = torch.arange(total, device=q_THd.device)
+        mask_TS = keys_S[None, :] <= (chunk.num_cached + torch.arange(chunk.num_tokens, device=q_THd.device))[:, None]
+        return attend_one(q_THd.transpose(0, 1), k_HkvSd, v_HkvSd, mask_TS)
 
 
-def _attend(q_HTd: torch.Tensor, k_HkvSd: torch.Tensor, v_HkvSd: torch.Tensor,
-            mask_TS: torch.Tensor | None) -> torch.Tensor:
+class _TorchStep:
+    """``StepAttention`` of the torch-based backends: writes the step's K/V, then attends group by group."""
+
+    def __init__(self, backend: TorchAttention, cache: PagedKVCache, metadata: AttentionMetadata) -> None:
+        self.backend, self.cache, self.metadata = backend, cache, metadata
+        self.masks: dict[int, torch.Tensor] = {}  # per decode group, built in the first layer (not per layer:
+        # SDPA would convert a boolean mask in every layer)
+
+    def _decode(self, i: int, q_BHd: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
+        group = self.metadata.decodes[i]
+        if i not in self.masks and self.backend.uses_mask:
+            self.masks[i] = group.mask_B11S()
+        return self.backend.decode(q_BHd, k_cache, v_cache, group, self.masks.get(i))
+
+    def attend(self, layer: int, q_THd: torch.Tensor, k_THd: torch.Tensor, v_THd: torch.Tensor) -> torch.Tensor:
+        meta, backend = self.metadata, self.backend
+        self.cache.write(layer, meta.slot_mapping_T, k_THd, v_THd)
+        k_cache, v_cache = self.cache.k[layer], self.cache.v[layer]
+        if len(meta.decodes) == 1 and not meta.prefills:
+            return self._decode(0, q_THd, k_cache, v_cache)
+        o_THd = torch.empty_like(q_THd)
+        for i, group in enumerate(meta.decodes):
+            rows = slice(group.start, group.start + group.tables_BM.shape[0])
+            o_THd[rows] = self._decode(i, q_THd[rows], k_cache, v_cache)
+        for chunk in meta.prefills:
+            rows = slice(chunk.start, chunk.start + chunk.num_tokens)
+            if chunk.num_cached == 0:  # nothing to read back: attend over the chunk's own K/V
+                o_THd[rows] = attend_one(q_THd[rows].transpose(0, 1), k_THd[rows].transpose(0, 1),
+                                         v_THd[rows].transpose(0, 1), None)
+            else:
+                o_THd[rows] = backend.prefill(q_THd[rows], k_cache, v_cache, chunk)
+        return o_THd
+
+
+def attend_one(q_HTd: torch.Tensor, k_HkvSd: torch.Tensor, v_HkvSd: torch.Tensor,
+               mask_TS: torch.Tensor | None) -> torch.Tensor:
     """One sequence: SDPA with GQA; causal when ``mask_TS`` is None. Returns ``[T, H, Dh]``."""
     dtype = q_HTd.dtype
     o = F.scaled_dot_product_attention(q_HTd[None], k_HkvSd[None].to(dtype), v_HkvSd[None].to(dtype),

@@ -6,7 +6,7 @@ import enum
 from dataclasses import dataclass, field
 
 from hypermoe import HyperMoEConfig
-from moe.config import Activation, MoEConfig
+from moe.config import Activation, Backend, MoEConfig
 from routing.config import RouterConfig, Scoring
 
 
@@ -53,6 +53,7 @@ class DecoderConfig:
     bos_token_id: int | None = None
     hypermoe: HyperMoEConfig | None = None  # our config.json extension key "hypermoe" (HyperMoEConfig fields)
     extra: dict = field(default_factory=dict)
+    moe_backend: Backend = Backend.AUTO  # the MoE layers' backend (the loader picks it from the device)
 
     def __post_init__(self) -> None:
         self.qk_norm = QKNorm(self.qk_norm)
@@ -83,5 +84,5 @@ class DecoderConfig:
             hidden_size=self.hidden_size, ffn_size=self.moe_ffn_size, num_experts=self.num_experts,
             top_k=self.top_k, activation=Activation.SWIGLU, router=router, shared_ffn_size=self.shared_ffn_size,
             shared_expert_gate=self.shared_expert_gate, extra={"architecture": self.architecture},
-            hypermoe=self.hypermoe,
+            hypermoe=self.hypermoe, backend=self.moe_backend,
         )

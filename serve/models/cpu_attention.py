@@ -3,7 +3,9 @@
 The torch path gathers every decoding sequence's blocks into a padded copy (``index_select``) and then runs
 SDPA over it: the context is read twice and written once per layer. The kernel reads each key and value row
 once, shared by the query heads of its group, with no padding. fp32 CPU caches only; compiled on first use by
-:mod:`moe.kernels.native`, like the MoE layer's CPU GEMMs; unavailable -> the torch path.
+:mod:`moe.kernels.native`, like the MoE layer's CPU GEMMs; unavailable -> the torch backend.
+
+:class:`CpuAttention`: the backend that uses it for decodes (SDPA for prefill chunks, as the torch backend).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from pathlib import Path
 import torch
 
 from moe.kernels.native import FLOAT, INT, LONG, PTR, load_library
+from serve.models.attention import DecodeGroup, TorchAttention
 
 _SOURCE = Path(__file__).parent / "csrc" / "paged_attention.c"
 _SIGNATURES = {"paged_decode_attention": (
@@ -48,3 +51,16 @@ def paged_decode_attention(q_BHd: torch.Tensor, k_cache: torch.Tensor, v_cache: 
         q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), B, H, Hkv, Dh, NB, BS, tables.data_ptr(),
         tables.shape[1], lens.data_ptr(), Dh**-0.5, out.data_ptr(), torch.get_num_threads())
     return out
+
+
+class CpuAttention(TorchAttention):
+    """Decodes by the C kernel, all of a step's in one call (it reads each sequence's own keys); prefill chunks
+    by SDPA (:class:`TorchAttention`)."""
+
+    name = "cpu"
+    one_decode_group = True
+    uses_mask = False
+
+    def decode(self, q_BHd: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, group: DecodeGroup,
+               mask_B11S: torch.Tensor | None = None) -> torch.Tensor:
+        return paged_decode_attention(q_BHd, k_cache, v_cache, group.tables_BM, group.lens_B).to(q_BHd.dtype)

@@ -13,7 +13,7 @@ from moe import MoE
 from moe.config import Activation
 from moe.shared import SharedExpert
 from serve.models.config import DecoderConfig
-from serve.models.layers import Attention, AttentionBackend, RMSNorm, rope_cos_sin
+from serve.models.layers import Attention, RMSNorm, StepAttention, rope_cos_sin
 
 
 class DecoderLayer(nn.Module):
@@ -28,7 +28,7 @@ class DecoderLayer(nn.Module):
             self.mlp = SharedExpert(config.hidden_size, config.dense_ffn_size, Activation.SWIGLU, False)
 
     def forward(self, x_TD: torch.Tensor, cos_TD: torch.Tensor, sin_TD: torch.Tensor,
-                backend: AttentionBackend) -> torch.Tensor:
+                backend: StepAttention) -> torch.Tensor:
         x_TD = x_TD + self.self_attn(self.input_layernorm(x_TD), cos_TD, sin_TD, backend)
         return x_TD + self.mlp(self.post_attention_layernorm(x_TD))
 
@@ -56,10 +56,11 @@ class MoEDecoder(nn.Module):
             if isinstance(module, HyperMoELayer):
                 module.init_buffers()
         cos, sin = rope_cos_sin(self.config.head_dim, self.config.rope_theta, self.config.max_position_embeddings)
-        self.register_buffer("rope_cos", cos, persistent=False)
-        self.register_buffer("rope_sin", sin, persistent=False)
+        device = self.embed_tokens.weight.device
+        self.register_buffer("rope_cos", cos.to(device), persistent=False)
+        self.register_buffer("rope_sin", sin.to(device), persistent=False)
 
-    def forward(self, input_ids_T: torch.Tensor, positions_T: torch.Tensor, backend: AttentionBackend) -> torch.Tensor:
+    def forward(self, input_ids_T: torch.Tensor, positions_T: torch.Tensor, backend: StepAttention) -> torch.Tensor:
         x_TD = self.embed_tokens(input_ids_T)
         cos_TD = self.rope_cos[positions_T].to(x_TD.dtype)
         sin_TD = self.rope_sin[positions_T].to(x_TD.dtype)

@@ -2,7 +2,8 @@
 
 Shape legend: T tokens (all sequences of a step, flattened), D hidden, H query heads, Hkv key/value heads,
 Dh head dim. Attention itself (which keys a query sees, where K/V live) is delegated to an
-:class:`AttentionBackend`: the paged cache when serving, a dense causal mask when training.
+:class:`StepAttention`: the paged cache when serving (:mod:`serve.models.attention`), a dense causal mask when
+training.
 """
 
 from __future__ import annotations
@@ -16,8 +17,8 @@ from torch import nn
 from serve.models.config import DecoderConfig, QKNorm
 
 
-class AttentionBackend(Protocol):
-    """``attend(layer, q_THd, k_THkvd, v_THkvd) -> o_THd``: stores K/V as needed and attends."""
+class StepAttention(Protocol):
+    """``attend(layer, q_THd, k_THkvd, v_THkvd) -> o_THd``: stores K/V as needed and attends (one step)."""
 
     def attend(self, layer: int, q_THd: torch.Tensor, k_THd: torch.Tensor, v_THd: torch.Tensor) -> torch.Tensor: ...
 
@@ -74,7 +75,7 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(self.kv_size, config.rms_norm_eps)
 
     def forward(self, x_TD: torch.Tensor, cos_TD: torch.Tensor, sin_TD: torch.Tensor,
-                backend: AttentionBackend) -> torch.Tensor:
+                backend: StepAttention) -> torch.Tensor:
         T = x_TD.shape[0]
         q, k, v = self.qkv_proj(x_TD).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         if self.qk_norm is QKNorm.FULL:
@@ -91,7 +92,7 @@ class Attention(nn.Module):
         return self.o_proj(o_THd.reshape(T, self.q_size))
 
 
-class DenseCausalBackend:
+class DenseCausalAttention:
     """Attention over ``B`` equal-length sequences laid out as ``T = B*S`` tokens (training, tests)."""
 
     def __init__(self, batch: int, seq_len: int) -> None:

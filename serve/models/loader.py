@@ -23,7 +23,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from hypermoe import HyperMoEConfig, HyperMoELayer
-from moe.config import Quant
+from moe.config import Backend, Quant
 from moe.fields import enum_field
 from quant import Fp8Experts, quantize_fp8
 from quant.fp8 import BLOCK, FP8, dequantize_weight
@@ -200,12 +200,17 @@ def _moe_entries(config: DecoderConfig, family: Family, layer: int, keys: set[st
     return entries
 
 
-def _build(config: DecoderConfig, dtype: torch.dtype, quant: Quant | None = None) -> MoEDecoder:
+def _build(config: DecoderConfig, dtype: torch.dtype, quant: Quant | None, device: torch.device) -> MoEDecoder:
+    """The model with uninitialised storage on ``device``, in ``dtype``: built and cast on the meta device (FP8
+    experts keep their e4m3 and fp32 tensors), then allocated once where it runs. The MoE layers' backend
+    follows the device: the torch one on the CPU, the auto choice (Triton where present) on CUDA."""
+    config.moe_backend = Backend.AUTO if device.type == "cuda" else Backend.TORCH
     with torch.device("meta"):
         model = MoEDecoder(config)
         if quant is not None:
             quantize_fp8(model, quant.scheme)
-    model = model.to_empty(device="cpu").to(dtype)  # FP8 experts keep their e4m3 and fp32 tensors
+        model = model.to(dtype)
+    model = model.to_empty(device=device)
     if config.tie_word_embeddings:  # to_empty re-creates parameters one module at a time
         model.lm_head.weight = model.embed_tokens.weight
     model.init_buffers()
@@ -213,8 +218,11 @@ def _build(config: DecoderConfig, dtype: torch.dtype, quant: Quant | None = None
 
 
 def load_model(path: str | Path, dtype: torch.dtype = torch.float32, hypermoe: bool | None = None,
-               quantization: str | Quant | None = None) -> MoEDecoder:
+               quantization: str | Quant | None = None, device: torch.device | str = "cpu") -> MoEDecoder:
     """Build and fill a :class:`MoEDecoder` from a HF directory; raises ``ValueError`` naming any bad key.
+
+    ``device``: where the model is built; every checkpoint tensor is read straight onto it (safetensors to the
+    device, no host copy of the model).
 
     ``hypermoe``: None serves what the checkpoint is; True/False insist that it is / is not a HyperMoE one.
     ``quantization`` (``"fp8-block"``, ``"fp8-channel"``): FP8 routed experts, quantised while loading from a
@@ -227,13 +235,14 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, hypermoe: b
     if hypermoe is not None and hypermoe != (config.hypermoe is not None):
         raise ValueError(f"hypermoe ({hypermoe}) but checkpoint {path} is {'' if config.hypermoe else 'not '}a "
                          "HyperMoE checkpoint (config.json key 'hypermoe')")
-    model = _build(config, dtype, _resolve_quant(quantization, checkpoint_quant(hf), path))
+    device = torch.device(device)
+    model = _build(config, dtype, _resolve_quant(quantization, checkpoint_quant(hf), path), device)
     targets = _targets(model)
     filled = dict.fromkeys(targets, 0)
     with contextlib.ExitStack() as stack:
         handles = {}
         for file in _files(path):
-            handle = stack.enter_context(safe_open(str(file), framework="pt"))
+            handle = stack.enter_context(safe_open(str(file), framework="pt", device=str(device)))
             handles.update(dict.fromkeys(handle.keys(), handle))
         entries = tensor_map(config, family, set(handles))
         for entry in entries:

@@ -7,9 +7,9 @@ import torch
 
 from serve.engine.model_runner import split_by_length
 from serve.models import DecoderConfig
-from serve.models.attention import DecodeGroup, PagedAttention, PagedKVCache, PrefillChunk
-from serve.models.cpu_attention import paged_decode_available
-from serve.models.layers import DenseCausalBackend
+from serve.models.attention import DecodeGroup, PagedKVCache, PrefillChunk, TorchAttention
+from serve.models.cpu_attention import CpuAttention, paged_decode_available
+from serve.models.layers import DenseCausalAttention
 
 H, HKV, DH, BS = 4, 2, 8, 4
 
@@ -22,6 +22,7 @@ def _config() -> DecoderConfig:
 
 @pytest.mark.parametrize("c_decode", [False, True], ids=["torch", "c-kernel"])
 def test_decode_and_chunked_prefill_match_dense(c_decode):
+    """Both CPU backends through the one interface: ``metadata(...)`` then ``step(cache, metadata).attend``."""
     if c_decode and not paged_decode_available(torch.zeros(1)):
         pytest.skip("no C compiler / AVX2 for the paged decode kernel")
     torch.manual_seed(0)
@@ -29,9 +30,9 @@ def test_decode_and_chunked_prefill_match_dense(c_decode):
     qkv = [(torch.randn(n, H, DH), torch.randn(n, HKV, DH), torch.randn(n, HKV, DH)) for n in lens]
     dense = []
     for q, k, v in qkv:
-        dense.append(DenseCausalBackend(1, q.shape[0]).attend(0, q, k, v))
+        dense.append(DenseCausalAttention(1, q.shape[0]).attend(0, q, k, v))
     cache = PagedKVCache(_config(), num_blocks=32, block_size=BS, dtype=torch.float32)
-    cache.c_decode = c_decode
+    backend = CpuAttention() if c_decode else TorchAttention()
     free = torch.randperm(32).tolist()  # scattered, out-of-order blocks
     tables = [[free.pop() for _ in range(-(-n // BS))] for n in lens]
 
@@ -44,15 +45,15 @@ def test_decode_and_chunked_prefill_match_dense(c_decode):
     for seq, start, end in parts:
         q, k, v = (x[start:end] for x in qkv[seq])
         chunk = PrefillChunk(0, end - start, start, torch.tensor(tables[seq]))
-        backend = PagedAttention(cache, torch.tensor(slots(seq, start, end)), [], [chunk])
-        out = backend.attend(0, q, k, v)
+        meta = backend.metadata(torch.tensor(slots(seq, start, end)), [], [chunk])
+        out = backend.step(cache, meta).attend(0, q, k, v)
         torch.testing.assert_close(out, dense[seq][start:end], rtol=1e-5, atol=1e-5)
     # step 2: every sequence decodes its last token, in two padded groups (seq 1 has no history at all)
     last = [n - 1 for n in lens]
     q, k, v = (torch.stack([qkv[i][j][last[i]] for i in range(4)]) for j in range(3))
     slot_mapping = torch.tensor([slots(i, last[i], lens[i])[0] for i in range(4)])
     groups = [DecodeGroup.build(0, tables[:1], lens[:1], BS), DecodeGroup.build(1, tables[1:], lens[1:], BS)]
-    out = PagedAttention(cache, slot_mapping, groups, []).attend(0, q, k, v)
+    out = backend.step(cache, backend.metadata(slot_mapping, groups, [])).attend(0, q, k, v)
     torch.testing.assert_close(out, torch.stack([dense[i][last[i]] for i in range(4)]), rtol=1e-5, atol=1e-5)
 
 

@@ -29,8 +29,10 @@ PRESETS = {
 }
 # The user-facing config: a change here is a change to every deployment's command lines. Update deliberately.
 SURFACE = [
-    "engine.block_size", "engine.enable_prefix_caching", "engine.kv_cache_bytes", "engine.max_num_batched_tokens",
-    "engine.max_num_seqs", "engine.max_queued_requests", "engine.num_kv_blocks", "engine.seed",
+    "engine.attention_backend", "engine.block_size", "engine.cuda_graphs", "engine.device",
+    "engine.enable_prefix_caching", "engine.gpu_memory_utilization", "engine.kv_cache_bytes",
+    "engine.max_num_batched_tokens", "engine.max_num_seqs", "engine.max_queued_requests", "engine.num_kv_blocks",
+    "engine.seed",
     "launcher.extra_args", "launcher.hostfile", "launcher.kind", "launcher.master_addr", "launcher.master_port",
     "launcher.nnodes", "launcher.node_rank", "launcher.nproc_per_node",
     "model.dtype", "model.hypermoe", "model.max_model_len", "model.path", "model.tokenizer",

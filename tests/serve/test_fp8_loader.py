@@ -17,7 +17,7 @@ from moe import MoEConfig
 from quant import Fp8Experts, quantize_fp8
 from quant.fp8 import FP8, dequantize_weight, quantize_weight
 from serve.models import ARCHITECTURES
-from serve.models.layers import DenseCausalBackend
+from serve.models.layers import DenseCausalAttention
 from serve.models.loader import QUANTIZATION_CONFIG, load_model, save_safetensors
 from tests.serve.checkpoints import hf_model, save
 
@@ -60,7 +60,7 @@ def dequantized_checkpoint(src, dst):
 
 def logits(model, ids):
     with torch.no_grad():
-        return model.logits(model(ids, torch.arange(len(ids)), DenseCausalBackend(1, len(ids))))
+        return model.logits(model(ids, torch.arange(len(ids)), DenseCausalAttention(1, len(ids))))
 
 
 def rel(a, b):

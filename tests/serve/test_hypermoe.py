@@ -12,7 +12,7 @@ import torch
 from hypermoe import HyperMoEConfig
 from serve import LLM, SamplingParams
 from serve.models import MoEDecoder
-from serve.models.layers import DenseCausalBackend
+from serve.models.layers import DenseCausalAttention
 from serve.models.loader import load_model, read_config, save_safetensors
 from tests.serve.checkpoints import hf_model, save
 
@@ -42,7 +42,7 @@ def checkpoints(tmp_path_factory):
 
 def _logits(model, ids):
     with torch.inference_mode():
-        hidden = model(torch.tensor(ids), torch.arange(len(ids)), DenseCausalBackend(1, len(ids)))
+        hidden = model(torch.tensor(ids), torch.arange(len(ids)), DenseCausalAttention(1, len(ids)))
         return model.logits(hidden)
 
 

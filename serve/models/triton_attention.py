@@ -1,0 +1,228 @@
+"""Paged attention for a whole step in one Triton launch: decodes and prefill chunks, over cached prefixes.
+
+Shape legend (as :mod:`serve.models.attention`): T tokens of the step, H query heads, Hkv key/value heads,
+G = H // Hkv query heads per kv head, Dh head dim, BS block size, N query tiles, R sequences of the step, M blocks
+per table row (padded).
+
+**Tiles.** ``TritonAttention.metadata`` cuts the step into query tiles on the host: each is up to ``block_q``
+consecutive query tokens of one sequence (a decode is a tile of one token), described by a row of ``tiles_N4``
+``(first row in the step, query tokens, position of the first query, row of tables_RM)``. The kernel's grid is
+``(N, Hkv)``: a program loads its tile's tokens times the G query heads of its kv head as one ``[BLOCK_M, Dh]``
+query block (row ``m`` is token ``m // G``, head ``m % G``; BLOCK_M = next_pow2(block_q * G), at least 16), so
+each key and value is read once per tile for the whole group, then walks the keys ``0 .. pos + tokens - 1`` in
+``BLOCK_N`` chunks with an online softmax. Each key looks up its own block (``tables_RM[seq, key // BS]``), so
+BS need not divide or equal BLOCK_N; a query at position ``p`` masks keys past ``p``. Example, ``block_q=4``: two
+decodes with 5 and 1 keys, then a chunk of 6 tokens with 3 cached, at rows 2..7::
+
+    tiles_N4 = [[0, 1, 4, 0], [1, 1, 0, 1], [2, 4, 3, 2], [6, 2, 7, 2]]
+
+**CUDA graphs.** Everything a step changes (tiles, tables, slots) is read from device tensors; the launch
+arguments depend only on shapes (N, M, H, Hkv, Dh, BS) and ``block_q`` (1 for decode-only steps).
+
+From vLLM's unified Triton attention (``triton_unified_attention.py``) we took the ``(query tile, kv head)`` grid
+with the G heads of a kv head folded into the rows of one dot, the per-key block lookup that decouples the key
+tile from BS, and one kernel for decodes and chunked prefill alike; vLLM finds each program's sequence by a
+binary search over ``query_start_loc`` in the kernel, we list the tiles on the host instead.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from serve.models.attention import AttentionBackend, AttentionMetadata, DecodeGroup, PagedKVCache, PrefillChunk
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the module still imports: ``triton_attention_available`` says False
+    triton = None
+
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+BLOCK_N = 32  # keys per iteration
+
+
+def triton_attention_available(probe: torch.Tensor) -> bool:
+    """Triton importable, ``probe`` on CUDA (or on the CPU under ``TRITON_INTERPRET=1``) and fp32/fp16/bf16."""
+    if triton is None or probe.dtype not in _DTYPES:
+        return False
+    if probe.device.type == "cpu":  # the kernels must have been decorated by the interpreter
+        return os.environ.get("TRITON_INTERPRET") == "1" and not isinstance(_attention_kernel, triton.JITFunction)
+    return probe.device.type == "cuda"
+
+
+@dataclass
+class TritonMetadata(AttentionMetadata):
+    """The step's query tiles (see the module docstring): ``tiles_N4`` int32 rows ``(row, tokens, pos, seq)``,
+    ``tables_RM`` int32 block tables (decodes' rows, then one per prefill chunk), ``block_q`` tokens per tile."""
+
+    tiles_N4: torch.Tensor
+    tables_RM: torch.Tensor
+    block_q: int
+
+
+class TritonAttention(AttentionBackend):
+    """One Triton launch per layer for the whole step (after a small one storing its K/V). ``block_q``: query
+    tokens per prefill tile (decode-only steps use 1)."""
+
+    name = "triton"
+    one_decode_group = True
+
+    def __init__(self, block_q: int = 16) -> None:
+        if block_q < 1:
+            raise ValueError(f"block_q ({block_q}) must be >= 1")
+        self.block_q = block_q
+
+    def metadata(self, slot_mapping_T: torch.Tensor, decodes: list[DecodeGroup],
+                 prefills: list[PrefillChunk]) -> TritonMetadata:
+        """On the host: a tile per decode, ``ceil(num_tokens / block_q)`` per chunk; a table row per sequence."""
+        block_q = self.block_q if prefills else 1
+        tiles = [torch.zeros(0, 4, dtype=torch.int32)]
+        tables = [torch.zeros(0, 1, dtype=torch.int64)]
+        seq = 0
+        for group in decodes:
+            b_B = torch.arange(group.lens_B.shape[0], dtype=torch.int32)
+            tiles.append(torch.stack([group.start + b_B, torch.ones_like(b_B), group.lens_B.int() - 1, seq + b_B], 1))
+            tables.append(group.tables_BM)
+            seq += len(b_B)
+        for chunk in prefills:  # host tensors, as all of the metadata: ``ModelRunner`` moves the step's inputs
+            tiles.append(torch.tensor([[chunk.start + i, min(block_q, chunk.num_tokens - i), chunk.num_cached + i, seq]
+                                       for i in range(0, chunk.num_tokens, block_q)], dtype=torch.int32).view(-1, 4))
+            tables.append(chunk.block_table[None])
+            seq += 1
+        width = max(t.shape[1] for t in tables)
+        tables_RM = torch.cat([F.pad(t, (0, width - t.shape[1])) for t in tables]).int()
+        return TritonMetadata(slot_mapping_T, decodes, prefills, torch.cat(tiles), tables_RM, block_q)
+
+    def step(self, cache: PagedKVCache, metadata: AttentionMetadata) -> _TritonStep:
+        if not isinstance(metadata, TritonMetadata):
+            raise TypeError(f"TritonAttention.step needs the TritonMetadata of its metadata(), got {type(metadata)}")
+        return _TritonStep(cache, metadata)
+
+
+class _TritonStep:
+    def __init__(self, cache: PagedKVCache, metadata: TritonMetadata) -> None:
+        self.cache, self.metadata = cache, metadata
+
+    def attend(self, layer: int, q_THd: torch.Tensor, k_THd: torch.Tensor, v_THd: torch.Tensor) -> torch.Tensor:
+        meta = self.metadata
+        k_cache, v_cache = self.cache.k[layer], self.cache.v[layer]
+        store_kv(k_THd, v_THd, k_cache, v_cache, meta.slot_mapping_T)
+        return paged_attention(q_THd, k_cache, v_cache, meta.tiles_N4, meta.tables_RM, meta.block_q)
+
+
+def store_kv(k_THd: torch.Tensor, v_THd: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+             slot_mapping_T: torch.Tensor) -> None:
+    """``k_cache.view(Hkv, -1, Dh)[:, slot_mapping_T[t]] = k_THd[t]`` (and v) for every row whose slot is >= 0.
+
+    ``k_THd``/``v_THd`` ``[T, Hkv, Dh]``, any strides, cast to the cache's dtype; caches ``[Hkv, NB + 1, BS, Dh]``
+    contiguous.
+    """
+    T, Hkv, Dh = k_THd.shape
+    if k_cache.shape[0] != Hkv or k_cache.shape[-1] != Dh or v_THd.shape != k_THd.shape:
+        raise ValueError(f"store_kv: k {tuple(k_THd.shape)}, v {tuple(v_THd.shape)} do not fit the cache "
+                         f"{tuple(k_cache.shape)}")
+    if not (k_cache.is_contiguous() and v_cache.is_contiguous()) or slot_mapping_T.shape != (T,):
+        raise ValueError(f"store_kv: caches must be contiguous and slot_mapping_T [{T}], got "
+                         f"{tuple(slot_mapping_T.shape)}")
+    k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (k_THd, v_THd))
+    if T:
+        _store_kv_kernel[(T,)](k, v, k_cache, v_cache, slot_mapping_T, k.stride(0), k.stride(1), v.stride(0),
+                               v.stride(1), k_cache.stride(0), Hkv, Dh, triton.next_power_of_2(Hkv),
+                               triton.next_power_of_2(Dh))
+
+
+def paged_attention(q_THd: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, tiles_N4: torch.Tensor,
+                    tables_RM: torch.Tensor, block_q: int) -> torch.Tensor:
+    """Causal attention of the step's queries over their sequences' cached keys, tile by tile (module docstring).
+
+    ``q_THd`` fp32/fp16/bf16; caches ``[Hkv, NB + 1, BS, Dh]`` contiguous (K/V already stored); ``tiles_N4``
+    int32 ``(row, tokens <= block_q, pos, seq)``; ``tables_RM`` int32/int64. Returns ``[T, H, Dh]`` in q's dtype
+    (rows no tile covers are left unwritten).
+    """
+    T, H, Dh = q_THd.shape
+    Hkv, _, BS, _ = k_cache.shape
+    if H % Hkv or k_cache.shape[-1] != Dh or v_cache.shape != k_cache.shape or q_THd.dtype not in _DTYPES:
+        raise ValueError(f"paged_attention: q {tuple(q_THd.shape)} {q_THd.dtype} does not fit the cache "
+                         f"{tuple(k_cache.shape)}")
+    if not (k_cache.is_contiguous() and v_cache.is_contiguous() and tiles_N4.is_contiguous()
+            and tables_RM.is_contiguous()) or tiles_N4.dtype != torch.int32 or tiles_N4.shape[1:] != (4,):
+        raise ValueError("paged_attention: caches, tiles_N4 (int32 [N, 4]) and tables_RM must be contiguous")
+    q = q_THd if q_THd.stride(-1) == 1 else q_THd.contiguous()
+    o_THd = torch.empty((T, H, Dh), dtype=q.dtype, device=q.device)
+    G = H // Hkv
+    BLOCK_M, BLOCK_D = max(16, triton.next_power_of_2(block_q * G)), max(16, triton.next_power_of_2(Dh))
+    if tiles_N4.shape[0]:
+        _attention_kernel[(tiles_N4.shape[0], Hkv)](
+            q, k_cache, v_cache, o_THd, tiles_N4, tables_RM, q.stride(0), q.stride(1), o_THd.stride(0),
+            o_THd.stride(1), tables_RM.stride(0), k_cache.stride(0), Dh**-0.5 * 1.4426950408889634,
+            G, Dh, BS, BLOCK_M, BLOCK_D, BLOCK_N, "ieee" if q.dtype == torch.float32 else "tf32",
+            num_warps=4 if BLOCK_M * BLOCK_D <= 64 * 128 else 8)
+    return o_THd
+
+
+if triton is not None:
+
+    @triton.jit
+    def _store_kv_kernel(k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slots_ptr, stride_kt, stride_kh, stride_vt,
+                         stride_vh, stride_cache_h, Hkv: tl.constexpr, Dh: tl.constexpr, BLOCK_H: tl.constexpr,
+                         BLOCK_D: tl.constexpr):
+        t = tl.program_id(0)
+        slot = tl.load(slots_ptr + t).to(tl.int64)
+        if slot >= 0:  # a negative slot: the row stores nothing
+            h = tl.arange(0, BLOCK_H)[:, None]
+            d = tl.arange(0, BLOCK_D)[None, :]
+            mask = (h < Hkv) & (d < Dh)
+            dst = h.to(tl.int64) * stride_cache_h + slot * Dh + d
+            k = tl.load(k_ptr + t * stride_kt + h * stride_kh + d, mask=mask)
+            tl.store(k_cache_ptr + dst, k.to(k_cache_ptr.dtype.element_ty), mask=mask)
+            v = tl.load(v_ptr + t * stride_vt + h * stride_vh + d, mask=mask)
+            tl.store(v_cache_ptr + dst, v.to(v_cache_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _attention_kernel(q_ptr, k_cache_ptr, v_cache_ptr, o_ptr, tiles_ptr, tables_ptr, stride_qt, stride_qh,
+                          stride_ot, stride_oh, stride_table, stride_cache_h, scale_log2,
+                          G: tl.constexpr, Dh: tl.constexpr, BS: tl.constexpr, BLOCK_M: tl.constexpr,
+                          BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
+        tile, kv_head = tl.program_id(0), tl.program_id(1)
+        # 1. the tile: rows row0 .. row0 + num_q of the step, at positions pos0 .., reading table row seq
+        row0 = tl.load(tiles_ptr + tile * 4)
+        num_q = tl.load(tiles_ptr + tile * 4 + 1)
+        pos0 = tl.load(tiles_ptr + tile * 4 + 2)
+        seq = tl.load(tiles_ptr + tile * 4 + 3).to(tl.int64)
+        m = tl.arange(0, BLOCK_M)
+        token_M, head_M = m // G, kv_head * G + m % G
+        d = tl.arange(0, BLOCK_D)
+        row_mask = (token_M < num_q)[:, None] & (d < Dh)[None, :]
+        q_MD = tl.load(q_ptr + (row0 + token_M)[:, None] * stride_qt + head_M[:, None] * stride_qh + d[None, :],
+                       mask=row_mask, other=0.0)
+        pos_M = pos0 + token_M  # padding rows get positions too: key 0 is always unmasked, so no row is all -inf
+        # 2. online softmax over keys 0 .. pos0 + num_q - 1 (the bound is read here, not passed by the host)
+        max_M = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        sum_M = tl.zeros([BLOCK_M], tl.float32)
+        acc_MD = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        num_keys = pos0 + num_q
+        cache_h = kv_head.to(tl.int64) * stride_cache_h
+        for start in range(0, num_keys, BLOCK_N):
+            key_N = start + tl.arange(0, BLOCK_N)
+            block_N = tl.load(tables_ptr + seq * stride_table + key_N // BS, mask=key_N < num_keys, other=0)
+            slot_N = block_N.to(tl.int64) * BS + key_N % BS
+            kv_mask = (key_N < num_keys)[:, None] & (d < Dh)[None, :]  # never load past the tile's last key
+            offs_ND = cache_h + slot_N[:, None] * Dh + d[None, :]
+            k_ND = tl.load(k_cache_ptr + offs_ND, mask=kv_mask, other=0.0).to(q_MD.dtype)
+            v_ND = tl.load(v_cache_ptr + offs_ND, mask=kv_mask, other=0.0).to(q_MD.dtype)
+            s_MN = tl.dot(q_MD, tl.trans(k_ND), input_precision=DOT_PRECISION) * scale_log2
+            s_MN = tl.where(key_N[None, :] <= pos_M[:, None], s_MN, float("-inf"))
+            new_max_M = tl.maximum(max_M, tl.max(s_MN, 1))
+            p_MN = tl.exp2(s_MN - new_max_M[:, None])
+            alpha_M = tl.exp2(max_M - new_max_M)
+            sum_M = sum_M * alpha_M + tl.sum(p_MN, 1)
+            acc_MD = acc_MD * alpha_M[:, None] + tl.dot(p_MN.to(v_ND.dtype), v_ND, input_precision=DOT_PRECISION)
+            max_M = new_max_M
+        # 3. normalise and store the tile's rows
+        o_MD = acc_MD / sum_M[:, None]
+        tl.store(o_ptr + (row0 + token_M)[:, None] * stride_ot + head_M[:, None] * stride_oh + d[None, :],
+                 o_MD.to(o_ptr.dtype.element_ty), mask=row_mask)
