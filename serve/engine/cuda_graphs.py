@@ -37,13 +37,12 @@ class Graph(Protocol):
 
 
 class CudaGraph:
-    """A ``torch.cuda.CUDAGraph`` in a memory pool shared by every graph of the runner (captured largest first,
-    the smaller ones reuse its memory)."""
+    """A ``torch.cuda.CUDAGraph`` in ``pool``, the memory pool shared by every graph of one runner (captured
+    largest first, the smaller ones reuse its memory; one is replayed at a time and its output copied out)."""
 
-    pool = None
-
-    def __init__(self) -> None:
+    def __init__(self, pool) -> None:
         self.graph = torch.cuda.CUDAGraph()
+        self.pool = pool
 
     def capture(self, fn: Callable[[], torch.Tensor]) -> torch.Tensor:
         stream = torch.cuda.Stream()
@@ -51,9 +50,7 @@ class CudaGraph:
         with torch.cuda.stream(stream):  # warm-up outside the graph: Triton compiles, cuBLAS picks its kernels
             fn()
         torch.cuda.current_stream().wait_stream(stream)
-        if CudaGraph.pool is None:
-            CudaGraph.pool = torch.cuda.graph_pool_handle()
-        with torch.cuda.graph(self.graph, pool=CudaGraph.pool):
+        with torch.cuda.graph(self.graph, pool=self.pool):
             out = fn()
         return out
 
@@ -93,17 +90,19 @@ class DecodeGraphs:
     """
 
     def __init__(self, run: Callable, pad: Callable, sizes: list[int], observers: Callable[[], object] = tuple,
-                 graph_factory: Callable[[], Graph] = CudaGraph, device: torch.device | None = None) -> None:
+                 graph_factory: Callable[[], Graph] | None = None, device: torch.device | None = None) -> None:
         self.run, self.pad, self.sizes = run, pad, sorted(sizes)
         self.observers = observers
-        self.graph_factory = graph_factory
+        self.graph_factory = graph_factory or self._cuda_graph
+        self._pool = None
         self.device = device
         self.graphs: dict[int, tuple[Graph, object, torch.Tensor]] = {}
         self._captured_with: object = None
 
-    @property
-    def max_size(self) -> int:
-        return self.sizes[-1]
+    def _cuda_graph(self) -> CudaGraph:
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        return CudaGraph(self._pool)
 
     def size_for(self, inputs) -> int | None:
         """The captured size that serves this step, or None (not decode-only, or too large)."""

@@ -66,9 +66,8 @@ class ModelRunner:
         self._moe_layers = [m for m in model.modules() if hasattr(m, "on_routing")]
         self.graphs: DecodeGraphs | None = None
         if cuda_graphs and (self.device.type == "cuda" or graph_factory is not None):
-            factory = {} if graph_factory is None else {"graph_factory": graph_factory}
             self.graphs = DecodeGraphs(self._forward, self.pad_decode, graph_batch_sizes(max_num_seqs),
-                                       observers=self._observers, device=self.device, **factory)
+                                       self._observers, graph_factory, self.device)
 
     def prepare(self, seqs: list[Sequence], num_new_tokens: list[int]) -> StepInputs:
         """Lay out the step's tokens (decodes first, longest context first) with their slots and block tables, as
