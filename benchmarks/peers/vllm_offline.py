@@ -5,7 +5,8 @@
 
 The same 64 token-id requests (greedy, EOS ignored) alternate between ours and vLLM ``--repeats`` times: vLLM
 loads once in its own process (``vllm_worker.py``) and generates on each turn; ours builds a fresh engine per
-turn (no prefix-cache carry-over; vLLM's cache is reset). Printed per turn: machine load, output tok/s, CPU
+turn (no prefix-cache carry-over; vLLM's cache is reset), with vLLM's processes stopped (SIGSTOP) meanwhile: its
+idle engine core keeps a core busy, which would load our turns only. Printed per turn: machine load, output tok/s, CPU
 seconds (ours: this process; vLLM: its process and its engine-core child); then the best of each, their ratio,
 and how many requests produced token-identical outputs.
 """
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import tempfile
 import time
@@ -72,14 +74,19 @@ def main() -> None:
         worker = subprocess.Popen([args.vllm_python, str(Path(__file__).with_name("vllm_worker.py")),
                                    str(tmp / "requests.json"), args.model, str(args.max_num_seqs),
                                    str(args.vllm_memory)],
-                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True)
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True,
+                                  start_new_session=True)
         best = {"ours": 0.0, "vllm": 0.0}
         try:
             read_result(worker)
             print(f"vLLM ready after {time.perf_counter() - t0:.0f} s (its log: {tmp / 'vllm.log'})", flush=True)
             agree = 0
             for turn in range(args.repeats):
-                ours = run_ours(args.model, requests, args.max_num_seqs)
+                os.killpg(worker.pid, signal.SIGSTOP)  # vLLM's idle engine core keeps a core busy: pause it
+                try:
+                    ours = run_ours(args.model, requests, args.max_num_seqs)
+                finally:
+                    os.killpg(worker.pid, signal.SIGCONT)
                 worker.stdin.write("run\n")
                 worker.stdin.flush()
                 theirs = read_result(worker)

@@ -3,6 +3,7 @@ attention backend choice, and the one-line error of a CUDA device on a machine w
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -95,3 +96,15 @@ def test_moe_serve_with_a_cuda_device_fails_at_start_in_one_line():
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert lines[-1].startswith("moe-serve: error: engine.device ('cuda') needs a CUDA GPU"), proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("given,expected", [(None, "PASSIVE"), ("ACTIVE", "ACTIVE")])
+def test_serving_processes_wait_passively_unless_told(given, expected):
+    """OpenMP threads spinning at barriers collapse 2-thread serving next to another busy process (see
+    serve/__init__.py): ``import serve`` before torch sets the passive policy, a user's choice wins."""
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    if given is not None:
+        env["OMP_WAIT_POLICY"] = given
+    code = "import serve, os, torch; print(os.environ['OMP_WAIT_POLICY'])"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == expected, out.stderr[-1000:]
