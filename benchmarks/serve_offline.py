@@ -2,13 +2,17 @@
 
     python -m benchmarks.serve_offline [--requests 64] [--max-num-seqs 64] [--hf-batches 32,64] [--threads 1]
 
-The embedded default model (or ``--model``); ``--requests`` requests with prompt lengths uniform in [16, 512]
-and output lengths uniform in [8, 256] (fixed seed; prompts are windows of tokenized standard-library source;
-EOS ignored so both sides produce exactly the requested tokens). ``transformers`` runs them in arrival order in
-static batches of each of ``--hf-batches`` (left-padded, generating until the batch's longest request is done;
-only requested tokens count); the ratio is taken against the fastest. Then the engine's per-step host overhead
-(scheduling, input layout, stop checks) as a fraction of step time over steps that decoded exactly ``--batch``
-sequences. One intra-op thread by default: on a shared 2-core machine, 2 threads make small ops 10x slower.
+The embedded default model, or ``--model DIR``: any checkpoint directory the engine serves (a directory without a
+tokenizer gets random token-id prompts; ``--engine-only`` skips ``transformers``, e.g. for a family it has no
+``AutoModelForCausalLM`` for or a model too large to run twice; ``--quantization``, ``--attention-backend``,
+``--dtype`` pass to the engine). ``--requests`` requests with prompt lengths uniform in [16, ``--max-prompt``
+512] and output lengths uniform in [8, ``--max-output`` 256] (fixed seed; prompts are windows of tokenized
+standard-library source; EOS ignored so both sides produce exactly the requested tokens). ``transformers``
+runs them in arrival order in static batches of each of ``--hf-batches`` (left-padded, generating until the
+batch's longest request is done; only requested tokens count); the ratio is taken against the fastest. Then
+(unless ``--skip-overhead``) the engine's per-step host overhead (scheduling, input layout, stop checks) as a
+fraction of step time over steps that decoded exactly ``--batch`` sequences. One intra-op thread by default: on
+a shared 2-core machine, 2 threads make small ops 10x slower.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import argparse
 import inspect
 import random
 import time
+from pathlib import Path
 
 import torch
 
@@ -24,20 +29,31 @@ from serve import LLM, SamplingParams
 from serve.engine.config import DEFAULT_MODEL
 
 
-def make_requests(tokenizer, n: int, seed: int) -> list[tuple[list[int], int]]:
+def make_requests(tokenizer, n: int, seed: int, vocab_size: int | None = None, max_prompt: int = 512,
+                  max_output: int = 256) -> list[tuple[list[int], int]]:
+    """Prompts from tokenized source with a tokenizer, else (``tokenizer`` None) random ids below ``vocab_size``."""
     rng = random.Random(seed)
-    corpus = tokenizer.encode(inspect.getsource(argparse) + inspect.getsource(random))
+    source = inspect.getsource(argparse) + inspect.getsource(random)
+    corpus = tokenizer.encode(source) if tokenizer is not None else [rng.randrange(vocab_size) for _ in range(8192)]
     requests = []
     for _ in range(n):
-        prompt_len, output_len = rng.randint(16, 512), rng.randint(8, 256)
+        prompt_len, output_len = rng.randint(16, max(16, max_prompt)), rng.randint(8, max(8, max_output))
         start = rng.randrange(0, len(corpus) - prompt_len)
         requests.append((corpus[start:start + prompt_len], output_len))
     return requests
 
 
-def run_engine(model: str, requests, max_num_seqs: int) -> tuple[float, int, LLM]:
+def engine_options(args) -> dict:
+    """The engine options of the command line (what every engine of the run gets)."""
+    options = {"attention_backend": args.attention_backend, "dtype": args.dtype}
+    if args.quantization:
+        options["quantization"] = args.quantization
+    return options
+
+
+def run_engine(model: str, requests, max_num_seqs: int, **options) -> tuple[float, int, LLM]:
     """A fresh engine each time, so that a repeat gets no prefix-cache hits from the previous one."""
-    llm = LLM(model, max_num_seqs=max_num_seqs)
+    llm = LLM(model, max_num_seqs=max_num_seqs, **options)
     params = [SamplingParams(max_tokens=out, temperature=0.0, ignore_eos=True) for _, out in requests]
     llm.generate([[1, 2, 3]], SamplingParams(max_tokens=4))  # warm-up
     llm.engine.stats.__init__()
@@ -77,11 +93,11 @@ def run_transformers(model, requests, batch: int, pad_id: int) -> tuple[float, i
 def compare(args, requests, pad_id: int) -> None:
     """Alternate engine and transformers runs ``--repeats`` times; the best time of each counts (a shared
     machine's load changes from minute to minute)."""
-    hf_model = load_transformers(args.model, pad_id)
-    batches = [int(b) for b in args.hf_batches.split(",")]
+    hf_model = None if args.engine_only else load_transformers(args.model, pad_id)
+    batches = [] if args.engine_only else [int(b) for b in args.hf_batches.split(",")]
     best: dict[str, float] = {}
     for _ in range(args.repeats):
-        seconds, tokens, llm = run_engine(args.model, requests, args.max_num_seqs)
+        seconds, tokens, llm = run_engine(args.model, requests, args.max_num_seqs, **engine_options(args))
         best["engine"] = max(best.get("engine", 0.0), tokens / seconds)
         for batch in batches:
             hf_s, hf_tokens = run_transformers(hf_model, requests, batch, pad_id)
@@ -91,6 +107,8 @@ def compare(args, requests, pad_id: int) -> None:
           f"{st.prompt_tokens} prompt tokens computed, {llm.engine.scheduler.num_preemptions} preemptions)")
     for batch in batches:
         print(f"transformers: {best[f'hf{batch}']:8.1f} output tok/s  (static batches of {batch})")
+    if not batches:
+        return
     hf_best = max(best[f"hf{b}"] for b in batches)
     print(f"throughput ratio (engine / best transformers): {best['engine'] / hf_best:.2f}x  (target >= 3x)")
 
@@ -123,17 +141,31 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--repeats", type=int, default=3, help="engine and transformers runs alternated; best of each")
-    parser.add_argument("--model", default=str(DEFAULT_MODEL))
+    parser.add_argument("--model", default=str(DEFAULT_MODEL), help="a checkpoint directory")
+    parser.add_argument("--engine-only", action="store_true", help="skip transformers (no comparison)")
+    parser.add_argument("--quantization", default=None, help="engine quantization, e.g. fp8-block")
+    parser.add_argument("--attention-backend", default="auto")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--max-prompt", type=int, default=512)
+    parser.add_argument("--max-output", type=int, default=256)
+    parser.add_argument("--skip-overhead", action="store_true", help="skip the per-step overhead measurement")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    probe = LLM(args.model, num_kv_blocks=128)
-    requests = make_requests(probe.tokenizer, args.requests, args.seed)
-    pad_id = probe.tokenizer.hf.token_to_id("<|endoftext|>")
-    del probe
+    from serve.models.loader import read_config  # the vocabulary, without building a model
+
+    tokenizer = LLM(args.model, num_kv_blocks=128).tokenizer if (Path(args.model) / "tokenizer.json").is_file() \
+        else None
+    vocab = read_config(args.model)[2].vocab_size
+    requests = make_requests(tokenizer, args.requests, args.seed, vocab, args.max_prompt, args.max_output)
+    pad_id = tokenizer.hf.token_to_id("<|endoftext|>") if tokenizer is not None else 0
+    if pad_id is None:
+        pad_id = 0
     print(f"{len(requests)} requests: {sum(len(p) for p, _ in requests)} prompt tokens, "
           f"{sum(o for _, o in requests)} output tokens; threads={args.threads}")
     compare(args, requests, pad_id)
-    llm = LLM(args.model, max_num_seqs=args.batch)
+    if args.skip_overhead:
+        return
+    llm = LLM(args.model, max_num_seqs=args.batch, **engine_options(args))
     fraction, step_s, steps = overhead_at_batch(llm, requests, args.batch)
     print(f"per-step host overhead at batch {args.batch}: {100 * fraction:.1f}% of {1e3 * step_s:.1f} ms/step "
           f"over {steps} steps (target <= 10%)")

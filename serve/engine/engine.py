@@ -21,7 +21,7 @@ from serve.engine.scheduler import Scheduler
 from serve.engine.sequence import Sequence
 from serve.engine.stopping import StopChecker
 from serve.engine.tokenizer import Tokenizer
-from serve.models.attention import PagedKVCache
+from serve.models.attention import kv_cache_class
 from serve.models.loader import load_model
 
 
@@ -64,7 +64,7 @@ class LLMEngine:
                              f"({mc.max_position_embeddings})")
         num_blocks = config.num_kv_blocks or kv_cache_blocks(
             self.device, config.kv_cache_bytes, config.gpu_memory_utilization,
-            PagedKVCache.bytes_per_block(mc, config.block_size, config.torch_dtype))
+            kv_cache_class(mc).bytes_per_block(mc, config.block_size, config.torch_dtype))
         needed = -(-self.max_model_len // config.block_size)
         if num_blocks < needed:
             raise ValueError(f"num_kv_blocks ({num_blocks}) cannot hold one max_model_len ({self.max_model_len}) "

@@ -19,7 +19,7 @@ from routing.stats import counting_only
 from serve.engine.cuda_graphs import DecodeGraphs, Graph, graph_batch_sizes
 from serve.engine.sequence import Sequence
 from serve.models import MoEDecoder
-from serve.models.attention import AttentionMetadata, DecodeGroup, PagedKVCache, PrefillChunk
+from serve.models.attention import AttentionMetadata, DecodeGroup, PrefillChunk, kv_cache_class
 from serve.models.attention_backends import select_attention_backend
 
 log = logging.getLogger("moe-serve")
@@ -59,8 +59,10 @@ class ModelRunner:
         self.block_size = block_size
         weight = next(model.parameters())
         self.device = weight.device if device is None else torch.device(device)
-        self.cache = PagedKVCache(model.config, num_blocks, block_size, weight.dtype, self.device)
+        self.cache = kv_cache_class(model.config)(model.config, num_blocks, block_size, weight.dtype, self.device)
         self.attention = select_attention_backend(attention_backend, self.device, weight.dtype)
+        # MLA models attend through the latent cache: the backend's MLA step, chosen once
+        self._step = self.attention.step if model.config.mla is None else self.attention.mla_step
         max_len = max_model_len or model.config.max_position_embeddings
         self.max_blocks = -(-max_len // block_size)  # block-table width of a graph's decode step
         self._moe_layers = [m for m in model.modules() if hasattr(m, "on_routing")]
@@ -141,7 +143,7 @@ class ModelRunner:
             self.graphs.capture_all(example)
 
     def _forward(self, inputs: StepInputs) -> torch.Tensor:
-        step = self.attention.step(self.cache, inputs.attention)
+        step = self._step(self.cache, inputs.attention)
         with counting_only(inputs.valid_T):  # routing statistics skip the padding rows
             hidden_TD = self.model(inputs.input_ids_T, inputs.positions_T, step)
         return self.model.logits(hidden_TD[inputs.last_rows])

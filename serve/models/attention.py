@@ -16,6 +16,10 @@ every layer calls. The backends (``select_attention_backend`` in :mod:`serve.mod
   prefill; fp32 CPU caches.
 - ``TritonAttention`` (:mod:`serve.models.triton_attention`): one Triton kernel for the whole step, decodes and
   prefill chunks over cached prefixes, reading K/V in place through the block tables; CUDA (or the interpreter).
+
+Multi-head latent attention (:mod:`serve.models.mla`) caches one latent per token (:class:`LatentKVCache`, the
+same blocks and slots) and goes through ``backend.mla_step(cache, metadata)`` instead, whose ``attend_latent``
+every MLA layer calls; :func:`kv_cache_class` says which cache a model needs.
 """
 
 from __future__ import annotations
@@ -27,7 +31,10 @@ import torch
 import torch.nn.functional as F
 
 from serve.models.config import DecoderConfig
+from serve.models.latent_cache import LatentKVCache
 from serve.models.layers import StepAttention
+from serve.models.mla import MLAStepAttention
+from serve.models.mla_attention import TorchMLAStep
 
 
 class PagedKVCache:
@@ -143,6 +150,16 @@ class AttentionBackend:
     def step(self, cache: PagedKVCache, metadata: AttentionMetadata) -> StepAttention:
         raise NotImplementedError
 
+    def mla_step(self, cache: LatentKVCache, metadata: AttentionMetadata) -> MLAStepAttention:
+        """The step of an MLA model (the latent cache): ``attend_latent`` instead of ``attend``."""
+        raise NotImplementedError(f"attention backend {self.name!r} has no MLA step")
+
+
+def kv_cache_class(config: DecoderConfig) -> type[PagedKVCache] | type[LatentKVCache]:
+    """The cache a model needs: one latent per token for MLA, K and V per kv head otherwise (the constructor and
+    ``bytes_per_block(config, block_size, dtype)`` are the same)."""
+    return LatentKVCache if config.mla is not None else PagedKVCache
+
 
 class TorchAttention(AttentionBackend):
     """Plain torch on any device: the reference backend (gathered blocks + SDPA). ``uses_mask``: ``decode`` takes
@@ -153,6 +170,9 @@ class TorchAttention(AttentionBackend):
 
     def step(self, cache: PagedKVCache, metadata: AttentionMetadata) -> StepAttention:
         return _TorchStep(self, cache, metadata)
+
+    def mla_step(self, cache: LatentKVCache, metadata: AttentionMetadata) -> MLAStepAttention:
+        return TorchMLAStep(cache, metadata)
 
     def decode(self, q_BHd: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, group: DecodeGroup,
                mask_B11S: torch.Tensor) -> torch.Tensor:

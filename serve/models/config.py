@@ -10,6 +10,60 @@ from moe.config import Activation, Backend, MoEConfig
 from routing.config import RouterConfig, Scoring
 
 
+@dataclass
+class MLAConfig:
+    """Multi-head latent attention (DeepSeek-V2/V3): queries through an optional LoRA (``q_lora_rank``; None: one
+    ``q_proj``), keys and values from one shared latent of ``kv_lora_rank`` plus a roped key part of
+    ``qk_rope_head_dim`` shared by all heads. ``softmax_scale`` multiplies the scores (``qk_head_dim ** -0.5``
+    times DeepSeek's YaRN ``mscale ** 2``); ``rope_interleave``: RoPE on interleaved pairs (``transformers``'
+    ``apply_rotary_pos_emb_interleave``). ``llama4_scaling_beta`` (Mistral 4): queries at position p scale by
+    ``1 + beta * log(1 + p // llama4_max_positions)``."""
+
+    kv_lora_rank: int
+    qk_nope_head_dim: int
+    qk_rope_head_dim: int
+    v_head_dim: int
+    softmax_scale: float
+    q_lora_rank: int | None = None
+    rope_interleave: bool = True
+    llama4_scaling_beta: float | None = None
+    llama4_max_positions: int = 1
+
+    def __post_init__(self) -> None:
+        for name in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} ({value!r}) must be a positive integer")
+        if self.q_lora_rank is not None and (not isinstance(self.q_lora_rank, int) or self.q_lora_rank < 1):
+            raise ValueError(f"q_lora_rank ({self.q_lora_rank!r}) must be a positive integer or None")
+        if self.qk_rope_head_dim % 2:
+            raise ValueError(f"qk_rope_head_dim ({self.qk_rope_head_dim}) must be even for RoPE")
+
+    @property
+    def latent_size(self) -> int:
+        """Values cached per token per layer: the normalised latent, then the roped key part."""
+        return self.kv_lora_rank + self.qk_rope_head_dim
+
+
+@dataclass
+class YarnRope:
+    """YaRN RoPE scaling as ``transformers``' ``_compute_yarn_parameters`` reads ``rope_parameters``;
+    ``attention_factor`` scales cos and sin (None: from ``factor``, ``mscale`` and ``mscale_all_dim``)."""
+
+    factor: float
+    original_max_position_embeddings: int
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float | None = None
+    mscale_all_dim: float | None = None
+    attention_factor: float | None = None
+    truncate: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.factor or self.factor <= 0:
+            raise ValueError(f"rope_parameters.factor ({self.factor!r}) must be > 0")
+
+
 class QKNorm(str, enum.Enum):
     """RMSNorm on queries and keys before RoPE."""
 
@@ -23,7 +77,12 @@ class DecoderConfig:
     """A GQA decoder with RoPE, RMSNorm and MoE (or dense SwiGLU) feed-forward blocks.
 
     ``dense_layers`` lists the layers whose feed-forward is a dense SwiGLU MLP of ``dense_ffn_size``
-    (Qwen-MoE's ``mlp_only_layers`` / ``decoder_sparse_step``); every other layer is an MoE block.
+    (Qwen-MoE's ``mlp_only_layers`` / ``decoder_sparse_step``, DeepSeek's ``first_k_dense_replace``); every other
+    layer is an MoE block. ``mla``: multi-head latent attention instead of GQA (then ``head_dim`` is the RoPE
+    part, ``qk_rope_head_dim``, and the KV cache holds one latent per token). The router: ``scoring``,
+    ``correction_bias`` (DeepSeek-V3's ``e_score_correction_bias``), grouped top-k (``num_groups``,
+    ``topk_groups``), ``routed_scaling_factor`` (see ``routing.RouterConfig``). ``num_mtp_layers``: DeepSeek's
+    multi-token-prediction layers stored after the last layer; recognised, not served.
     """
 
     architecture: str
@@ -54,9 +113,18 @@ class DecoderConfig:
     hypermoe: HyperMoEConfig | None = None  # our config.json extension key "hypermoe" (HyperMoEConfig fields)
     extra: dict = field(default_factory=dict)
     moe_backend: Backend = Backend.AUTO  # the MoE layers' backend (the loader picks it from the device)
+    mla: MLAConfig | None = None
+    yarn: YarnRope | None = None
+    scoring: Scoring = Scoring.SOFTMAX
+    correction_bias: bool = False
+    num_groups: int = 1
+    topk_groups: int = 1
+    routed_scaling_factor: float = 1.0
+    num_mtp_layers: int = 0
 
     def __post_init__(self) -> None:
         self.qk_norm = QKNorm(self.qk_norm)
+        self.scoring = Scoring(self.scoring)
         self.dense_layers = tuple(sorted(set(self.dense_layers)))
         self.eos_token_ids = tuple(self.eos_token_ids)
         for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
@@ -79,7 +147,9 @@ class DecoderConfig:
         return layer not in self.dense_layers
 
     def moe_config(self) -> MoEConfig:
-        router = RouterConfig(self.num_experts, self.top_k, scoring=Scoring.SOFTMAX, renormalize=self.norm_topk_prob)
+        router = RouterConfig(self.num_experts, self.top_k, scoring=self.scoring, renormalize=self.norm_topk_prob,
+                              correction_bias=self.correction_bias, num_groups=self.num_groups,
+                              topk_groups=self.topk_groups, routed_scaling_factor=self.routed_scaling_factor)
         return MoEConfig(
             hidden_size=self.hidden_size, ffn_size=self.moe_ffn_size, num_experts=self.num_experts,
             top_k=self.top_k, activation=Activation.SWIGLU, router=router, shared_ffn_size=self.shared_ffn_size,

@@ -1,4 +1,4 @@
-"""``MoEDecoder``: a causal LM of GQA attention + ``moe.MoE`` (or dense SwiGLU) blocks.
+"""``MoEDecoder``: a causal LM of GQA (or multi-head latent) attention + ``moe.MoE`` (or dense SwiGLU) blocks.
 
 Shape legend: T tokens of one step (all sequences flattened), D hidden, V vocabulary, B sequences.
 """
@@ -13,14 +13,17 @@ from moe import MoE
 from moe.config import Activation
 from moe.shared import SharedExpert
 from serve.models.config import DecoderConfig
-from serve.models.layers import Attention, RMSNorm, StepAttention, rope_cos_sin
+from serve.models.layers import Attention, RMSNorm, StepAttention
+from serve.models.mla import MLAAttention, MLAStepAttention
+from serve.models.rope import rope_tables
 
 
 class DecoderLayer(nn.Module):
     def __init__(self, config: DecoderConfig, layer: int) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = Attention(config, layer)
+        self.self_attn: nn.Module = Attention(config, layer) if config.mla is None else MLAAttention(config, layer)
+        self.mla = config.mla is not None
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         if config.is_moe_layer(layer):
             self.mlp: nn.Module = MoE(config.moe_config())
@@ -28,8 +31,12 @@ class DecoderLayer(nn.Module):
             self.mlp = SharedExpert(config.hidden_size, config.dense_ffn_size, Activation.SWIGLU, False)
 
     def forward(self, x_TD: torch.Tensor, cos_TD: torch.Tensor, sin_TD: torch.Tensor,
-                backend: StepAttention) -> torch.Tensor:
-        x_TD = x_TD + self.self_attn(self.input_layernorm(x_TD), cos_TD, sin_TD, backend)
+                backend: StepAttention | MLAStepAttention, positions_T: torch.Tensor) -> torch.Tensor:
+        h_TD = self.input_layernorm(x_TD)
+        if self.mla:
+            x_TD = x_TD + self.self_attn(h_TD, cos_TD, sin_TD, backend, positions_T)
+        else:
+            x_TD = x_TD + self.self_attn(h_TD, cos_TD, sin_TD, backend)
         return x_TD + self.mlp(self.post_attention_layernorm(x_TD))
 
 
@@ -55,17 +62,19 @@ class MoEDecoder(nn.Module):
         for module in self.modules():
             if isinstance(module, HyperMoELayer):
                 module.init_buffers()
-        cos, sin = rope_cos_sin(self.config.head_dim, self.config.rope_theta, self.config.max_position_embeddings)
+        c = self.config  # head_dim: the rotary dims (MLA's qk_rope_head_dim)
+        cos, sin = rope_tables(c.head_dim, c.rope_theta, c.max_position_embeddings, c.yarn)
         device = self.embed_tokens.weight.device
         self.register_buffer("rope_cos", cos.to(device), persistent=False)
         self.register_buffer("rope_sin", sin.to(device), persistent=False)
 
-    def forward(self, input_ids_T: torch.Tensor, positions_T: torch.Tensor, backend: StepAttention) -> torch.Tensor:
+    def forward(self, input_ids_T: torch.Tensor, positions_T: torch.Tensor,
+                backend: StepAttention | MLAStepAttention) -> torch.Tensor:
         x_TD = self.embed_tokens(input_ids_T)
         cos_TD = self.rope_cos[positions_T].to(x_TD.dtype)
         sin_TD = self.rope_sin[positions_T].to(x_TD.dtype)
         for layer in self.layers:
-            x_TD = layer(x_TD, cos_TD, sin_TD, backend)
+            x_TD = layer(x_TD, cos_TD, sin_TD, backend, positions_T)
         return self.norm(x_TD)
 
     def logits(self, hidden_TD: torch.Tensor) -> torch.Tensor:

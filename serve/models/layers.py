@@ -40,14 +40,6 @@ class RMSNorm(nn.Module):
         return self.weight * x32.to(x.dtype)
 
 
-def rope_cos_sin(head_dim: int, theta: float, max_positions: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """HF "default" RoPE tables ``[max_positions, Dh]`` (the half-frequencies repeated twice)."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
-    freqs_SF = torch.arange(max_positions, dtype=torch.float32)[:, None] * inv_freq[None, :]
-    emb_SD = torch.cat((freqs_SF, freqs_SF), dim=-1)
-    return emb_SD.cos(), emb_SD.sin()
-
-
 def apply_rope(x_THd: torch.Tensor, cos_TD: torch.Tensor, sin_TD: torch.Tensor) -> torch.Tensor:
     half = x_THd.shape[-1] // 2
     rotated = torch.cat((-x_THd[..., half:], x_THd[..., :half]), dim=-1)

@@ -6,7 +6,10 @@ it, and a coverage check proves it fills every parameter. Everything is checked 
 unknown architectures, missing or mis-shaped tensors raise ``ValueError`` naming the key.
 
 FP8: routed experts become ``quant.Fp8Experts`` when asked (``quantization=``, quantised while loading) or when
-``config.json`` declares DeepSeek-V3 / ``transformers`` FP8 (e4m3 tensors, ``<key>_scale_inv`` block scales).
+``config.json`` declares DeepSeek-V3 / ``transformers`` FP8 (e4m3 tensors, ``<key>_scale_inv`` block scales);
+every other FP8 tensor (attention, MLA's LoRA and ``kv_b_proj``, shared experts, dense layers) is dequantised
+into the serving dtype at load. DeepSeek's multi-token-prediction layers (``num_nextn_predict_layers`` layers
+after the last) are recognised and skipped with a log line.
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import logging
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +32,10 @@ from moe.config import Backend, Quant
 from moe.fields import enum_field
 from quant import Fp8Experts, quantize_fp8
 from quant.fp8 import BLOCK, FP8, dequantize_weight
+from routing import Router
 from serve.models import DecoderConfig, Family, MoEDecoder, family_for
+
+log = logging.getLogger("moe-serve")
 
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # buffers some old checkpoints carry; we recompute them
 SCALE_SUFFIX = "_scale_inv"  # DeepSeek-V3 / transformers FP8: "<key>_scale_inv" holds <key>'s 128x128 block scales
@@ -150,17 +158,10 @@ def tensor_map(config: DecoderConfig, family: Family, keys: set[str] = frozenset
         for norm in ("input_layernorm", "post_attention_layernorm"):
             entries.append(Entry(hf + norm + ".weight", ours + norm + ".weight"))
         attn, at = hf + "self_attn.", ours + "self_attn."
-        rows = {"q_proj": slice(0, q), "k_proj": slice(q, q + kv), "v_proj": slice(q + kv, q + 2 * kv)}
-        for name, sl in rows.items():
-            entries.append(Entry(attn + name + ".weight", at + "qkv_proj.weight", (sl,)))
-            if config.attention_bias:
-                entries.append(Entry(attn + name + ".bias", at + "qkv_proj.bias", (sl,)))
-        entries.append(Entry(attn + "o_proj.weight", at + "o_proj.weight"))
-        if config.o_proj_bias:
-            entries.append(Entry(attn + "o_proj.bias", at + "o_proj.bias"))
-        if config.qk_norm.value != "none":
-            entries += [Entry(attn + "q_norm.weight", at + "q_norm.weight"),
-                        Entry(attn + "k_norm.weight", at + "k_norm.weight")]
+        if config.mla is not None:
+            entries += _mla_entries(config, attn, at)
+        else:
+            entries += _gqa_entries(config, attn, at, q, kv)
         if config.is_moe_layer(i):
             entries += _moe_entries(config, family, i, keys)
         else:
@@ -168,6 +169,36 @@ def tensor_map(config: DecoderConfig, family: Family, keys: set[str] = frozenset
     if config.hypermoe is not None:
         entries += _hypermoe_entries(config, family, keys)
     return entries
+
+
+def _gqa_entries(config: DecoderConfig, attn: str, at: str, q: int, kv: int) -> list[Entry]:
+    """One fused ``qkv_proj``: q rows, then k rows, then v rows."""
+    entries = []
+    rows = {"q_proj": slice(0, q), "k_proj": slice(q, q + kv), "v_proj": slice(q + kv, q + 2 * kv)}
+    for name, sl in rows.items():
+        entries.append(Entry(attn + name + ".weight", at + "qkv_proj.weight", (sl,)))
+        if config.attention_bias:
+            entries.append(Entry(attn + name + ".bias", at + "qkv_proj.bias", (sl,)))
+    entries.append(Entry(attn + "o_proj.weight", at + "o_proj.weight"))
+    if config.o_proj_bias:
+        entries.append(Entry(attn + "o_proj.bias", at + "o_proj.bias"))
+    if config.qk_norm.value != "none":
+        entries += [Entry(attn + "q_norm.weight", at + "q_norm.weight"),
+                    Entry(attn + "k_norm.weight", at + "k_norm.weight")]
+    return entries
+
+
+def _mla_entries(config: DecoderConfig, attn: str, at: str) -> list[Entry]:
+    """MLA keeps ``transformers``' module names: one entry per tensor, same name on both sides."""
+    names = ["kv_a_proj_with_mqa.weight", "kv_a_layernorm.weight", "kv_b_proj.weight", "o_proj.weight"]
+    if config.mla.q_lora_rank is None:
+        names.append("q_proj.weight")
+    else:
+        names += ["q_a_proj.weight", "q_a_layernorm.weight", "q_b_proj.weight"]
+    if config.attention_bias:
+        names += ["kv_a_proj_with_mqa.bias", "o_proj.bias"] + ([] if config.mla.q_lora_rank is None else
+                                                              ["q_a_proj.bias"])
+    return [Entry(attn + n, at + n) for n in names]
 
 
 def _mlp_entries(hf: str, ours: str, ffn: int, names: tuple[str, str], index: tuple = ()) -> list[Entry]:
@@ -182,6 +213,8 @@ def _moe_entries(config: DecoderConfig, family: Family, layer: int, keys: set[st
     hf, ours = f"model.layers.{layer}.{prefix}.", f"layers.{layer}.mlp."
     F = config.moe_ffn_size
     entries = [Entry(hf + "gate.weight", ours + "router.weight")]
+    if config.correction_bias:
+        entries.append(Entry(hf + "gate.e_score_correction_bias", ours + "router.correction_bias"))
     if fused:  # transformers-5 in-memory layout: [E, 2F, D] gate rows then up rows, [E, D, F]
         entries += [Entry(hf + "experts.gate_up_proj", ours + "experts.w13_E2FD"),
                     Entry(hf + "experts.down_proj", ours + "experts.w2_EDF")]
@@ -193,7 +226,7 @@ def _moe_entries(config: DecoderConfig, family: Family, layer: int, keys: set[st
                         Entry(x + up + ".weight", ours + "experts.w13_E2FD", (e, slice(F, 2 * F))),
                         Entry(x + down + ".weight", ours + "experts.w2_EDF", (e,))]
     if config.shared_ffn_size:
-        entries += _mlp_entries(hf + "shared_expert.", ours + "shared_expert.", config.shared_ffn_size,
+        entries += _mlp_entries(f"{hf}{family.shared_prefix}.", ours + "shared_expert.", config.shared_ffn_size,
                                 ("w13_XD", "w2_DS"))
         if config.shared_expert_gate:
             entries.append(Entry(hf + "shared_expert_gate.weight", ours + "shared_expert.gate_weight"))
@@ -210,6 +243,9 @@ def _build(config: DecoderConfig, dtype: torch.dtype, quant: Quant | None, devic
         if quant is not None:
             quantize_fp8(model, quant.scheme)
         model = model.to(dtype)
+        for router in model.modules():  # selection by the corrected scores stays fp32, as transformers keeps it
+            if isinstance(router, Router) and router.correction_bias is not None:
+                router.correction_bias = router.correction_bias.float()
     model = model.to_empty(device=device)
     if config.tie_word_embeddings:  # to_empty re-creates parameters one module at a time
         model.lm_head.weight = model.embed_tokens.weight
@@ -248,7 +284,12 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, hypermoe: b
         for entry in entries:
             _load_entry(model, targets, filled, handles, entry, path)
         used = {e.hf_key for e in entries} | {e.hf_key + SCALE_SUFFIX for e in entries}
-        unused = sorted(k for k in handles if k not in used and not k.endswith(IGNORED_SUFFIXES))
+        mtp = mtp_keys(config, handles)
+        if mtp:
+            log.info("skipping %d tensors of the multi-token-prediction layers %d..%d (num_nextn_predict_layers): "
+                     "they serve speculative decoding, which this engine does not run", len(mtp), config.num_layers,
+                     config.num_layers + config.num_mtp_layers - 1)
+        unused = sorted(k for k in handles if k not in used and k not in mtp and not k.endswith(IGNORED_SUFFIXES))
     if unused:
         warnings.warn(f"checkpoint {path} has {len(unused)} tensors the model does not use, e.g. {unused[:3]}",
                       stacklevel=2)
@@ -258,12 +299,22 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, hypermoe: b
     return model
 
 
+def mtp_keys(config: DecoderConfig, keys) -> set[str]:
+    """The keys of DeepSeek's multi-token-prediction layers: ``model.layers.{i}.*`` for ``num_layers <= i <
+    num_layers + num_mtp_layers`` (recognised and skipped; any later layer stays an unknown tensor)."""
+    layers = range(config.num_layers, config.num_layers + config.num_mtp_layers)
+    return {k for k in keys if (m := re.match(r"model\.layers\.(\d+)\.", k)) and int(m.group(1)) in layers}
+
+
 def _targets(model: MoEDecoder) -> dict[str, torch.Tensor]:
-    """Every tensor a checkpoint fills: the parameters, and the FP8 experts' e4m3 weights and scales."""
+    """Every tensor a checkpoint fills: the parameters, the FP8 experts' e4m3 weights and scales, and the
+    routers' correction biases."""
     targets = dict(model.named_parameters())
     for prefix, module in model.named_modules():
         if isinstance(module, Fp8Experts):
             targets.update((f"{prefix}.{name}", buf) for name, buf in module.named_buffers())
+        if isinstance(module, Router) and module.correction_bias is not None:
+            targets[f"{prefix}.correction_bias"] = module.correction_bias
     return targets
 
 

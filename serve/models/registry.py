@@ -1,8 +1,11 @@
 """The Hugging Face architectures we serve: how each ``config.json`` maps to a :class:`DecoderConfig`, and the
 on-disk names of its MoE block's tensors.
 
-Every family here is "Llama attention + an MoE feed-forward"; they differ in config field names, q/k norms,
-attention biases, the router's renormalisation, shared experts and where the MoE block's tensors live.
+The first families are "Llama attention + an MoE feed-forward"; they differ in config field names, q/k norms,
+attention biases, the router's renormalisation, shared experts and where the MoE block's tensors live. The
+DeepSeek-V3 ones (DeepSeek-V3/R1/V3.1, Kimi K2, GLM-4.7-Flash, Mistral 4) have multi-head latent attention, a
+sigmoid (or softmax) group-limited router with DeepSeek's correction bias, shared experts and leading dense layers.
+DeepSeek Sparse Attention (DeepSeek-V3.2, GLM-5) is refused in one line naming its indexer field.
 """
 
 from __future__ import annotations
@@ -12,7 +15,9 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
 
-from serve.models.config import DecoderConfig, QKNorm
+from routing.config import Scoring
+from serve.models.config import DecoderConfig, MLAConfig, QKNorm, YarnRope
+from serve.models.mla import deepseek_softmax_scale
 
 _MISSING = object()
 
@@ -23,12 +28,14 @@ class Family:
 
     ``moe_prefixes``: where a layer's MoE block lives, relative to ``model.layers.{i}.`` (``transformers``
     5 saves Mixtral's under the legacy ``block_sparse_moe``; a raw fused dump uses ``mlp``).
-    ``expert_names``: the per-expert (gate, up, down) projection names.
+    ``expert_names``: the per-expert (gate, up, down) projection names; ``shared_prefix``: the shared expert's
+    name inside the MoE block.
     """
 
     parse: Callable[[dict], DecoderConfig]
     moe_prefixes: tuple[str, ...]
     expert_names: tuple[str, str, str]
+    shared_prefix: str = "shared_expert"
 
 
 def _get(hf: dict, *keys: str, default: Any = _MISSING) -> Any:
@@ -126,6 +133,104 @@ def parse_olmoe(hf: dict) -> DecoderConfig:
     )
 
 
+def _mla_rope(hf: dict, rope_dim: int, head_dim: int) -> tuple[float, YarnRope | None, float | None]:
+    """(rope_theta, YaRN or None, factor for the softmax mscale) from ``rope_parameters`` / ``rope_scaling``;
+    ``head_dim`` x ``partial_rotary_factor`` must be the rotary part (``transformers``' rotary dims)."""
+    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    theta = float(rope.get("rope_theta", hf.get("rope_theta", 10000.0)))
+    partial = rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", rope_dim / head_dim))
+    if int(head_dim * partial) != rope_dim:
+        raise ValueError(f"rope_parameters.partial_rotary_factor ({partial}) gives {int(head_dim * partial)} rotary "
+                         f"dims of head_dim {head_dim}; MLA needs qk_rope_head_dim ({rope_dim})")
+    if kind == "default":
+        return theta, None, None
+    if kind != "yarn":
+        raise ValueError(f"rope_parameters.rope_type ({kind!r}) is not supported; MLA models take 'default' or 'yarn'")
+    max_pos = _get(hf, "max_position_embeddings")
+    original = hf.get("original_max_position_embeddings") or rope.get("original_max_position_embeddings") or max_pos
+    factor = rope.get("factor") or max_pos / original
+    yarn = YarnRope(float(factor), int(original), float(rope.get("beta_fast") or 32), float(rope.get("beta_slow") or 1),
+                    rope.get("mscale"), rope.get("mscale_all_dim"), rope.get("attention_factor"),
+                    bool(rope.get("truncate", True)))
+    return theta, yarn, rope.get("factor")
+
+
+def _refuse_sparse_attention(hf: dict) -> None:
+    for key in ("index_topk", "index_n_heads", "index_head_dim"):
+        if key in hf:
+            raise ValueError(f"{key} ({hf[key]!r}): DeepSeek Sparse Attention (the lightning indexer of "
+                             f"{hf['architectures'][0]}) is not supported; it is not served as dense attention")
+
+
+def parse_sparse_attention(hf: dict) -> DecoderConfig:
+    """DeepSeek-V3.2 / GLM-5: refused before anything is built (``ValueError`` naming the indexer field)."""
+    _refuse_sparse_attention({"index_topk": None, **hf})
+    raise AssertionError("unreachable")
+
+
+def _deepseek_like(hf: dict, dense_layers: tuple[int, ...], scoring: Scoring, correction_bias: bool,
+                   mla_head_dim: int, llama4: bool = False) -> DecoderConfig:
+    """The DeepSeek-V3 shape; ``mla_head_dim``: the head_dim ``partial_rotary_factor`` applies to."""
+    _check_act(hf)
+    _refuse_sparse_attention(hf)
+    nope, rope_dim, v = _get(hf, "qk_nope_head_dim"), _get(hf, "qk_rope_head_dim"), _get(hf, "v_head_dim")
+    theta, yarn, mscale_factor = _mla_rope(hf, rope_dim, mla_head_dim)
+    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    mla = MLAConfig(
+        kv_lora_rank=_get(hf, "kv_lora_rank"), qk_nope_head_dim=nope, qk_rope_head_dim=rope_dim, v_head_dim=v,
+        softmax_scale=deepseek_softmax_scale(nope + rope_dim, mscale_factor, rope.get("mscale_all_dim")),
+        q_lora_rank=hf.get("q_lora_rank"), rope_interleave=bool(hf.get("rope_interleave", True)),
+        llama4_scaling_beta=rope.get("llama_4_scaling_beta") if llama4 else None,
+        llama4_max_positions=int(rope.get("original_max_position_embeddings") or 1))
+    common = _common({**hf, "rope_parameters": None, "rope_scaling": None, "rope_theta": theta}, eps=1e-6, theta=theta)
+    heads = common["num_heads"]
+    common.update(num_kv_heads=heads, head_dim=rope_dim)  # K and V come per head from the latent
+    experts = _get(hf, "n_routed_experts", "num_local_experts")
+    moe_ffn = _get(hf, "moe_intermediate_size")
+    return DecoderConfig(
+        **common, num_experts=experts, top_k=_get(hf, "num_experts_per_tok"), moe_ffn_size=moe_ffn,
+        norm_topk_prob=bool(_get(hf, "norm_topk_prob", default=True)),
+        shared_ffn_size=moe_ffn * _get(hf, "n_shared_experts", default=0),
+        dense_ffn_size=_get(hf, "intermediate_size"), dense_layers=dense_layers,
+        attention_bias=bool(hf.get("attention_bias", False)), mla=mla, yarn=yarn, scoring=scoring,
+        correction_bias=correction_bias, num_groups=_get(hf, "n_group", default=1),
+        topk_groups=_get(hf, "topk_group", default=1),
+        routed_scaling_factor=float(_get(hf, "routed_scaling_factor", default=1.0)),
+        num_mtp_layers=int(_get(hf, "num_nextn_predict_layers", default=0)),
+    )
+
+
+def _first_k_dense(hf: dict, default: int) -> tuple[int, ...]:
+    freq = hf.get("moe_layer_freq", 1)
+    if freq != 1:
+        raise ValueError(f"moe_layer_freq ({freq!r}) is not supported; only 1 (every layer after "
+                         "first_k_dense_replace is MoE) is")
+    return tuple(range(min(_get(hf, "first_k_dense_replace", default=default), _get(hf, "num_hidden_layers"))))
+
+
+def parse_deepseek_v3(hf: dict) -> DecoderConfig:
+    for key, wanted in (("scoring_func", "sigmoid"), ("topk_method", "noaux_tc")):
+        if hf.get(key, wanted) != wanted:  # keys of DeepSeek's own config.json (transformers ignores them)
+            raise ValueError(f"{key} ({hf[key]!r}) is not supported; DeepSeek-V3 routing is {key}={wanted!r}")
+    return _deepseek_like(hf, _first_k_dense(hf, 3), Scoring.SIGMOID, True, _get(hf, "qk_rope_head_dim"))
+
+
+def parse_glm4_moe_lite(hf: dict) -> DecoderConfig:
+    layers = _get(hf, "num_hidden_layers")
+    types = hf.get("mlp_layer_types") or ["dense"] + ["sparse"] * (layers - 1)
+    bad = sorted(set(types) - {"dense", "sparse"})
+    if len(types) != layers or bad:
+        raise ValueError(f"mlp_layer_types ({types!r}) must list 'dense' or 'sparse' for each of {layers} layers")
+    dense = tuple(i for i, t in enumerate(types) if t == "dense")
+    return _deepseek_like(hf, dense, Scoring.SIGMOID, True, _get(hf, "qk_rope_head_dim"))
+
+
+def parse_mistral4(hf: dict) -> DecoderConfig:
+    head_dim = _get(hf, "qk_nope_head_dim") + _get(hf, "qk_rope_head_dim")
+    return _deepseek_like(hf, _first_k_dense(hf, 0), Scoring.SOFTMAX, False, head_dim, llama4=True)
+
+
 _HF_NAMES = ("gate_proj", "up_proj", "down_proj")
 
 ARCHITECTURES: MappingProxyType[str, Family] = MappingProxyType({
@@ -133,6 +238,11 @@ ARCHITECTURES: MappingProxyType[str, Family] = MappingProxyType({
     "Qwen3MoeForCausalLM": Family(parse_qwen3_moe, ("mlp",), _HF_NAMES),
     "Qwen2MoeForCausalLM": Family(parse_qwen2_moe, ("mlp",), _HF_NAMES),
     "OlmoeForCausalLM": Family(parse_olmoe, ("mlp",), _HF_NAMES),
+    "DeepseekV3ForCausalLM": Family(parse_deepseek_v3, ("mlp",), _HF_NAMES, "shared_experts"),
+    "Glm4MoeLiteForCausalLM": Family(parse_glm4_moe_lite, ("mlp",), _HF_NAMES, "shared_experts"),
+    "Mistral4ForCausalLM": Family(parse_mistral4, ("mlp",), _HF_NAMES, "shared_experts"),
+    "DeepseekV32ForCausalLM": Family(parse_sparse_attention, ("mlp",), _HF_NAMES, "shared_experts"),
+    "GlmMoeDsaForCausalLM": Family(parse_sparse_attention, ("mlp",), _HF_NAMES, "shared_experts"),
 })
 
 

@@ -19,6 +19,13 @@ decodes with 5 and 1 keys, then a chunk of 6 tokens with 3 cached, at rows 2..7:
 **CUDA graphs.** Everything a step changes (tiles, tables, slots) is read from device tensors; the launch
 arguments depend only on shapes (N, M, H, Hkv, Dh, BS) and ``block_q`` (1 for decode-only steps).
 
+**MLA** (:meth:`TritonAttention.mla_step`): the same kernel attends in the latent space, absorbed for decodes
+and prefill chunks alike: the queries ``q_lat = [q_nope W_UK, q_pe]`` (C wide) over one "kv head" whose keys
+and values are both the cached latent rows (``[1, NB + 1, BS, C]``, a view of the layer's latent cache), of
+whose output the first L values are kept and projected by ``W_UV``. It reads each latent row twice (as K and
+as V) and computes R / C more of the value sum than it needs; a dedicated kernel (one load, a head-split grid
+for DeepSeek's 128 heads, whose G = H rows make BLOCK_M large) is left for a GPU to tune against.
+
 From vLLM's unified Triton attention (``triton_unified_attention.py``) we took the ``(query tile, kv head)`` grid
 with the G heads of a kv head folded into the rows of one dot, the per-key block lookup that decouples the key
 tile from BS, and one kernel for decodes and chunked prefill alike; vLLM finds each program's sequence by a
@@ -34,6 +41,8 @@ import torch
 import torch.nn.functional as F
 
 from serve.models.attention import AttentionBackend, AttentionMetadata, DecodeGroup, PagedKVCache, PrefillChunk
+from serve.models.latent_cache import LatentKVCache
+from serve.models.mla import MLAWeights, absorb_queries, unabsorb_output
 
 try:
     import triton
@@ -102,6 +111,29 @@ class TritonAttention(AttentionBackend):
             raise TypeError(f"TritonAttention.step needs the TritonMetadata of its metadata(), got {type(metadata)}")
         return _TritonStep(cache, metadata)
 
+    def mla_step(self, cache: LatentKVCache, metadata: AttentionMetadata) -> _TritonMLAStep:
+        if not isinstance(metadata, TritonMetadata) or not isinstance(cache, LatentKVCache):
+            raise TypeError(f"TritonAttention.mla_step needs a LatentKVCache and TritonMetadata, got "
+                            f"{type(cache).__name__}, {type(metadata).__name__}")
+        return _TritonMLAStep(cache, metadata)
+
+
+class _TritonMLAStep:
+    """The whole step absorbed, one ``paged_attention`` launch per layer over the latent cache (module docstring)."""
+
+    def __init__(self, cache: LatentKVCache, metadata: TritonMetadata) -> None:
+        self.cache, self.metadata = cache, metadata
+
+    def attend_latent(self, layer: int, q_nope_THN: torch.Tensor, q_pe_THR: torch.Tensor, latent_TC: torch.Tensor,
+                      weights: MLAWeights) -> torch.Tensor:
+        meta = self.metadata
+        self.cache.write(layer, meta.slot_mapping_T, latent_TC)
+        latent_1NBC = self.cache.latent[layer][None]
+        q_lat_THC = absorb_queries(q_nope_THN, q_pe_THR, weights)
+        o_THC = paged_attention(q_lat_THC, latent_1NBC, latent_1NBC, meta.tiles_N4, meta.tables_RM, meta.block_q,
+                                scale=weights.scale)
+        return unabsorb_output(o_THC[..., :weights.kv_b_weight.shape[-1]], weights)
+
 
 class _TritonStep:
     def __init__(self, cache: PagedKVCache, metadata: TritonMetadata) -> None:
@@ -136,8 +168,9 @@ def store_kv(k_THd: torch.Tensor, v_THd: torch.Tensor, k_cache: torch.Tensor, v_
 
 
 def paged_attention(q_THd: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, tiles_N4: torch.Tensor,
-                    tables_RM: torch.Tensor, block_q: int) -> torch.Tensor:
-    """Causal attention of the step's queries over their sequences' cached keys, tile by tile (module docstring).
+                    tables_RM: torch.Tensor, block_q: int, scale: float | None = None) -> torch.Tensor:
+    """Causal attention of the step's queries over their sequences' cached keys, tile by tile (module docstring);
+    scores times ``scale`` (default ``Dh ** -0.5``).
 
     ``q_THd`` fp32/fp16/bf16; caches ``[Hkv, NB + 1, BS, Dh]`` contiguous (K/V already stored); ``tiles_N4``
     int32 ``(row, tokens <= block_q, pos, seq)``; ``tables_RM`` int32/int64. Returns ``[T, H, Dh]`` in q's dtype
@@ -155,10 +188,11 @@ def paged_attention(q_THd: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     o_THd = torch.empty((T, H, Dh), dtype=q.dtype, device=q.device)
     G = H // Hkv
     BLOCK_M, BLOCK_D = max(16, triton.next_power_of_2(block_q * G)), max(16, triton.next_power_of_2(Dh))
+    scale_log2 = (Dh**-0.5 if scale is None else scale) * 1.4426950408889634  # the kernel exponentiates base 2
     if tiles_N4.shape[0]:
         _attention_kernel[(tiles_N4.shape[0], Hkv)](
             q, k_cache, v_cache, o_THd, tiles_N4, tables_RM, q.stride(0), q.stride(1), o_THd.stride(0),
-            o_THd.stride(1), tables_RM.stride(0), k_cache.stride(0), Dh**-0.5 * 1.4426950408889634,
+            o_THd.stride(1), tables_RM.stride(0), k_cache.stride(0), scale_log2,
             G, Dh, BS, BLOCK_M, BLOCK_D, BLOCK_N, "ieee" if q.dtype == torch.float32 else "tf32",
             num_warps=4 if BLOCK_M * BLOCK_D <= 64 * 128 else 8)
     return o_THd

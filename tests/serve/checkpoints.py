@@ -29,14 +29,52 @@ def hf_config(family: str):
 
 FAMILIES = ["mixtral", "qwen3_moe", "qwen3_moe_sparse_step", "olmoe", "qwen2_moe"]
 
+# multi-head latent attention (serve.models.mla): tiny DeepSeek-V3-shaped configs with awkward, distinct sizes
+MLA = dict(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+           kv_lora_rank=24, qk_nope_head_dim=12, qk_rope_head_dim=8, v_head_dim=20, moe_intermediate_size=24,
+           intermediate_size=72, max_position_embeddings=256, bos_token_id=None, eos_token_id=None, pad_token_id=None)
+YARN = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 8.0, "original_max_position_embeddings": 32,
+        "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 0.7}
+
+
+def mla_config(family: str):
+    """``deepseek_v3``: q LoRA, grouped sigmoid router with correction bias, layer 0 dense, shared expert;
+    ``deepseek_v3_yarn``: no q LoRA (``q_proj``), YaRN with DeepSeek's mscale, non-interleaved RoPE, 2 shared
+    experts; ``glm4_moe_lite``: dense layers from ``mlp_layer_types``; ``mistral4``: softmax grouped router, YaRN
+    with Llama-4 query scaling, partial rotary."""
+    if family == "deepseek_v3":
+        return tf.DeepseekV3Config(**MLA, q_lora_rank=40, n_routed_experts=8, num_experts_per_tok=3, n_group=4,
+                                   topk_group=2, n_shared_experts=1, first_k_dense_replace=1,
+                                   routed_scaling_factor=2.5)
+    if family == "deepseek_v3_yarn":
+        return tf.DeepseekV3Config(**MLA, q_lora_rank=None, n_routed_experts=6, num_experts_per_tok=2, n_group=1,
+                                   topk_group=1, n_shared_experts=2, first_k_dense_replace=0, norm_topk_prob=False,
+                                   rope_interleave=False, rope_parameters=dict(YARN), routed_scaling_factor=1.5)
+    if family == "glm4_moe_lite":
+        return tf.Glm4MoeLiteConfig(**MLA, q_lora_rank=40, n_routed_experts=8, num_experts_per_tok=2, n_group=2,
+                                    topk_group=1, n_shared_experts=1, mlp_layer_types=["sparse", "dense"])
+    if family == "mistral4":
+        rope = {**YARN, "mscale_all_dim": 1.0, "llama_4_scaling_beta": 0.1,
+                "partial_rotary_factor": 8 / 20}
+        return tf.Mistral4Config(**MLA, q_lora_rank=40, n_routed_experts=8, num_experts_per_tok=2, n_group=2,
+                                 topk_group=2, n_shared_experts=1, first_k_dense_replace=1, rope_parameters=rope)
+    raise KeyError(family)
+
+
+MLA_FAMILIES = ["deepseek_v3", "deepseek_v3_yarn", "glm4_moe_lite", "mistral4"]
+
 
 def hf_model(family: str, seed: int = 0, **overrides) -> torch.nn.Module:
     """A float32 eval-mode model with weights re-drawn large enough that routing and argmax are decisive."""
     torch.manual_seed(seed)
-    config = hf_config(family)
+    config = mla_config(family) if family in MLA_FAMILIES else hf_config(family)
     for key, value in overrides.items():
         setattr(config, key, value)
-    model = tf.AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+    # Mistral 4 has no AutoModelForCausalLM entry in transformers 5.24 (its checkpoints are multimodal)
+    if family == "mistral4":
+        model = tf.Mistral4ForCausalLM._from_config(config, attn_implementation="eager")
+    else:
+        model = tf.AutoModelForCausalLM.from_config(config, attn_implementation="eager")
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.dim() >= 2:
@@ -45,6 +83,9 @@ def hf_model(family: str, seed: int = 0, **overrides) -> torch.nn.Module:
                 p.uniform_(0.5, 1.5)
             else:
                 p.normal_(0.0, 0.1)
+        for name, b in model.named_buffers():  # DeepSeek's correction bias: selection differs from the scores'
+            if name.endswith("e_score_correction_bias"):
+                b.normal_(0.0, 0.05)
     return model.eval().float()
 
 
