@@ -30,12 +30,18 @@ def patch_hf(model: nn.Module) -> int:
     """Replace every MoE block of ``model`` in place with ``moe.MoE``; returns how many were replaced.
 
     A module that looks like an MoE block (it has an ``experts`` child) but is not supported raises a
-    ``ValueError`` naming its class, before anything is replaced.
+    ``ValueError`` naming its class, before anything is replaced. Blocks already replaced (a second call) are
+    left alone: patching a patched model is a no-op returning 0.
     """
-    targets = []
+    targets: list[str] = []
+    done: list[str] = []  # moe.MoE layers (and their wrappers) from an earlier call, with everything inside them
     for name, module in model.named_modules():
         cls = type(module).__name__
-        if is_supported(module):
+        if done and (done[0] == "" or _inside(name, done)):  # "": the model itself is an moe.MoE
+            continue
+        if isinstance(module, (MoE, TupleOutputMoE)):
+            done.append(name)
+        elif is_supported(module):
             targets.append(name)
         elif isinstance(getattr(module, "experts", None), nn.Module) and not _inside(name, targets):
             raise ValueError(f"unsupported MoE block class {cls!r} at {name!r}")

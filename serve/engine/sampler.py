@@ -1,9 +1,11 @@
 """``Sampler``: next tokens for a batch of sequences from their logits, each with its own ``SamplingParams``.
 
-Shape legend: B sequences sampled this step, V vocabulary. Filters apply in the order temperature -> top-k ->
-top-p -> min-p. Random draws use the exponential-race form of categorical sampling (``argmax(p / q)``,
-``q ~ Exp(1)``) so that a seeded request draws from its own generator, one row at a time, and gets the same
-tokens whatever else shares its batch.
+Shape legend: B sequences sampled this step, R of them (the rows that need a step), L tokens of the longest, V
+vocabulary. Logits are adjusted first (``logit_bias``, then repetition, frequency and presence penalties, vectorised
+over the batch: token counts by one ``scatter_add`` over padded id rows), then filters apply in the order
+temperature -> top-k -> top-p -> min-p. Random draws use the exponential-race form of categorical sampling
+(``argmax(p / q)``, ``q ~ Exp(1)``) so that a seeded request draws from its own generator, one row at a time,
+and gets the same tokens whatever else shares its batch.
 """
 
 from __future__ import annotations
@@ -42,7 +44,8 @@ class Sampler:
 
     def __call__(self, logits_BV: torch.Tensor, seqs: list[Sequence]) -> SampleResult:
         params = [s.params for s in seqs]
-        logits_BV = logits_BV.float()
+        raw_BV = logits_BV.float()
+        logits_BV = adjusted_logits(raw_BV, seqs)
         tokens_B = logits_BV.argmax(dim=-1)
         sampled = [i for i, p in enumerate(params) if not p.greedy]
         if sampled:
@@ -51,9 +54,59 @@ class Sampler:
             q_RV = torch.empty_like(probs_RV)
             for r, i in enumerate(sampled):
                 q_RV[r].exponential_(generator=self._generator(seqs[i]))
-            tokens_B[rows] = (probs_RV / q_RV).argmax(dim=-1)
+            tokens_B[rows] = race(probs_RV, q_RV)
         token_ids = tokens_B.tolist()  # NOTE: host sync: stop checks and outputs need the tokens on the host
-        return SampleResult(token_ids, _logprobs(logits_BV, tokens_B, params))
+        return SampleResult(token_ids, _logprobs(raw_BV, tokens_B, params))
+
+
+def race(probs_RV: torch.Tensor, q_RV: torch.Tensor) -> torch.Tensor:
+    """``argmax(p / q)``: a draw from ``p`` for ``q ~ Exp(1)``. A ``q`` of exactly 0 (a float draw can be) would
+    make ``0 / 0 = NaN`` win the argmax on a filtered-out token, so ``q`` is kept above the smallest normal."""
+    return (probs_RV / q_RV.clamp_min(torch.finfo(q_RV.dtype).tiny)).argmax(dim=-1)
+
+
+def token_counts(rows: list[list[int]], V: int, device: torch.device) -> torch.Tensor:
+    """``[R, V]`` float counts of each token id in each row (rows padded with id ``V``, dropped after).
+
+    >>> token_counts([[2, 2, 0], []], 3, torch.device("cpu"))
+    tensor([[1., 0., 2.],
+            [0., 0., 0.]])
+    """
+    L = max(1, max(len(r) for r in rows))
+    ids_RL = torch.tensor([r + [V] * (L - len(r)) for r in rows], dtype=torch.int64, device=device)
+    counts_RV = torch.zeros(len(rows), V + 1, device=device)
+    return counts_RV.scatter_add_(1, ids_RL, torch.ones(ids_RL.shape, device=device))[:, :V]
+
+
+def adjusted_logits(logits_BV: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+    """``logit_bias``, then vLLM's repetition penalty (prompt + output), then OpenAI's frequency and presence
+    penalties (output only). Returns ``logits_BV`` itself when no sequence asks for any of them."""
+    biased = [i for i, s in enumerate(seqs) if s.params.logit_bias]
+    penalised = [i for i, s in enumerate(seqs) if s.params.penalised]
+    if not biased and not penalised:
+        return logits_BV
+    B, V = logits_BV.shape
+    device = logits_BV.device
+    logits_BV = logits_BV.clone()
+    if biased:
+        entries = [(i, t, v) for i in biased for t, v in seqs[i].params.logit_bias.items() if t < V]
+        if entries:
+            rows, cols, values = zip(*entries, strict=True)
+            logits_BV.index_put_((torch.tensor(rows, device=device), torch.tensor(cols, device=device)),
+                                 torch.tensor(values, device=device), accumulate=True)
+    if penalised:
+        params = [seqs[i].params for i in penalised]
+        rows_R = torch.tensor(penalised, device=device)
+        x_RV = logits_BV[rows_R]
+        out_RV = token_counts([seqs[i].output_token_ids for i in penalised], V, device)
+        if any(p.repetition_penalty != 1 for p in params):
+            rep_R1 = torch.tensor([p.repetition_penalty for p in params], device=device)[:, None]
+            seen_RV = (out_RV + token_counts([seqs[i].prompt_token_ids for i in penalised], V, device)) > 0
+            x_RV = torch.where(seen_RV, torch.where(x_RV > 0, x_RV / rep_R1, x_RV * rep_R1), x_RV)
+        freq_R1 = torch.tensor([p.frequency_penalty for p in params], device=device)[:, None]
+        pres_R1 = torch.tensor([p.presence_penalty for p in params], device=device)[:, None]
+        logits_BV[rows_R] = x_RV - freq_R1 * out_RV - pres_R1 * (out_RV > 0)
+    return logits_BV
 
 
 def filtered_probs(logits_BV: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
@@ -72,6 +125,7 @@ def filtered_probs(logits_BV: torch.Tensor, params: list[SamplingParams]) -> tor
         # drop a token when the more likely ones already reach top_p (the first token always stays)
         before_BV = probs_BV.cumsum(dim=-1) - probs_BV
         keep_BV &= before_BV < torch.tensor(top_ps, device=device)[:, None]
+        keep_BV[:, 0] = True  # a top_p that underflows to 0 in float32 (1e-300) still keeps the top token
         sorted_BV = sorted_BV.masked_fill(~keep_BV, float("-inf"))
         logits_BV = torch.full_like(logits_BV, float("-inf")).scatter_(1, order_BV, sorted_BV)
     probs_BV = torch.softmax(logits_BV, dim=-1)

@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+
+GREEDY_TEMPERATURE = 1e-5  # below it, sampling is argmax (as vLLM): logits / T would overflow to inf and NaN
+LOGIT_BIAS_LIMIT = 100.0  # OpenAI's range for logit_bias values; larger ones are clamped
 
 
 @dataclass
 class SamplingParams:
     """Per-request decoding options (vLLM names).
 
-    ``temperature == 0`` is greedy. ``top_k <= 0`` / ``top_p == 1`` / ``min_p == 0`` disable those filters.
+    ``temperature < 1e-5`` is greedy. ``top_k <= 0`` / ``top_p == 1`` / ``min_p == 0`` disable those filters.
+    Before them: ``logit_bias`` (token id -> added logit, clamped to [-100, 100]), ``presence_penalty`` /
+    ``frequency_penalty`` (OpenAI: subtracted once / per occurrence for tokens in the output so far) and
+    ``repetition_penalty`` (vLLM: logits of tokens in the prompt or output divided by it when positive,
+    multiplied when negative); these apply to greedy requests too.
     ``seed`` makes sampling reproducible whatever else is in the batch. Generation stops at ``max_tokens``, an
     EOS token (unless ``ignore_eos``), any of ``stop_token_ids``, or any string in ``stop`` (cut from the text
     unless ``include_stop_str_in_output``). ``logprobs=n`` returns the chosen token's log-probability and the
@@ -27,6 +35,10 @@ class SamplingParams:
     ignore_eos: bool = False
     include_stop_str_in_output: bool = False
     logprobs: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: dict[int, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -55,7 +67,23 @@ class SamplingParams:
             raise ValueError(f"stop ({self.stop!r}) must not contain empty strings")
         if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
             raise ValueError(f"stop_token_ids ({self.stop_token_ids!r}) must be non-negative integers")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and -2 <= value <= 2):
+                raise ValueError(f"{name} ({value!r}) must be in [-2, 2]")
+        if not (isinstance(self.repetition_penalty, (int, float)) and 0 < self.repetition_penalty < math.inf):
+            raise ValueError(f"repetition_penalty ({self.repetition_penalty!r}) must be > 0 (1 disables it)")
+        bias = dict(self.logit_bias or {})
+        if any(not isinstance(t, int) or t < 0 for t in bias):
+            raise ValueError(f"logit_bias ({bias!r}) keys must be non-negative token ids")
+        if any(not (isinstance(v, (int, float)) and math.isfinite(v)) for v in bias.values()):
+            raise ValueError(f"logit_bias ({bias!r}) values must be finite numbers")
+        self.logit_bias = {t: max(-LOGIT_BIAS_LIMIT, min(LOGIT_BIAS_LIMIT, float(v))) for t, v in bias.items()}
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < GREEDY_TEMPERATURE
+
+    @property
+    def penalised(self) -> bool:
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1)

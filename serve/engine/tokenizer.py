@@ -38,6 +38,10 @@ class Tokenizer:
         if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
             template = next((t["template"] for t in template if t.get("name") == "default"), template[0]["template"])
         self.chat_template: str | None = template
+        # A lower bound on tokens per character: no token covers more characters than its vocabulary string has
+        # (byte-level BPE spells each byte as one character). A normalizer may delete characters, so then none.
+        vocab = self.hf.get_vocab(with_added_tokens=True)
+        self.max_token_chars: int | None = max(map(len, vocab), default=1) if self.hf.normalizer is None else None
 
     @property
     def vocab_size(self) -> int:
@@ -48,7 +52,13 @@ class Tokenizer:
         return None if self.eos_token is None else self.hf.token_to_id(self.eos_token)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return self.hf.encode(text, add_special_tokens=add_special_tokens).ids
+        # encode_batch releases the GIL (encode holds it: a 4 MB prompt would freeze every other thread for
+        # seconds, the event loop and the engine loop included)
+        return self.hf.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
+
+    def min_tokens(self, text: str) -> int:
+        """A lower bound on ``len(encode(text))`` from its length alone (0 when the tokenizer cannot bound it)."""
+        return -(-len(text) // self.max_token_chars) if self.max_token_chars else 0
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.hf.decode(ids, skip_special_tokens=skip_special_tokens)

@@ -5,17 +5,20 @@ A request goes: body -> :mod:`serve.http.protocol` (4xx on anything malformed) -
 thread) and checked against the context -> one engine sub-request per prompt and choice (``n``), admitted
 together by :class:`serve.http.engine_loop.EngineLoop` (429 + ``Retry-After`` when the queue is full) -> SSE
 chunks or one JSON body. Whatever way the handler ends (done, client gone, shutdown), what is left of its
-sub-requests is aborted, so their KV blocks come back within one engine step.
+sub-requests is aborted, so their KV blocks come back within one engine step. A request that a drain (or a dead
+engine) cuts short ends visibly: a 503, or in a stream an error event then ``[DONE]``; never a 200.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
+import hashlib
+import hmac
+import logging
+import os
 import time
 import uuid
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -26,27 +29,22 @@ from serve.engine import LLMEngine
 from serve.engine.sampling_params import SamplingParams
 from serve.engine.scheduler import QueueFullError
 from serve.http.config import ServerConfig
-from serve.http.engine_loop import EngineDeadError, EngineLoop, RequestGroup, SubRequest
+from serve.http.engine_loop import EngineDeadError, EngineLoop, SubRequest
 from serve.http.metrics import ServerMetrics
-from serve.http.openai_format import ChoiceText, LogprobFormatter, usage
-from serve.http.protocol import ApiError, ChatRequest, CompletionRequest, parse_body, validation_error
+from serve.http.openai_format import LogprobFormatter
+from serve.http.protocol import (
+    ApiError,
+    ChatRequest,
+    CompletionRequest,
+    logit_bias_ids,
+    parse_body,
+    refuse_unsupported,
+    validation_error,
+)
+from serve.http.request_run import Prepared, RequestRun
 
-
-@dataclass
-class Prepared:
-    """A validated request, ready to submit: one entry per prompt, ``n`` choices each."""
-
-    kind: str  # "completion" | "chat"
-    request: CompletionRequest | ChatRequest
-    prompt_ids: list[list[int]]
-    prompt_texts: list[str]
-    params: list[SamplingParams]  # per choice: prompt-major, then n
-    logprobs: int | None
-    arrival: float = field(default_factory=time.monotonic)
-
-    @property
-    def n(self) -> int:
-        return self.request.n
+log = logging.getLogger("moe-serve")
+API_KEY_ENV = "MOE_SERVE_API_KEY"
 
 
 class OpenAIServer:
@@ -61,6 +59,12 @@ class OpenAIServer:
         self.logprob_format = LogprobFormatter(self.tokenizer)
         self.draining = False
         self.created = int(time.time())
+        self.api_key = config.api_key or os.environ.get(API_KEY_ENV) or None
+        self.fingerprint = "fp_" + hashlib.sha256(f"{self.model_name}|{engine.config}".encode()).hexdigest()[:12]
+        if self.tokenizer is None:
+            log.warning("%s has no tokenizer: prompts must be token ids, completions answer with \"text\": \"\" "
+                        "and the generated ids in each choice's \"token_ids\", chat and stop strings are refused",
+                        self.model_name)
         self.app = self._build_app()
 
     def _on_step(self, engine: LLMEngine, outputs) -> None:
@@ -69,10 +73,14 @@ class OpenAIServer:
             self.routing_stats.step()
 
     # -- lifecycle ----------------------------------------------------------------------------------------------
-    def begin_drain(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Refuse new requests; abort what still runs after ``drain_timeout_s`` (it then ends cleanly)."""
+    async def drain(self, poll_s: float = 0.05) -> None:
+        """Refuse new requests (503, ``/health`` 503) while what runs gets ``drain_timeout_s`` to finish; abort the
+        rest (their clients get a 503 or a stream error event). The listening socket stays open meanwhile."""
         self.draining = True
-        loop.call_later(self.config.drain_timeout_s, self.loop.abort_all)
+        deadline = time.monotonic() + self.config.drain_timeout_s
+        while self.loop.busy() and time.monotonic() < deadline:
+            await asyncio.sleep(poll_s)
+        self.loop.abort_all()
 
     def _build_app(self) -> FastAPI:
         @asynccontextmanager
@@ -106,39 +114,55 @@ class OpenAIServer:
     async def prometheus(self) -> Response:
         return Response(self.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
-    async def models(self) -> dict:
+    def _auth(self, request: Request) -> None:
+        if self.api_key is None:
+            return
+        scheme, _, key = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(key.strip().encode(), self.api_key.encode()):
+            raise ApiError(401, "Authorization (missing or wrong): send 'Authorization: Bearer <server.api_key>'",
+                           "Authorization", headers={"WWW-Authenticate": "Bearer"})
+
+    async def models(self, request: Request) -> dict:
+        self._auth(request)
         return {"object": "list", "data": [{
             "id": self.model_name, "object": "model", "created": self.created, "owned_by": "moe-serve",
             "max_model_len": self.engine.max_model_len}]}
 
-    async def routing(self) -> dict:
+    async def routing(self, request: Request) -> dict:
+        self._auth(request)
         if self.routing_stats is None:
             raise ApiError(404, "routing statistics are off (server.routing_stats=false)")
-        return await asyncio.to_thread(self.routing_stats.to_dict)
+        stats = await asyncio.to_thread(self.routing_stats.to_dict)
+        return {**stats, "model": stats.get("model") or self.model_name}
 
     # -- generation ---------------------------------------------------------------------------------------------
     async def completions(self, request: Request) -> Response:
+        self._auth(request)
         req = parse_body(await _read_body(request, self.config.max_request_bytes), CompletionRequest,
                          self.config.max_request_bytes)
-        self._check_model(req.model)
+        self._check(req)
         if req.echo and req.logprobs is not None:
             raise ApiError(400, "echo with logprobs (prompt logprobs) is not supported", "echo")
         texts_or_ids = [req.prompt] if isinstance(req.prompt, str) or _is_ids(req.prompt) else req.prompt
         if not texts_or_ids:
             raise ApiError(400, "prompt ([]) must not be empty", "prompt")
+        self._check_fan_out(len(texts_or_ids), req.n)
         prompts = [await self._tokenize(p) for p in texts_or_ids]
         prep = self._prepare("completion", req, prompts, req.max_tokens, req.logprobs)
         return await self._respond(prep, request)
 
     async def chat_completions(self, request: Request) -> Response:
+        self._auth(request)
         req = parse_body(await _read_body(request, self.config.max_request_bytes), ChatRequest,
                          self.config.max_request_bytes)
-        self._check_model(req.model)
+        self._check(req)
+        self._check_fan_out(1, req.n)
         if req.top_logprobs is not None and not req.logprobs:
             raise ApiError(400, f"top_logprobs ({req.top_logprobs}) requires logprobs=true", "top_logprobs")
         if self.tokenizer is None or self.tokenizer.chat_template is None:
             raise ApiError(400, "messages: this model has no chat template; use /v1/completions", "messages")
         messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+        self._check_length(sum(len(m["content"]) for m in messages), "messages")
         try:
             ids = await asyncio.to_thread(self.tokenizer.encode_chat, messages)
         except Exception as e:  # a template may raise anything (jinja's raise_exception, bad roles, ...)
@@ -147,9 +171,31 @@ class OpenAIServer:
         prep = self._prepare("chat", req, [(ids, "")], max_tokens, (req.top_logprobs or 0) if req.logprobs else None)
         return await self._respond(prep, request)
 
-    def _check_model(self, model: str | None) -> None:
-        if model is not None and model != self.model_name:
-            raise ApiError(404, f"model ({model!r}) does not exist; this server serves {self.model_name!r}", "model")
+    def _check(self, req: CompletionRequest | ChatRequest) -> None:
+        if req.model is not None and req.model != self.model_name:
+            raise ApiError(404, f"model ({req.model!r}) does not exist; this server serves {self.model_name!r}",
+                           "model")
+        refuse_unsupported(req)
+        req.logit_bias = logit_bias_ids(req.logit_bias, self.engine.model.config.vocab_size)
+
+    def _check_fan_out(self, num_prompts: int, n: int) -> None:
+        """A request whose prompts x ``n`` sub-requests could never be admitted is a 400, not a 429 to retry."""
+        total, what = num_prompts * n, f"prompts ({num_prompts}) x n ({n}) = {num_prompts * n} sub-requests"
+        limit = self.config.max_sub_requests_per_request
+        if total > limit:
+            raise ApiError(400, f"{what} exceed server.max_sub_requests_per_request ({limit})", "n")
+        queue = self.engine.config.max_queued_requests
+        if total > queue:
+            raise ApiError(400, f"{what} exceed engine.max_queued_requests ({queue}): they could never be "
+                           "queued at once", "n")
+
+    def _check_length(self, chars: int, param: str) -> None:
+        """Refuse at once a text too long for the context by its length alone (before tokenising it)."""
+        limit = self.engine.max_model_len
+        at_least = -(-chars // self.tokenizer.max_token_chars) if self.tokenizer.max_token_chars else 0
+        if at_least >= limit:
+            raise ApiError(400, f"{param} has {chars} characters, so at least {at_least} tokens; the context "
+                           f"(max_model_len) is {limit} tokens", param)
 
     async def _tokenize(self, prompt: str | list[int]) -> tuple[list[int], str]:
         if isinstance(prompt, str):
@@ -157,6 +203,7 @@ class OpenAIServer:
                 raise ApiError(400, "prompt (str): this model has no tokenizer; send token ids", "prompt")
             if not prompt:
                 raise ApiError(400, "prompt ('') must not be empty", "prompt")
+            self._check_length(len(prompt), "prompt")
             return await asyncio.to_thread(self.tokenizer.encode, prompt), prompt
         if not prompt:
             raise ApiError(400, "prompt ([]) must not be empty", "prompt")
@@ -191,7 +238,10 @@ class OpenAIServer:
             return SamplingParams(
                 max_tokens=max_tokens, temperature=1.0 if req.temperature is None else req.temperature,
                 top_p=1.0 if req.top_p is None else req.top_p, top_k=req.top_k or 0,
-                min_p=req.min_p or 0.0, seed=seed, stop=req.stop, ignore_eos=req.ignore_eos, logprobs=logprobs)
+                min_p=req.min_p or 0.0, seed=seed, stop=req.stop, ignore_eos=req.ignore_eos, logprobs=logprobs,
+                presence_penalty=req.presence_penalty or 0.0, frequency_penalty=req.frequency_penalty or 0.0,
+                repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
+                logit_bias=req.logit_bias)
         except ValueError as e:
             raise ApiError.from_value_error(e) from None
 
@@ -213,147 +263,11 @@ class OpenAIServer:
             raise ApiError.from_value_error(e) from None
         for ids in prep.prompt_ids:
             self.metrics.prompt_tokens.inc(len(ids))
-        run = _Run(self, prep, rid, group)
+        run = RequestRun(self, prep, rid, group)
         if prep.request.stream:
             return StreamingResponse(run.sse(), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         return await run.collect(request)
-
-
-class _Run:
-    """One admitted HTTP request: turns its group's outputs into SSE chunks or a single response body."""
-
-    def __init__(self, server: OpenAIServer, prep: Prepared, rid: str, group: RequestGroup) -> None:
-        self.server, self.prep, self.rid, self.group = server, prep, rid, group
-        stops = prep.params[0].stop
-        self.texts = [ChoiceText(server.tokenizer, prep.prompt_ids[i // prep.n], stops) for i in range(len(group.subs))]
-        self.final: list = [None] * len(group.subs)
-        self.logprobs_sent = [0] * len(group.subs)
-        self.text_offset = [0] * len(group.subs)
-        self.last_token_at = [None] * len(group.subs)
-        self.first_token = True
-        self.object = "chat.completion" if prep.kind == "chat" else "text_completion"
-
-    async def _next(self):
-        index, item = await self.group.queue.get()
-        if isinstance(item, Exception):
-            raise item
-        now = time.monotonic()
-        m = self.server.metrics
-        if item.new_token_ids:
-            if self.first_token:
-                m.ttft.observe(now - self.prep.arrival)
-                self.first_token = False
-            elif self.last_token_at[index] is not None:
-                m.itl.observe(now - self.last_token_at[index])
-            self.last_token_at[index] = now
-        if item.finished:
-            self.final[index] = item
-        return index, item
-
-    def _done(self) -> bool:
-        return all(f is not None for f in self.final)
-
-    def _choice_logprobs(self, index: int, out) -> dict | None:
-        if self.prep.logprobs is None or out.logprobs is None:
-            return None
-        entries = out.logprobs[self.logprobs_sent[index]:]
-        self.logprobs_sent[index] = len(out.logprobs)
-        fmt = self.server.logprob_format
-        if self.prep.kind == "chat":
-            return fmt.chat(entries, self.prep.logprobs)
-        body = fmt.completion(entries, self.prep.logprobs, self.text_offset[index])
-        if body["tokens"]:
-            self.text_offset[index] = body["text_offset"][-1] + len(body["tokens"][-1])
-        return body
-
-    def _usage(self) -> dict:
-        return usage([len(ids) for ids in self.prep.prompt_ids], self.final)
-
-    def _finish(self) -> None:
-        self.server.loop.abort(self.group)  # no-op for finished sub-requests
-        if self._done():
-            self.server.metrics.e2e.observe(time.monotonic() - self.prep.arrival)
-
-    # -- non-streaming ------------------------------------------------------------------------------------------
-    async def collect(self, request: Request) -> Response:
-        gone = asyncio.ensure_future(_wait_disconnect(request))
-        try:
-            while not self._done():
-                getter = asyncio.ensure_future(self._next())
-                await asyncio.wait({getter, gone}, return_when=asyncio.FIRST_COMPLETED)
-                if not getter.done():
-                    getter.cancel()
-                    return Response(status_code=499)  # client closed the connection; nobody reads this
-                index, out = getter.result()
-                self.texts[index].update(out)
-        except EngineDeadError as e:
-            raise ApiError(503, str(e)) from None
-        finally:
-            gone.cancel()
-            self._finish()
-        return JSONResponse(self._body())
-
-    def _body(self) -> dict:
-        choices = []
-        for index, out in enumerate(self.final):
-            text = self.texts[index].text
-            if self.prep.kind == "chat":
-                choice = {"index": index, "message": {"role": "assistant", "content": text},
-                          "logprobs": self._choice_logprobs(index, out), "finish_reason": out.finish_reason}
-            else:
-                if self.prep.request.echo:
-                    text = self.prep.prompt_texts[index // self.prep.n] + text
-                choice = {"index": index, "text": text, "logprobs": self._choice_logprobs(index, out),
-                          "finish_reason": out.finish_reason, "stop_reason": out.stop_reason}
-            choices.append(choice)
-        return {"id": self.rid, "object": self.object, "created": int(time.time()), "model": self.server.model_name,
-                "choices": choices, "usage": self._usage()}
-
-    # -- streaming ----------------------------------------------------------------------------------------------
-    def _chunk(self, choices: list[dict], usage_body: dict | None = None) -> str:
-        body = {"id": self.rid, "object": self.object + ("" if self.prep.kind == "completion" else ".chunk"),
-                "created": int(time.time()), "model": self.server.model_name, "choices": choices}
-        if usage_body is not None or self._wants_usage():
-            body["usage"] = usage_body
-        return f"data: {json.dumps(body)}\n\n"
-
-    def _wants_usage(self) -> bool:
-        options = self.prep.request.stream_options
-        return bool(options and options.include_usage)
-
-    async def sse(self):
-        chat = self.prep.kind == "chat"
-        try:
-            if chat:
-                yield self._chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                                    "finish_reason": None} for i in range(len(self.final))])
-            elif self.prep.request.echo:
-                yield self._chunk([{"index": i, "text": self.prep.prompt_texts[i // self.prep.n], "logprobs": None,
-                                    "finish_reason": None} for i in range(len(self.final))])
-            while not self._done():
-                index, out = await self._next()
-                delta, new_ids = self.texts[index].update(out)
-                if not (delta or new_ids or out.finished):
-                    continue
-                logprobs = self._choice_logprobs(index, out)
-                reason = out.finish_reason if out.finished else None
-                if chat:
-                    choice = {"index": index, "delta": {"content": delta} if delta else {}, "logprobs": logprobs,
-                              "finish_reason": reason}
-                else:
-                    choice = {"index": index, "text": delta, "logprobs": logprobs, "finish_reason": reason}
-                    if out.finished:
-                        choice["stop_reason"] = out.stop_reason
-                yield self._chunk([choice])
-            if self._wants_usage():
-                yield self._chunk([], self._usage())
-            yield "data: [DONE]\n\n"
-        except EngineDeadError as e:  # an error frame, then the end of the stream
-            yield f"data: {json.dumps(ApiError(503, str(e)).body())}\n\n"
-            yield "data: [DONE]\n\n"
-        finally:
-            self._finish()
 
 
 def _is_ids(prompt) -> bool:
@@ -378,11 +292,6 @@ async def _read_body(request: Request, max_bytes: int) -> bytes:
             raise ApiError(413, f"request body (> {max_bytes} bytes) exceeds server.max_request_bytes ({max_bytes})")
         chunks.append(chunk)
     return b"".join(chunks)
-
-
-async def _wait_disconnect(request: Request) -> None:
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
 
 
 def _api_error(request: Request, error: ApiError) -> JSONResponse:

@@ -11,6 +11,9 @@ class ServerConfig:
     ``moe-serve-default`` for the embedded model). ``drain_timeout_s``: on SIGTERM, in-flight requests get this
     long to finish before they are aborted. ``stall_s``: ``/health`` turns 503 when one engine step runs longer.
     ``max_expert_series``: cap on ``/metrics`` expert-load series (experts are bucketed above it).
+    ``max_sub_requests_per_request``: cap on prompts x ``n`` of one request (a 400 above it).
+    ``api_key``: when set (or, when unset, the ``MOE_SERVE_API_KEY`` environment variable), every endpoint but
+    ``/health`` and ``/metrics`` needs ``Authorization: Bearer <key>`` (401 otherwise).
     """
 
     host: str = "127.0.0.1"
@@ -22,18 +25,22 @@ class ServerConfig:
     routing_stats: bool = True
     routing_window: int = 100
     max_expert_series: int = 2048
+    max_sub_requests_per_request: int = 256
+    api_key: str | None = None
     log_level: str = "info"
 
     def __post_init__(self) -> None:
         if not isinstance(self.port, int) or not 0 <= self.port <= 65535:
             raise ValueError(f"server.port ({self.port!r}) must be an integer in [0, 65535]")
-        for name in ("max_request_bytes", "routing_window", "max_expert_series"):
+        for name in ("max_request_bytes", "routing_window", "max_expert_series", "max_sub_requests_per_request"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"server.{name} ({value!r}) must be a positive integer")
         for name in ("drain_timeout_s", "stall_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"server.{name} ({getattr(self, name)!r}) must be > 0")
+        if self.api_key is not None and (not isinstance(self.api_key, str) or not self.api_key.strip()):
+            raise ValueError("server.api_key (empty) must be a non-empty string or unset")
         levels = ("critical", "error", "warning", "info", "debug", "trace")
         if self.log_level not in levels:
             raise ValueError(f"server.log_level ({self.log_level!r}) is not one of: {', '.join(levels)}")

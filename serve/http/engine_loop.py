@@ -95,6 +95,10 @@ class EngineLoop:
             self._aborts.put(request_id)
         self._wake.set()
 
+    def busy(self) -> bool:
+        """Whether any admitted sub-request is unfinished."""
+        return bool(self._groups)
+
     def health(self) -> tuple[bool, str]:
         if self.error is not None:
             return False, f"engine loop died: {self.error!r}"

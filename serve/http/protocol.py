@@ -1,8 +1,9 @@
 """The OpenAI wire format: request bodies (pydantic, unknown fields ignored) and errors in OpenAI's schema.
 
 Every way a body can be wrong ends in :class:`ApiError` with a 4xx status and a ``param`` naming the field:
-too large (413), not JSON or JSON nested too deep (400), wrong types or out-of-range values (400; FastAPI's 422
-is mapped to 400 as OpenAI does).
+too large (413), not JSON or JSON nested too deep (400), a string holding a lone UTF-16 surrogate (``"\\ud800"``,
+legal JSON but not Unicode text; 400), wrong types or out-of-range values (400; FastAPI's 422 is mapped to 400 as
+OpenAI does). Validation is strict, as OpenAI's is: no coercion (``"3"`` is not an int, ``true`` not a number).
 """
 
 from __future__ import annotations
@@ -15,6 +16,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 Int64 = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
 MAX_N = 128
+MAX_STOPS = 4  # OpenAI's limit
+ROLES = ("system", "user", "assistant", "tool", "developer")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_UNION_TAGS = {"str", "int", "float", "bool", "list", "dict", "none", "function-after", "literal"}
 
 
 class ApiError(Exception):
@@ -26,8 +31,9 @@ class ApiError(Exception):
 
     @property
     def type(self) -> str:
-        return {400: "invalid_request_error", 404: "not_found_error", 413: "invalid_request_error",
-                429: "rate_limit_exceeded", 503: "service_unavailable"}.get(self.status, "server_error")
+        return {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+                413: "invalid_request_error", 429: "rate_limit_exceeded",
+                503: "service_unavailable"}.get(self.status, "server_error")
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.status}}
@@ -41,26 +47,37 @@ class ApiError(Exception):
         return cls(400, message, match.group(1) if match else None)
 
 
+STRICT = ConfigDict(extra="ignore", strict=True)
+Penalty = Annotated[float, Field(ge=-2, le=2, allow_inf_nan=False)]
+
+
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = STRICT
 
     include_usage: bool = False
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = STRICT
 
     model: str | None = None
-    temperature: float | None = Field(None, ge=0)
+    temperature: float | None = Field(None, ge=0, allow_inf_nan=False)
     top_p: float | None = Field(None, gt=0, le=1)
     top_k: int | None = None
     min_p: float | None = Field(None, ge=0, le=1)
     n: int = Field(1, ge=1, le=MAX_N)
-    stop: str | list[str] | None = None
+    stop: str | Annotated[list[str], Field(max_length=MAX_STOPS)] | None = None
     seed: Int64 | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False
+    user: str | None = None
+    frequency_penalty: Penalty | None = None
+    presence_penalty: Penalty | None = None
+    repetition_penalty: float | None = Field(None, gt=0, le=10, allow_inf_nan=False)
+    logit_bias: dict[str, float] | None = None
+    # not implemented yet: refused by the app (400 naming the field) rather than silently ignored
+    response_format: dict | None = None
 
 
 class CompletionRequest(_Request):
@@ -68,19 +85,21 @@ class CompletionRequest(_Request):
     max_tokens: int | None = Field(16, ge=1)
     logprobs: int | None = Field(None, ge=0, le=20)
     echo: bool = False
+    best_of: int | None = None  # refused unless it equals n (not implemented)
+    suffix: str | None = None  # refused when non-empty (insertion is not implemented)
 
 
 class TextPart(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = STRICT
 
     type: Literal["text"]
     text: str
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = STRICT
 
-    role: str
+    role: Literal[ROLES]  # type: ignore[valid-type]
     content: str | list[TextPart] | None = None
 
     def text(self) -> str:
@@ -95,6 +114,46 @@ class ChatRequest(_Request):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
+    # refused when they ask for something (tool calling is not implemented yet)
+    tools: list | None = None
+    tool_choice: str | dict | None = None
+    functions: list | None = None
+    function_call: str | dict | None = None
+
+
+def refuse_unsupported(req: _Request) -> None:
+    """400 naming a field that asks for what this server does not do yet, rather than ignoring it (a 200 that
+    silently skipped the field would be a wrong answer)."""
+    later = "is not supported yet (structured output and tool calling are planned)"
+    fmt = req.response_format
+    if fmt is not None and fmt.get("type", "text") != "text":
+        raise ApiError(400, f"response_format ({_short(fmt.get('type'))}) {later}; only {{'type': 'text'}} "
+                       "is accepted", "response_format")
+    if isinstance(req, ChatRequest):
+        for name in ("tools", "functions"):
+            if getattr(req, name):
+                raise ApiError(400, f"{name} ({len(getattr(req, name))} given): tool calling {later}", name)
+        for name in ("tool_choice", "function_call"):
+            if getattr(req, name) not in (None, "none"):
+                raise ApiError(400, f"{name} ({_short(getattr(req, name))}): tool calling {later}", name)
+    if isinstance(req, CompletionRequest):
+        if req.best_of is not None and req.best_of != req.n:
+            raise ApiError(400, f"best_of ({req.best_of}) {later.split(' (')[0]}; use n", "best_of")
+        if req.suffix:
+            raise ApiError(400, f"suffix ({_short(req.suffix)}): insertion {later.split(' (')[0]}", "suffix")
+
+
+def logit_bias_ids(bias: dict[str, float] | None, vocab_size: int) -> dict[int, float]:
+    """OpenAI's ``{"<token id>": bias}`` -> ``{id: bias}``; 400 naming a key that is not a token id."""
+    out = {}
+    for key, value in (bias or {}).items():
+        if not (key.isascii() and key.isdigit() and int(key) < vocab_size):
+            raise ApiError(400, f"logit_bias ({_short(key)}) keys must be token ids in [0, {vocab_size})",
+                           "logit_bias")
+        if value != value or value in (float("inf"), float("-inf")):
+            raise ApiError(400, f"logit_bias ({key}: {value}) values must be finite numbers", "logit_bias")
+        out[int(key)] = value
+    return out
 
 
 def parse_body(raw: bytes, model: type[BaseModel], max_bytes: int) -> BaseModel:
@@ -107,6 +166,7 @@ def parse_body(raw: bytes, model: type[BaseModel], max_bytes: int) -> BaseModel:
         raise ApiError(400, f"body is not valid JSON: {str(e)[:200]}") from None
     if not isinstance(data, dict):
         raise ApiError(400, f"body must be a JSON object, got {type(data).__name__}")
+    check_unicode(data)
     try:
         return model.model_validate(data)
     except ValidationError as e:
@@ -115,11 +175,41 @@ def parse_body(raw: bytes, model: type[BaseModel], max_bytes: int) -> BaseModel:
         raise ApiError(400, "body is nested too deeply") from None
 
 
+def check_unicode(data: dict) -> None:
+    """400 naming the first string (value or key, at any depth) that holds a lone UTF-16 surrogate: JSON can
+    escape one (``"\\ud800"``) but it is not text, and the tokenizer, the template and the response encoder
+    would all fail on it. Iterative: ``json.loads`` accepts nestings deeper than Python's recursion limit."""
+    stack: list[tuple[str, object]] = [("", data)]
+    while stack:
+        path, value = stack.pop()
+        if isinstance(value, str):
+            bad = _SURROGATE.search(value)
+            if bad:
+                field = path or "body"
+                raise ApiError(400, f"{field} ({_short(value)}) contains a lone UTF-16 surrogate "
+                               f"(U+{ord(bad.group()):04X} at {bad.start()}); send valid Unicode text",
+                               field.split(".")[0] or None)
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                name = ascii(str(key))[1:-1]  # the path goes into the error body: keep it encodable
+                child = f"{path}.{name}" if path else name
+                stack.append((child, key))
+                stack.append((child, item))
+        elif isinstance(value, list):
+            stack.extend((f"{path}.{i}", item) for i, item in enumerate(value))
+
+
+def _short(value: object) -> str:
+    text = ascii(value)  # ascii(): a surrogate or control character shows as its escape
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
 def validation_error(errors: list[dict]) -> ApiError:
     """pydantic/FastAPI errors -> one 400 naming the first bad field and the value it got."""
     first = errors[0]
-    loc = [str(part) for part in first.get("loc", ()) if part != "body"]
+    # drop "body" and the union-member tags pydantic adds ("str", "list[int]", ...): the path is the field's
+    loc = [str(part) for part in first.get("loc", ()) if part != "body" and str(part).lower() not in _UNION_TAGS
+           and re.fullmatch(r"\w+", str(part))]
     param = ".".join(loc) or None
-    value = repr(first.get("input"))
-    value = value if len(value) <= 80 else value[:77] + "..."
+    value = _short(first.get("input"))
     return ApiError(400, f"{param or 'body'} ({value}): {first.get('msg', 'invalid value')}", param)

@@ -7,9 +7,9 @@ aborted (their streams end cleanly), the engine thread stops, and ``run_server``
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import signal
+import socket
 from collections.abc import Callable
 
 import uvicorn
@@ -20,6 +20,11 @@ from serve.http.config import ServerConfig
 
 log = logging.getLogger("moe-serve")
 
+# uvicorn's wait for open connections after the drain (which already waited drain_timeout_s and aborted the
+# rest, so the streams left only have to write their last frames): drain + this must fit a supervisor's grace
+# period (Kubernetes: 30 s)
+_CLOSE_S = 5
+
 
 class _DrainingServer(uvicorn.Server):
     """uvicorn's graceful shutdown, told to the application first so it refuses new work and bounds the wait."""
@@ -29,24 +34,32 @@ class _DrainingServer(uvicorn.Server):
         self.api = api
 
     async def shutdown(self, sockets=None) -> None:
-        self.api.begin_drain(asyncio.get_running_loop())
+        await self.api.drain()  # before super(): the socket stays open, so /health answers 503 meanwhile
         await super().shutdown(sockets)
 
 
 def run_server(engine: LLMEngine, config: ServerConfig, routing_stats=None,
-               on_server: Callable[[uvicorn.Server], None] | None = None) -> None:
+               on_server: Callable[[uvicorn.Server], None] | None = None,
+               listener: socket.socket | None = None) -> None:
     """Serve ``engine`` over HTTP (``routing_stats``: a ``routing.RoutingStats`` attached to its model, for
     ``/metrics`` and ``/v1/moe/routing``); returns after a drained shutdown. ``on_server`` gets the server before
-    it starts (setting its ``should_exit`` stops it)."""
+    it starts (setting its ``should_exit`` stops it). ``listener``: a socket already bound to
+    ``config.host:config.port`` (the launcher binds it before the model loads, so a taken port fails first);
+    None: uvicorn binds it."""
     api = OpenAIServer(engine, config, routing_stats)
     uv_config = uvicorn.Config(api.app, host=config.host, port=config.port, log_level=config.log_level,
-                               timeout_graceful_shutdown=int(config.drain_timeout_s) + 5, access_log=False)
+                               timeout_graceful_shutdown=_CLOSE_S, access_log=False)
     server = _DrainingServer(uv_config, api)
     if on_server is not None:
         on_server(server)
-    log.info("serving %s on http://%s:%d/v1", api.model_name, config.host, config.port)
+    port = listener.getsockname()[1] if listener is not None else config.port
+    log.info("serving %s on http://%s:%d/v1", api.model_name, config.host, port)
     # uvicorn hands the signal it drained on back to the previous handler once it is done; the process default
     # for SIGTERM would then kill us (exit -15). A drained shutdown is a clean one: exit 0.
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: log.info("drained; exiting"))
-    server.run()
+    try:
+        server.run(sockets=[listener] if listener is not None else None)
+    finally:
+        if listener is not None:
+            listener.close()

@@ -11,7 +11,8 @@
   launcher stop the rest; ``moe-serve`` exits with the launcher's status.
 - ``launcher=submitit_local`` / ``submitit_slurm``: Hydra's submitit launcher runs the Hydra task once per
   task of one job; :func:`export_submitit_env` sets the ``torch.distributed`` variables from submitit's view
-  of the job (SLURM's variables, or the local executor's).
+  of the job (SLURM's variables, or the local executor's). A signal to the submitting ``moe-serve`` stops the
+  job (:mod:`serve.launch.submitit_stop`).
 """
 
 from __future__ import annotations
@@ -29,8 +30,10 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from serve.launch.checks import check_before_start, hostfile_hosts
 from serve.launch.ranks import PID_FILE
 from serve.launch.schema import MoEServeSchema, to_config
+from serve.launch.submitit_stop import stop_job_on_signal
 
 log = logging.getLogger("moe-serve")
 
@@ -42,13 +45,19 @@ def torchrun_command(cfg: MoEServeSchema, config_path: Path) -> list[str]:
     la = cfg.launcher
     return [sys.executable, "-m", "torch.distributed.run", f"--nnodes={la.nnodes}",
             f"--nproc-per-node={la.nproc_per_node}", f"--node-rank={la.node_rank}",
-            f"--master-addr={la.master_addr}", f"--master-port={_port(cfg)}", "--max-restarts=0", *la.extra_args,
-            "-m", "serve.launch.ranks", str(config_path)]
+            f"--master-addr={la.master_addr or '127.0.0.1'}", f"--master-port={_port(cfg)}", "--max-restarts=0",
+            *la.extra_args, "-m", "serve.launch.ranks", str(config_path)]
 
 
 def deepspeed_command(cfg: MoEServeSchema, config_path: Path) -> list[str]:
+    """DeepSpeed's runner; with a hostfile, rank 0 (the master) is on its first host unless
+    ``launcher.master_addr`` says otherwise (DeepSpeed starts rank 0 on the first host it lists)."""
     la = cfg.launcher
-    hosts = [f"--hostfile={la.hostfile}", f"--master_addr={la.master_addr}"] if la.hostfile else []
+    hosts = []
+    if la.hostfile:
+        hosts = [f"--hostfile={la.hostfile}", f"--master_addr={la.master_addr or hostfile_hosts(cfg)[0]}"]
+    elif la.master_addr:
+        hosts = [f"--master_addr={la.master_addr}"]
     return [sys.executable, "-m", "deepspeed.launcher.runner", *hosts, f"--num_nodes={la.nnodes}",
             f"--num_gpus={la.nproc_per_node}", f"--master_port={_port(cfg)}", "--no_local_rank", *la.extra_args,
             "--module", "serve.launch.ranks", str(config_path)]
@@ -119,17 +128,25 @@ def export_submitit_env() -> None:
 
 class SubmitCheck(Callback):
     """Hydra callback (``configs/config.yaml``): before a multirun submits anything (to SLURM), check the config
-    where it is typed: the values (a typo fails now, not after a wait in the queue), and that the submitit
-    launcher starts one task per rank."""
+    where it is typed: the values (a typo fails now, not after a wait in the queue), what this machine can check
+    of the job's (:func:`serve.launch.checks.check_before_start`), and that the submitit launcher starts one
+    task per rank. It also makes a signal to the submitting process stop the job
+    (:mod:`serve.launch.submitit_stop`)."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
         try:
             cfg = to_config(config)
+            listener = check_before_start(cfg)
+            if listener is not None:  # rank 0 binds it again, before it loads the model
+                listener.close()
             hl = config.hydra.launcher
             if "tasks_per_node" in hl and hl.nodes * hl.tasks_per_node != cfg.parallel.ep_size:
                 raise ValueError(f"hydra.launcher starts {hl.nodes} x {hl.tasks_per_node} tasks but parallel.ep_size "
                                  f"is {cfg.parallel.ep_size}: use launcher=submitit_slurm (or submitit_local), which "
                                  "sets tasks_per_node = gpus_per_node = launcher.nproc_per_node")
+            if cfg.launcher.kind.startswith("submitit") and "submitit_folder" in hl:  # "<sweep>/.submitit/%j"
+                stop_job_on_signal(cfg.launcher.kind, Path(str(config.hydra.sweep.dir)),
+                                   Path(str(hl.submitit_folder)).parent)
         except (ValueError, OmegaConfBaseException) as e:
             # Hydra turns a callback's exception into a warning and goes on to submit: exit instead
             print(f"moe-serve: error: {e}", file=sys.stderr)

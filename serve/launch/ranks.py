@@ -26,6 +26,7 @@ import dataclasses
 import logging
 import os
 import signal
+import socket
 import sys
 import threading
 from collections.abc import Callable
@@ -39,6 +40,7 @@ from omegaconf import OmegaConf
 from expert_parallel.token_split import shard_moe_token_split
 from moe import MoE
 from serve.engine.model_runner import ModelRunner, StepInputs
+from serve.launch.checks import bind_listener
 from serve.launch.schema import MoEServeSchema, ParallelSchema, to_config
 from serve.launch.serving import build_engine, serve
 
@@ -182,20 +184,23 @@ def run_rank(cfg: MoEServeSchema, run_dir: Path) -> None:
     engine_cfg = dataclasses.replace(cfg.engine, device=rank_device(cfg.engine.device),
                                      cuda_graphs=cfg.engine.cuda_graphs and groups.world_size == 1)
     cfg = dataclasses.replace(cfg, engine=engine_cfg)
+    # rank 0 takes the HTTP port before the model loads (moe-serve checked it, but it could have been taken since)
+    listener = bind_listener(cfg.server.host, cfg.server.port) if groups.rank == 0 else None
     engine = build_engine(cfg)  # every rank: the same weights and KV-cache pool
     shard_moe_token_split(engine.model, dispatcher=cfg.parallel.dispatcher, timeout_s=cfg.parallel.timeout_s)
     dist.monitored_barrier(groups.control, timeout=timedelta(seconds=cfg.parallel.startup_timeout_s),
                            wait_all_ranks=True)  # rank 0 names any rank that failed to start
     channel = StepChannel(groups.control)
     log.info("rank %d of %d ready: experts %s", groups.rank, groups.world_size, _local_experts(engine.model))
-    if groups.rank == 0:
-        _serve_rank0(cfg, engine, groups, channel, run_dir)
+    if listener is not None:
+        _serve_rank0(cfg, engine, groups, channel, run_dir, listener)
     else:
         _work(engine.runner, channel, groups)
     dist.destroy_process_group()
 
 
-def _serve_rank0(cfg: MoEServeSchema, engine, groups: Groups, channel: StepChannel, run_dir: Path) -> None:
+def _serve_rank0(cfg: MoEServeSchema, engine, groups: Groups, channel: StepChannel, run_dir: Path,
+                 listener: socket.socket) -> None:
     failures: list[str] = []
     server_box: list = []
 
@@ -211,7 +216,7 @@ def _serve_rank0(cfg: MoEServeSchema, engine, groups: Groups, channel: StepChann
     watcher.start()
     (run_dir / PID_FILE).write_text(str(os.getpid()))
     try:
-        serve(cfg, engine, on_server=server_box.append)
+        serve(cfg, engine, on_server=server_box.append, listener=listener)
     finally:
         (run_dir / PID_FILE).unlink(missing_ok=True)
     if failures:
@@ -261,15 +266,16 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def run_rank_or_exit(cfg: MoEServeSchema, run_dir: Path) -> None:
-    """:func:`run_rank`; when a rank was lost, say so and exit 1 at once (a broken gloo group can block the
-    interpreter's shutdown, so no clean-up is attempted)."""
+    """:func:`run_rank`; when a rank was lost (exit 1) or a setting is wrong (exit 2, e.g. the port is taken),
+    say so in one line and exit at once (a broken gloo group can block the interpreter's shutdown, so no clean-up
+    is attempted)."""
     try:
         run_rank(cfg, run_dir)
-    except RankLost as err:
+    except (RankLost, ValueError) as err:
         log.error("%s", err)
         print(f"moe-serve rank {os.environ.get('RANK', '?')}: error: {err}", file=sys.stderr, flush=True)
         logging.shutdown()
-        os._exit(1)
+        os._exit(1 if isinstance(err, RankLost) else 2)
 
 
 if __name__ == "__main__":

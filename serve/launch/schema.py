@@ -111,7 +111,8 @@ class LauncherSchema:
     ``local``: this process (``ep_size`` 1 only). ``torchrun`` / ``deepspeed``: torch's or DeepSpeed's launcher,
     started by ``moe-serve`` on this node (run it on every node with its ``node_rank`` for torchrun; DeepSpeed
     reaches the other nodes of ``hostfile`` itself). ``submitit_local`` / ``submitit_slurm``: Hydra's submitit
-    launcher (``hydra.launcher.*``), one task per rank. ``master_port``: 0 picks a free port (one node only).
+    launcher (``hydra.launcher.*``), one task per rank. ``master_addr``: rank 0's host (None: ``127.0.0.1`` for
+    torchrun, the first host of ``hostfile`` for DeepSpeed). ``master_port``: 0 picks a free port (one node only).
     ``extra_args``: passed to the launcher before the program.
     """
 
@@ -119,7 +120,7 @@ class LauncherSchema:
     nnodes: int = 1
     nproc_per_node: int = 1
     node_rank: int = 0
-    master_addr: str = "127.0.0.1"
+    master_addr: str | None = None
     master_port: int = 29500
     hostfile: str | None = None
     extra_args: list[str] = field(default_factory=list)
@@ -174,6 +175,9 @@ class MoEServeSchema:
         if la.nnodes * la.nproc_per_node != world:
             raise ValueError(f"launcher.nnodes ({la.nnodes}) x launcher.nproc_per_node ({la.nproc_per_node}) must "
                              f"equal parallel.ep_size ({world})")
+        if la.kind == "torchrun" and la.nnodes > 1 and not la.master_addr:
+            raise ValueError(f"launcher.master_addr (node 0's address) must be given when launcher.nnodes "
+                             f"({la.nnodes}) > 1 with launcher=torchrun")
 
 
 GROUPS = {"model": ModelSchema, "quant": QuantSchema, "parallel": ParallelSchema, "server": ServerConfig,

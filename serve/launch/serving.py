@@ -7,6 +7,7 @@ Used by the ``moe-serve`` entry (``launcher=local``) and by rank 0 of a multi-pr
 from __future__ import annotations
 
 import logging
+import socket
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -15,6 +16,7 @@ import uvicorn
 
 from routing.stats import RoutingStats
 from serve.engine import EngineConfig, LLMEngine
+from serve.engine.config import DEFAULT_MODEL
 from serve.http import run_server
 from serve.launch.schema import MoEServeSchema, ReportSchema
 
@@ -35,16 +37,33 @@ def build_engine(cfg: MoEServeSchema) -> LLMEngine:
 
 
 def serve(cfg: MoEServeSchema, engine: LLMEngine | None = None,
-          on_server: Callable[[uvicorn.Server], None] | None = None) -> None:
-    """Serve ``cfg`` (loading the model unless ``engine`` is given); returns after a drained shutdown."""
-    engine = build_engine(cfg) if engine is None else engine
-    stats = RoutingStats.attach(engine.model, window=cfg.server.routing_window) if cfg.server.routing_stats else None
+          on_server: Callable[[uvicorn.Server], None] | None = None, listener: socket.socket | None = None) -> None:
+    """Serve ``cfg`` (loading the model unless ``engine`` is given) on ``listener`` (a socket bound to
+    ``server.host:server.port`` before the model loaded; None: bound now); returns after a drained shutdown."""
+    try:
+        engine = build_engine(cfg) if engine is None else engine
+    except BaseException:
+        if listener is not None:
+            listener.close()
+        raise
+    stats = None
+    if cfg.server.routing_stats:
+        stats = RoutingStats.attach(engine.model, window=cfg.server.routing_window, name=served_name(cfg, engine))
     saver = _RoutingSaver(stats, cfg.report) if stats is not None and cfg.report.output_dir else None
     try:
-        run_server(engine, cfg.server, stats, on_server)
+        run_server(engine, cfg.server, stats, on_server, listener)
     finally:
         if saver is not None:
             saver.stop()
+
+
+def served_name(cfg: MoEServeSchema, engine: LLMEngine) -> str:
+    """The name clients use (``server.served_model_name``, else the checkpoint directory's), as ``/v1/models``
+    says it; the routing statistics and ``moe-report``'s titles carry it."""
+    if cfg.server.served_model_name:
+        return cfg.server.served_model_name
+    path = str(engine.config.model)
+    return "moe-serve-default" if path == str(DEFAULT_MODEL) else Path(path).name
 
 
 class _RoutingSaver:

@@ -4,6 +4,7 @@ and the torch.distributed environment they need (SLURM's sbatch script is checke
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -14,6 +15,7 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException, MissingConfigException
 from omegaconf import OmegaConf
 
+from serve.engine.config import DEFAULT_MODEL
 from serve.launch.cli import config_dir
 from serve.launch.launchers import deepspeed_command, export_submitit_env, torchrun_command
 from serve.launch.schema import GROUPS, MoEServeSchema, to_config
@@ -39,9 +41,9 @@ SURFACE = [
     "parallel.backend", "parallel.dispatcher", "parallel.ep_size", "parallel.startup_timeout_s", "parallel.timeout_s",
     "quant.scheme",
     "report.output_dir", "report.save_interval_s", "report.window",
-    "server.drain_timeout_s", "server.host", "server.log_level", "server.max_expert_series",
-    "server.max_request_bytes", "server.port", "server.routing_stats", "server.routing_window",
-    "server.served_model_name", "server.stall_s",
+    "server.api_key", "server.drain_timeout_s", "server.host", "server.log_level", "server.max_expert_series",
+    "server.max_request_bytes", "server.max_sub_requests_per_request", "server.port", "server.routing_stats",
+    "server.routing_window", "server.served_model_name", "server.stall_s",
 ]
 
 
@@ -141,7 +143,8 @@ def test_cli_prints_the_composed_config_and_refuses_a_typo(tmp_path):
     assert shown.returncode == 0, shown.stderr
     assert to_config(OmegaConf.create(shown.stdout)).parallel.ep_size == 4
     typo = run_cli("modle.path=/ckpt", f"hydra.run.dir={tmp_path}")
-    assert typo.returncode == 1 and "Key 'modle' not in 'MoEServeSchema'" in typo.stderr, typo.stderr
+    assert typo.returncode == 2 and "moe-serve: error: modle.path is not a config key: did you mean model.path?" \
+        in typo.stderr, typo.stderr
     bad = run_cli("parallel=ep2", f"hydra.run.dir={tmp_path}")
     assert bad.returncode == 2 and "moe-serve: error: parallel.ep_size (2) needs" in bad.stderr, bad.stderr
 
@@ -158,9 +161,12 @@ def fake_slurm(tmp_path) -> dict:
 
 
 def test_submitit_slurm_writes_one_task_per_gpu(tmp_path, fake_slurm):
-    sweep = tmp_path / "sweep"
+    sweep, model = tmp_path / "sweep", tmp_path / "model"  # a checkpoint whose 16 experts ep_size 16 divides
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({**json.loads((DEFAULT_MODEL / "config.json").read_text()),
+                                                   "num_experts": 16}))
     run_cli("launcher=submitit_slurm", "parallel.ep_size=16", "launcher.nnodes=2", "launcher.nproc_per_node=8",
-            "hydra.launcher.partition=gpu", f"hydra.sweep.dir={sweep}", env=fake_slurm)
+            f"model.path={model}", "hydra.launcher.partition=gpu", f"hydra.sweep.dir={sweep}", env=fake_slurm)
     [script] = (sweep / ".submitit").glob(".submission_file_*.sh")
     text = script.read_text()
     for line in ("#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=8", "#SBATCH --gpus-per-node=8",
@@ -189,17 +195,19 @@ def test_torch_distributed_environment_from_slurm(monkeypatch):
     assert 20000 <= int(os.environ["MASTER_PORT"]) <= 60000  # derived from the job id: equal on every task
 
 
-def test_launcher_commands():
+def test_launcher_commands(tmp_path):
     cfg = to_config(composed("parallel=ep8", "launcher=torchrun", "launcher.nnodes=2", "launcher.nproc_per_node=4",
                              "launcher.node_rank=1", "launcher.master_addr=node0", "launcher.master_port=29600"))
     cmd = torchrun_command(cfg, Path("/run/launch.yaml"))
     assert cmd[1:3] == ["-m", "torch.distributed.run"] and cmd[-3:] == ["-m", "serve.launch.ranks", "/run/launch.yaml"]
     for flag in ("--nnodes=2", "--nproc-per-node=4", "--node-rank=1", "--master-addr=node0", "--master-port=29600"):
         assert flag in cmd
+    hostfile = tmp_path / "hosts.ds"
+    hostfile.write_text("node0 slots=4\nnode1 slots=4\n")
     cfg = to_config(composed("parallel=ep8", "launcher=deepspeed", "launcher.nnodes=2", "launcher.nproc_per_node=4",
-                             "launcher.hostfile=/etc/hosts.ds", "launcher.master_port=29600"))
+                             f"launcher.hostfile={hostfile}", "launcher.master_port=29600"))
     cmd = deepspeed_command(cfg, Path("/run/launch.yaml"))
     assert cmd[1:3] == ["-m", "deepspeed.launcher.runner"] and cmd[-3:] == ["--module", "serve.launch.ranks",
                                                                             "/run/launch.yaml"]
-    for flag in ("--hostfile=/etc/hosts.ds", "--num_nodes=2", "--num_gpus=4", "--no_local_rank"):
+    for flag in (f"--hostfile={hostfile}", "--master_addr=node0", "--num_nodes=2", "--num_gpus=4", "--no_local_rank"):
         assert flag in cmd

@@ -74,9 +74,44 @@ def test_submitit_local_runs_two_tasks(single_process_answers, tmp_path):
     assert "rank 1 of 2 ready: experts [4, 5, 6, 7]" in logs["moe-serve_rank1.log"]
 
 
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_to_the_submitter_stops_the_submitit_job(sig, tmp_path):
+    """SIGTERM / Ctrl-C to the submitting moe-serve (not to its process group): rank 0 drains, every rank exits,
+    the submitter exits 0 (before, it exited alone and the job went on serving)."""
+    with submitit_server(tmp_path, *EP2) as (server, run_dir):
+        ranks = _task_pids(server.process.pid)
+        assert len(ranks) == 2
+        server.process.send_signal(sig)
+        assert server.process.wait(60) == 0, server.log()
+        assert not [pid for pid in ranks if _alive(pid)], server.log()
+    assert "all 2 ranks stopped" in (run_dir / "moe-serve_rank0.log").read_text()
+
+
+def test_a_signal_before_rank0_serves_cancels_the_submitit_job(tmp_path):
+    """Stopped while the ranks still load: the job is cancelled, its ranks are gone, exit 128 + SIGTERM."""
+    with submitit_server(tmp_path, *EP2, wait=False) as (server, _):
+        deadline = time.monotonic() + 60
+        while len(ranks := _task_pids(server.process.pid)) < 2:  # both ranks started, rank 0 not serving yet
+            assert time.monotonic() < deadline and server.process.poll() is None, server.log()
+            time.sleep(0.05)
+        assert not (tmp_path / "0" / "server.pid").exists()
+        server.process.send_signal(signal.SIGTERM)
+        assert server.process.wait(30) == 128 + signal.SIGTERM, server.log()
+        assert "cancelled submitit job(s)" in server.log()
+        assert not [pid for pid in ranks if _alive(pid)], server.log()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 @contextmanager
-def submitit_server(sweep_dir: Path, *overrides: str, startup_timeout: float = 180.0):
-    """``moe-serve launcher=submitit_local``: Hydra submits one 2-task job and waits for it."""
+def submitit_server(sweep_dir: Path, *overrides: str, startup_timeout: float = 180.0, wait: bool = True):
+    """``moe-serve launcher=submitit_local``: Hydra submits one 2-task job and waits for it (``wait``: until it
+    serves)."""
     port = free_port()
     log_path = os.path.join(tempfile.mkdtemp(prefix="moe-serve-submitit-"), "submit.log")
     cmd = [sys.executable, "-m", "serve.launch.cli", "launcher=submitit_local", f"server.port={port}",
@@ -86,18 +121,20 @@ def submitit_server(sweep_dir: Path, *overrides: str, startup_timeout: float = 1
         process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     server = RunningServer(f"http://127.0.0.1:{port}", process, log_path)
     try:
-        wait_healthy(server, startup_timeout, poll_s=0.5)
+        if wait:
+            wait_healthy(server, startup_timeout, poll_s=0.5)
         yield server, sweep_dir / "0"
-    finally:
-        if process.poll() is None:
+    finally:  # the job too, if it outlived the submitter (its processes stay in the submitter's group)
+        try:
             os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+        except ProcessLookupError:
+            pass
+        process.wait()
 
 
-def _rank_pid(root: int, rank: int) -> int:
-    """The pid of ``rank`` among ``root``'s descendants (from /proc: RANK in its environment)."""
+def _descendants(root: int) -> set[int]:
     children = {root}
-    for _ in range(4):  # moe-serve -> launcher -> ranks
+    for _ in range(4):  # moe-serve -> launcher (or submitit's controller) -> ranks
         for stat in Path("/proc").glob("[0-9]*/stat"):
             try:
                 pid, ppid = int(stat.parent.name), int(stat.read_text().rsplit(")", 1)[1].split()[1])
@@ -105,7 +142,25 @@ def _rank_pid(root: int, rank: int) -> int:
                 continue
             if ppid in children:
                 children.add(pid)
-    for pid in children - {root}:
+    return children - {root}
+
+
+def _task_pids(root: int) -> list[int]:
+    """The submitit tasks (ranks) under ``root``: SUBMITIT_LOCAL_GLOBALID in their environment."""
+    pids = []
+    for pid in _descendants(root):
+        try:
+            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if any(v.startswith(b"SUBMITIT_LOCAL_GLOBALID=") for v in env) and _alive(pid):
+            pids.append(pid)
+    return pids
+
+
+def _rank_pid(root: int, rank: int) -> int:
+    """The pid of ``rank`` among ``root``'s descendants (from /proc: RANK in its environment)."""
+    for pid in _descendants(root):
         try:
             env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
         except OSError:

@@ -62,9 +62,11 @@ def test_non_streaming_disconnect_aborts(server):
 
 
 def test_sigterm_drains_streams_and_exits_zero():
-    with running_server("server.routing_stats=false", "server.drain_timeout_s=1", "model.max_model_len=512") as s:
-        body = {**LONG, "max_tokens": 500, "stream": True}
-        frames = []
+    """While draining, /health and new requests answer 503; a stream cut by the drain ends with an error event
+    and [DONE] (never a 200-looking finish_reason "abort"); the process exits 0."""
+    with running_server("server.routing_stats=false", "server.drain_timeout_s=1.5", "model.max_model_len=2048") as s:
+        body = {**LONG, "max_tokens": 2000, "stream": True}
+        frames, during = [], []
         with httpx.stream("POST", s.v1 + "/completions", json=body, timeout=60) as r:
             for line in r.iter_lines():
                 if not line.startswith("data: "):
@@ -72,9 +74,16 @@ def test_sigterm_drains_streams_and_exits_zero():
                 frames.append(line)
                 if len(frames) == 2:
                     s.process.send_signal(signal.SIGTERM)
+                    time.sleep(0.3)
+                    during.append(httpx.get(s.url + "/health", timeout=5))
+                    during.append(httpx.post(s.v1 + "/completions", json={"prompt": "x"}, timeout=5))
+        assert [r.status_code for r in during] == [503, 503], [r.text for r in during]
+        assert during[0].json()["reason"] == "draining"
+        assert during[1].json()["error"]["type"] == "service_unavailable"
         assert frames[-1] == "data: [DONE]"
-        last = json.loads(frames[-2][6:])["choices"][0]
-        assert last["finish_reason"] in ("abort", "length")
+        error = json.loads(frames[-2][6:])["error"]
+        assert error["code"] == 503 and "drain_timeout_s" in error["message"], error
+        assert not any('"abort"' in f for f in frames)
         assert s.process.wait(30) == 0
         with pytest.raises(httpx.TransportError):
             httpx.get(s.url + "/health", timeout=2)

@@ -122,17 +122,27 @@ JSON_VALUES = st.recursive(
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
     max_leaves=8)
 SMALL = st.integers(-3, 40)
+# lone surrogates (sent as \\udXXX escapes: json.dumps writes them so), control characters, separators, astral
+ODD = st.sampled_from(["\ud800", "\udfff", "\udc00x", "\x00", "\x1b[2J", "\u2028", "\ufeff", "\U0001f600", "\r\n"])
+HOSTILE_TEXT = st.lists(ODD | st.text(max_size=4), max_size=5).map("".join)
 FIELDS = {
-    "model": st.sampled_from(["moe-serve-default", "other"]) | JSON_VALUES,
+    "model": st.sampled_from(["moe-serve-default", "other"]) | JSON_VALUES | HOSTILE_TEXT,
     "max_tokens": SMALL | JSON_VALUES, "temperature": st.floats(-1, 3) | JSON_VALUES,
     "top_p": st.floats(-0.5, 1.5) | JSON_VALUES, "top_k": SMALL | JSON_VALUES, "min_p": st.floats(-1, 2),
-    "n": st.integers(-1, 3) | JSON_VALUES, "stop": st.lists(st.text(max_size=4), max_size=3) | JSON_VALUES,
+    "n": st.integers(-1, 3) | JSON_VALUES, "stop": st.lists(HOSTILE_TEXT, max_size=5) | HOSTILE_TEXT | JSON_VALUES,
     "seed": st.integers(-(2**64), 2**64) | JSON_VALUES, "logprobs": st.integers(-1, 25) | JSON_VALUES,
     "stream": st.booleans() | JSON_VALUES, "echo": st.booleans(), "ignore_eos": st.booleans(),
     "stream_options": st.fixed_dictionaries({"include_usage": st.booleans()}) | JSON_VALUES,
-    "whatever": JSON_VALUES,
+    "whatever": JSON_VALUES, "user": HOSTILE_TEXT | JSON_VALUES,
+    "frequency_penalty": st.floats(-3, 3) | JSON_VALUES, "presence_penalty": st.floats(-3, 3) | JSON_VALUES,
+    "repetition_penalty": st.floats(-1, 3) | JSON_VALUES,
+    "logit_bias": st.dictionaries(HOSTILE_TEXT | st.integers(-2, 5000).map(str), st.floats(-300, 300) | JSON_VALUES,
+                                  max_size=3) | JSON_VALUES,
+    "response_format": st.fixed_dictionaries({"type": st.sampled_from(["text", "json_object"]) | HOSTILE_TEXT})
+    | JSON_VALUES,
 }
-PROMPTS = st.text(max_size=30) | st.lists(st.integers(-5, 5000), max_size=6) | JSON_VALUES
+PROMPTS = (st.text(max_size=30) | HOSTILE_TEXT | st.lists(HOSTILE_TEXT, max_size=3)
+           | st.lists(st.integers(-5, 5000), max_size=6) | JSON_VALUES)
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -149,14 +159,22 @@ def test_fuzzed_completion_bodies_never_5xx(server, prompt, extra):
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(messages=st.lists(st.fixed_dictionaries({"role": st.sampled_from(["user", "system", "assistant"]) | JSON_VALUES,
-                                                "content": st.text(max_size=20) | JSON_VALUES}), max_size=3),
+@given(messages=st.lists(st.fixed_dictionaries({
+           "role": st.sampled_from(["user", "system", "assistant", "developer", "tool", "hacker", ""]) | JSON_VALUES
+           | HOSTILE_TEXT,
+           "content": st.text(max_size=20) | HOSTILE_TEXT | JSON_VALUES
+           | st.lists(st.fixed_dictionaries({"type": st.just("text"), "text": HOSTILE_TEXT}), max_size=2)}),
+           max_size=3),
        extra=st.fixed_dictionaries({}, optional={**FIELDS, "logprobs": st.booleans() | JSON_VALUES,
                                                  "top_logprobs": st.integers(-1, 25) | JSON_VALUES,
-                                                 "max_completion_tokens": SMALL | JSON_VALUES}))
+                                                 "max_completion_tokens": SMALL | JSON_VALUES,
+                                                 "tools": st.lists(JSON_VALUES, max_size=2) | JSON_VALUES,
+                                                 "tool_choice": st.sampled_from(["none", "auto"]) | JSON_VALUES}))
 def test_fuzzed_chat_bodies_never_5xx(server, messages, extra):
     r = _post(server.v1 + "/chat/completions", {"messages": messages, **extra})
     assert r.status_code < 500, (r.status_code, r.text[:300])
+    if r.status_code != 200:
+        assert set(r.json()["error"]) == {"message", "type", "param", "code"}
 
 
 def test_idle_and_healthy_after_the_fuzzing(server):
