@@ -35,37 +35,27 @@ from serve.models.latent_cache import LatentKVCache
 from serve.models.layers import StepAttention
 from serve.models.mla import MLAStepAttention
 from serve.models.mla_attention import TorchMLAStep
+from serve.models.paged_pool import PagedPool
 
 
-class PagedKVCache:
-    """K and V for every layer: ``k[layer]``, ``v[layer]`` are ``[Hkv, NB + 1, BS, Dh]`` views of one pool.
+class PagedKVCache(PagedPool):
+    """K and V for every layer: ``k[layer]``, ``v[layer]`` are ``[Hkv, NB + 1, BS, Dh]`` views of one pool
+    ``[2, layers, Hkv, NB + 1, BS, Dh]`` (blocks, slots and the null block: :class:`PagedPool`).
 
     Head-major: gathering a batch's blocks (``index_select`` on the block dim) gives ``[Hkv, B, S, Dh]``, the
     contiguous operand of a batched matmul, with no transpose copy (~3x faster decode attention on CPU).
-    Block ``NB`` (``null_block``) belongs to no sequence: the rows that pad a step to a CUDA-graph size write
-    their K/V there (``null_slot``) and read only it.
     """
+
+    block_dim = 3
 
     def __init__(self, config: DecoderConfig, num_blocks: int, block_size: int, dtype: torch.dtype,
                  device: torch.device | str = "cpu") -> None:
-        shape = (2, config.num_layers, config.num_kv_heads, num_blocks + 1, block_size, config.head_dim)
-        self.pool = torch.zeros(shape, dtype=dtype, device=device)
+        super().__init__(config, num_blocks, block_size, dtype, device)
         self.k, self.v = self.pool[0], self.pool[1]
-        self.block_size = block_size
-        self.null_block = num_blocks
-        self.null_slot = num_blocks * block_size
 
     @staticmethod
-    def bytes_per_block(config: DecoderConfig, block_size: int, dtype: torch.dtype) -> int:
-        elem = torch.empty((), dtype=dtype).element_size()
-        return 2 * config.num_layers * block_size * config.num_kv_heads * config.head_dim * elem
-
-    def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
-        if copies:
-            # from host lists to the device, non-blocking: no sync
-            src = torch.tensor([s for s, _ in copies]).to(self.pool.device, non_blocking=True)  # host list
-            dst = torch.tensor([d for _, d in copies]).to(self.pool.device, non_blocking=True)  # host list
-            self.pool[:, :, :, dst] = self.pool[:, :, :, src]
+    def pool_shape(config: DecoderConfig, blocks: int, block_size: int) -> tuple[int, ...]:
+        return 2, config.num_layers, config.num_kv_heads, blocks, block_size, config.head_dim
 
     def write(self, layer: int, slot_mapping_T: torch.Tensor, k_THd: torch.Tensor, v_THd: torch.Tensor) -> None:
         """Store the step's K/V of ``layer`` in their slots (torch ``index_copy_``, any device)."""
@@ -167,12 +157,13 @@ class TorchAttention(AttentionBackend):
 
     name = "torch"
     uses_mask = True
+    mla_absorb_decodes = True  # False: MLA decodes expand K/V from the latents (benchmarks/mla_decode.py)
 
     def step(self, cache: PagedKVCache, metadata: AttentionMetadata) -> StepAttention:
         return _TorchStep(self, cache, metadata)
 
     def mla_step(self, cache: LatentKVCache, metadata: AttentionMetadata) -> MLAStepAttention:
-        return TorchMLAStep(cache, metadata)
+        return TorchMLAStep(cache, metadata, self.mla_absorb_decodes)
 
     def decode(self, q_BHd: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, group: DecodeGroup,
                mask_B11S: torch.Tensor) -> torch.Tensor:

@@ -101,6 +101,25 @@ def expanded_attention(q_nope_THN: torch.Tensor, q_pe_THR: torch.Tensor, latent_
     return o_HTV.transpose(0, 1)
 
 
+def expanded_decode(q_nope_BHN: torch.Tensor, q_pe_BHR: torch.Tensor, latent_BSC: torch.Tensor, w: MLAWeights,
+                    mask_B11S: torch.Tensor) -> torch.Tensor:
+    """Decode the naive way, as ``transformers`` does: K and V of every head expanded from all ``S`` gathered
+    latents of each sequence at every step (``S x H x (N + V) x L`` MACs per sequence and layer, against the
+    absorbed path's ``H x S x (C + L)``); SDPA over them. Returns ``o_BHV``. For the benchmark's comparison."""
+    B, S, _ = latent_BSC.shape
+    H, N = w.heads, w.w_uk_HNL.shape[1]
+    L = w.kv_b_weight.shape[-1]
+    dtype = q_nope_BHN.dtype
+    latent_BSC = latent_BSC.to(dtype)
+    kv_BSHX = F.linear(latent_BSC[..., :L], w.kv_b_weight.to(dtype)).view(B, S, H, -1)
+    k_pe_BSHR = latent_BSC[:, :, None, L:].expand(-1, -1, H, -1)
+    k_BHSK = torch.cat([kv_BSHX[..., :N], k_pe_BSHR], dim=-1).transpose(1, 2)
+    q_BH1K = torch.cat([q_nope_BHN, q_pe_BHR], dim=-1)[:, :, None]
+    o_BH1V = F.scaled_dot_product_attention(q_BH1K, k_BHSK, kv_BSHX[..., N:].transpose(1, 2),
+                                            attn_mask=mask_B11S.to(dtype), scale=w.scale)
+    return o_BH1V[:, :, 0]
+
+
 class MLAAttention(nn.Module):
     """DeepSeek-V3's attention with ``transformers``' parameter names (``q_a_proj``/``q_a_layernorm``/``q_b_proj``
     or ``q_proj``, ``kv_a_proj_with_mqa``, ``kv_a_layernorm``, ``kv_b_proj``, ``o_proj``)."""

@@ -11,7 +11,14 @@ from __future__ import annotations
 import torch
 
 from serve.models.latent_cache import LatentKVCache
-from serve.models.mla import MLAWeights, absorb_queries, expanded_attention, latent_attention, unabsorb_output
+from serve.models.mla import (
+    MLAWeights,
+    absorb_queries,
+    expanded_attention,
+    expanded_decode,
+    latent_attention,
+    unabsorb_output,
+)
 
 
 def gathered_latent_decode(q_lat_BHC: torch.Tensor, cache_NBC: torch.Tensor, group,
@@ -25,12 +32,13 @@ def gathered_latent_decode(q_lat_BHC: torch.Tensor, cache_NBC: torch.Tensor, gro
 
 class TorchMLAStep:
     """``MLAStepAttention`` of the torch-based backends (``metadata``: the step's ``attention.AttentionMetadata``);
-    each decode group is padded to its longest sequence and masked."""
+    each decode group is padded to its longest sequence and masked. ``absorb_decodes=False`` decodes the naive
+    way (``mla.expanded_decode``), for the benchmark's comparison."""
 
-    def __init__(self, cache: LatentKVCache, metadata) -> None:
+    def __init__(self, cache: LatentKVCache, metadata, absorb_decodes: bool = True) -> None:
         if not isinstance(cache, LatentKVCache):
             raise TypeError(f"an MLA step needs a LatentKVCache, got {type(cache).__name__}")
-        self.cache, self.metadata = cache, metadata
+        self.cache, self.metadata, self.absorb_decodes = cache, metadata, absorb_decodes
         self.masks: dict[int, torch.Tensor] = {}  # per decode group, built in the first layer
 
     def _decode(self, i: int, q_nope_BHN: torch.Tensor, q_pe_BHR: torch.Tensor, cache_NBC: torch.Tensor,
@@ -38,6 +46,10 @@ class TorchMLAStep:
         group = self.metadata.decodes[i]
         if i not in self.masks:
             self.masks[i] = group.mask_B11S()
+        if not self.absorb_decodes:
+            latent_BSC = cache_NBC.index_select(0, group.tables_BM.view(-1)).view(group.tables_BM.shape[0], -1,
+                                                                                   cache_NBC.shape[-1])
+            return expanded_decode(q_nope_BHN, q_pe_BHR, latent_BSC, w, self.masks[i])
         q_lat_BHC = absorb_queries(q_nope_BHN, q_pe_BHR, w)
         L = w.kv_b_weight.shape[-1]
         o_lat_BHL = gathered_latent_decode(q_lat_BHC, cache_NBC, group, self.masks[i], L, w.scale)
