@@ -4,6 +4,7 @@ server, and the HTTP tests' (tests may import benchmarks; benchmarks never impor
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -14,6 +15,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import httpx
+
+_LABEL = re.compile(r'\w+="(?:[^"\\]|\\.)*"')
 
 
 def free_port() -> int:
@@ -37,20 +40,24 @@ class RunningServer:
             return f.read()
 
     def metric(self, name: str, labels: str = "") -> float:
-        """One sample of ``/metrics`` (``labels`` like ``'finish_reason="abort"'``); 0 when absent."""
+        """The sum of the ``/metrics`` samples called ``name`` whose labels include ``labels`` (like
+        ``'finished_reason="abort"'``; any others, ``model_name`` say, may differ); 0 when there is none."""
         text = httpx.get(self.url + "/metrics", timeout=10).text
-        key = f"{name}{{{labels}}}" if labels else name
+        wanted = set(_LABEL.findall(labels))
+        total = 0.0
         for line in text.splitlines():
-            if line.startswith(key + " "):
-                return float(line.split()[-1])
-        return 0.0
+            sample, _, value = line.rpartition(" ")
+            sample_name, _, sample_labels = sample.partition("{")
+            if sample_name == name and wanted <= set(_LABEL.findall(sample_labels)):
+                total += float(value)
+        return total
 
     def wait_idle(self, timeout: float = 20.0) -> None:
         """Until no request runs or waits and every KV block is free (the leak check)."""
         deadline = time.monotonic() + timeout
         while True:
-            running = self.metric("moe_serve_num_requests_running")
-            waiting = self.metric("moe_serve_num_requests_waiting")
+            running = self.metric("vllm:num_requests_running")
+            waiting = self.metric("vllm:num_requests_waiting")
             free, total = self.metric("moe_serve_kv_cache_free_blocks"), self.metric("moe_serve_kv_cache_blocks")
             if running == 0 and waiting == 0 and free == total:
                 return

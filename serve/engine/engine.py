@@ -6,20 +6,23 @@ paged KV cache -> sample -> append tokens, check stops, retire finished sequence
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import time
 from dataclasses import dataclass, fields
 
+from moe.kernels.cpu_gemm import block_gemm_available, skinny_gemm_available
 from serve.engine.block_manager import BlockManager
 from serve.engine.config import EngineConfig
 from serve.engine.device import kv_cache_blocks, resolve_device
 from serve.engine.model_runner import ModelRunner
-from serve.engine.outputs import RequestOutput
+from serve.engine.outputs import RequestOutput, RequestTimes
 from serve.engine.sampler import Sampler
 from serve.engine.sampling_params import SamplingParams
 from serve.engine.scheduler import Scheduler
 from serve.engine.sequence import Sequence
 from serve.engine.stopping import StopChecker
+from serve.engine.structured import GrammarCompiler
 from serve.engine.tokenizer import Tokenizer
 from serve.models.attention import kv_cache_class
 from serve.models.loader import load_model
@@ -76,16 +79,23 @@ class LLMEngine:
         self.runner.capture_graphs()
         self.sampler = Sampler(config.seed, self.device)
         self.stops = StopChecker(self.tokenizer, mc.eos_token_ids, self.max_model_len)
+        # json_schema grammars, cached by schema; the server compiles through it before admitting a request
+        self.grammars = GrammarCompiler(self.tokenizer, mc.vocab_size, self.stops.eos_token_ids) \
+            if self.tokenizer is not None else None
         self.requests: dict[str, Sequence] = {}
         self.stats = StepStats()
         self._arrivals = itertools.count()
 
     # -- requests -----------------------------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None,
-                    prefix_source: str | None = None) -> None:
+                    prefix_source: str | None = None, arrival_time: float | None = None,
+                    client: str | None = None) -> None:
         """Queue a request. ``prefix_source``: the id of a queued or running request with the same prompt (another
         choice of an ``n > 1`` request); this one then starts after it has computed the prompt and reuses its
-        KV blocks through the prefix cache, so the prompt is computed once."""
+        KV blocks through the prefix cache, so the prompt is computed once. ``arrival_time``: when the caller
+        received it (``time.monotonic()``; default now), the start of its time to first token. ``client``: shared
+        by the requests of one client (the sub-requests of one HTTP request), which then share the batch fairly
+        with other clients (:mod:`serve.engine.fair_share`); None: a client of its own."""
         params = SamplingParams() if params is None else params
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params ({type(params).__name__}) must be a serve.SamplingParams")
@@ -101,10 +111,23 @@ class LLMEngine:
             if source is None or source.prompt_token_ids != ids:
                 raise ValueError(f"prefix_source ({prefix_source!r}) is not a queued or running request "
                                  "with the same prompt")
-        seq = Sequence(request_id, ids, params, next(self._arrivals), prefix_source=source)
+        now = time.monotonic()
+        times = RequestTimes(now if arrival_time is None else arrival_time, now)
+        matcher = self._matcher(params)
+        seq = Sequence(request_id, ids, params, next(self._arrivals), prefix_source=source, times=times,
+                       client=client)
+        seq.matcher = matcher
         self.stops.start(seq)
         self.scheduler.add(seq)
         self.requests[request_id] = seq
+
+    def _matcher(self, params: SamplingParams):
+        """The grammar state of a ``json_schema`` request (a copy of the cached compiled schema), else None."""
+        if params.json_schema is None:
+            return None
+        if self.grammars is None:
+            raise ValueError("json_schema needs a tokenizer; this model has none")
+        return self.grammars.matcher(params.json_schema)
 
     def _prompt_ids(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):
@@ -134,6 +157,25 @@ class LLMEngine:
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
+
+    def warm_up(self) -> float:
+        """One small request (a 64-token prefill, two decodes) before serving, so that no client pays first-use
+        costs: the C kernels are built (a machine's first use compiles them, seconds) and loaded, torch's first
+        calls made (a cold first request waited 3.9 s against 67 ms steady). The prefix cache is off meanwhile
+        (nothing of it stays cached) and the step statistics are reset. Seconds taken."""
+        start = time.perf_counter()
+        if self.device.type == "cpu":  # the MoE GEMM libraries; a decode step builds the attention one
+            skinny_gemm_available(), block_gemm_available()
+        caching, self.blocks.enable_prefix_caching = self.blocks.enable_prefix_caching, False
+        try:
+            prompt = [0] * max(1, min(64, self.max_model_len - 3))
+            self.add_request("warm-up", prompt, SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True))
+            while "warm-up" in self.requests:
+                self.step()
+        finally:
+            self.blocks.enable_prefix_caching = caching
+        self.stats = StepStats()
+        return time.perf_counter() - start
 
     # -- the loop -----------------------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
@@ -165,9 +207,11 @@ class LLMEngine:
             seq.num_computed += n
             self.blocks.register_full_blocks(seq)
         outputs = []
+        now = time.monotonic()  # one timestamp for the tokens of this step (after the sampler's host sync)
         for j, i in enumerate(sampled):
             seq, token = seqs[i], result.token_ids[j]
             seq.token_ids.append(token)
+            seq.times.on_token(now)
             if result.logprobs[j] is not None:
                 seq.logprobs.append(result.logprobs[j])
             self.stats.output_tokens += 1
@@ -186,6 +230,7 @@ class LLMEngine:
             finish_reason=seq.finish_reason, stop_reason=seq.stop_reason,
             logprobs=list(seq.logprobs) if seq.params.logprobs is not None else None,
             num_cached_tokens=max(seq.num_cached_tokens, 0), new_token_ids=new,
+            times=dataclasses.replace(seq.times), num_preemptions=seq.num_preemptions,
         )
 
 

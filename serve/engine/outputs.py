@@ -2,7 +2,33 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
+
+
+@dataclass
+class RequestTimes:
+    """When one request passed each point of its life, in ``time.monotonic()`` seconds (vLLM's request stats).
+
+    ``arrival``: the caller received it (the server passes when its HTTP request was parsed and tokenized);
+    ``queued``: ``add_request``; ``scheduled``: first scheduled (a preemption does not move it); ``first_token`` /
+    ``last_token``: the steps that produced them; ``prev_token``: the step before ``last_token``'s, None until there
+    are two. Queue time is ``scheduled - queued``, prefill ``first_token - scheduled``, decode ``last_token -
+    first_token``, the last inter-token latency ``last_token - prev_token``. Taken on the host between steps, never
+    inside the forward pass.
+    """
+
+    arrival: float = field(default_factory=time.monotonic)
+    queued: float = field(default_factory=time.monotonic)
+    scheduled: float | None = None
+    first_token: float | None = None
+    last_token: float | None = None
+    prev_token: float | None = None
+
+    def on_token(self, now: float) -> None:
+        if self.first_token is None:
+            self.first_token = now
+        self.prev_token, self.last_token = self.last_token, now
 
 
 @dataclass
@@ -15,6 +41,8 @@ class RequestOutput:
     ``"stop"`` (EOS, stop token or stop string: ``stop_reason`` says which), ``"length"`` (``max_tokens`` or
     the context limit) or ``"abort"``. ``logprobs[i]`` maps token id -> log-probability for output token ``i``
     (the chosen token first) when requested. ``num_cached_tokens``: prompt tokens served from the prefix cache.
+    ``times``: a copy of the request's :class:`RequestTimes` as of this output; ``num_preemptions``: how often it
+    was preempted so far.
     """
 
     request_id: str
@@ -27,3 +55,5 @@ class RequestOutput:
     logprobs: list[dict[int, float]] | None = None
     num_cached_tokens: int = 0
     new_token_ids: list[int] = field(default_factory=list)  # produced by the step that returned this
+    times: RequestTimes = field(default_factory=RequestTimes)
+    num_preemptions: int = 0

@@ -5,7 +5,9 @@ vocabulary. Logits are adjusted first (``logit_bias``, then repetition, frequenc
 over the batch: token counts by one ``scatter_add`` over padded id rows), then filters apply in the order
 temperature -> top-k -> top-p -> min-p. Random draws use the exponential-race form of categorical sampling
 (``argmax(p / q)``, ``q ~ Exp(1)``) so that a seeded request draws from its own generator, one row at a time,
-and gets the same tokens whatever else shares its batch.
+and gets the same tokens whatever else shares its batch. Sequences with a ``json_schema`` have the tokens their
+grammar forbids masked out (before everything else, in one batched op: ``serve.engine.structured``) and their
+grammar advanced with the drawn token; the others cost nothing extra.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import torch
 
 from serve.engine.sampling_params import SamplingParams
 from serve.engine.sequence import Sequence
+from serve.engine.structured import GrammarMasker, advance
 
 
 @dataclass
@@ -34,6 +37,7 @@ class Sampler:
     def __init__(self, seed: int = 0, device: torch.device | str = "cpu") -> None:
         self.device = torch.device(device)
         self.generator = torch.Generator(self.device).manual_seed(seed)
+        self.masker: GrammarMasker | None = None  # made on the first constrained step
 
     def _generator(self, seq: Sequence) -> torch.Generator:
         if seq.params.seed is None:
@@ -45,6 +49,10 @@ class Sampler:
     def __call__(self, logits_BV: torch.Tensor, seqs: list[Sequence]) -> SampleResult:
         params = [s.params for s in seqs]
         raw_BV = logits_BV.float()
+        constrained = [i for i, s in enumerate(seqs) if s.matcher is not None]
+        if constrained:  # logprobs then come from the allowed tokens' distribution, as vLLM's do
+            self.masker = self.masker or GrammarMasker()
+            raw_BV = self.masker(raw_BV, constrained, [seqs[i].matcher for i in constrained])
         logits_BV = adjusted_logits(raw_BV, seqs)
         tokens_B = logits_BV.argmax(dim=-1)
         sampled = [i for i, p in enumerate(params) if not p.greedy]
@@ -56,6 +64,8 @@ class Sampler:
                 q_RV[r].exponential_(generator=self._generator(seqs[i]))
             tokens_B[rows] = race(probs_RV, q_RV)
         token_ids = tokens_B.tolist()  # NOTE: host sync: stop checks and outputs need the tokens on the host
+        if constrained:
+            advance([seqs[i].matcher for i in constrained], [token_ids[i] for i in constrained])
         return SampleResult(token_ids, _logprobs(raw_BV, tokens_B, params))
 
 

@@ -22,6 +22,8 @@ class SamplingParams:
     EOS token (unless ``ignore_eos``), any of ``stop_token_ids``, or any string in ``stop`` (cut from the text
     unless ``include_stop_str_in_output``). ``logprobs=n`` returns the chosen token's log-probability and the
     ``n`` most likely tokens' (from the model's distribution before temperature and filters).
+    ``json_schema`` constrains the output to compact JSON text valid against that schema (``{"type": "object"}``:
+    any JSON object); the request then finishes when the JSON is complete (EOS is allowed only then).
     """
 
     max_tokens: int = 16
@@ -39,6 +41,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
     logit_bias: dict[int, float] = field(default_factory=dict)
+    json_schema: dict | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -79,6 +82,8 @@ class SamplingParams:
         if any(not (isinstance(v, (int, float)) and math.isfinite(v)) for v in bias.values()):
             raise ValueError(f"logit_bias ({bias!r}) values must be finite numbers")
         self.logit_bias = {t: max(-LOGIT_BIAS_LIMIT, min(LOGIT_BIAS_LIMIT, float(v))) for t, v in bias.items()}
+        if self.json_schema is not None and not isinstance(self.json_schema, dict):
+            raise ValueError(f"json_schema ({self.json_schema!r}) must be a dict (a JSON schema) or None")
 
     @property
     def greedy(self) -> bool:

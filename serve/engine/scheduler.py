@@ -1,18 +1,22 @@
 """``Scheduler``: continuous (iteration-level) batching with chunked prefill and preemption by recompute.
 
 Each step spends a budget of ``max_num_batched_tokens``: first one token for every running sequence that is
-decoding, then the rest of running sequences' prompts, then new sequences from the queue (oldest first), their
-prompts cut into chunks that fit the budget. A sequence whose next tokens find no free KV block preempts the
-newest running sequence: its blocks go back to the pool and it re-queues at the front to be recomputed (its
-blocks usually come straight back from the prefix cache). Sequences that share a prompt with a ``prefix_source``
-(the other choices of an ``n > 1`` request) stay queued until the source has computed it.
+decoding, then the rest of running sequences' prompts, then new sequences from the queue (oldest first,
+round-robin between clients: :mod:`serve.engine.fair_share`), their prompts cut into chunks that fit the budget.
+A sequence whose next tokens find no free KV block preempts the newest running sequence: its blocks go back to
+the pool and it re-queues at the front to be recomputed (its blocks usually come straight back from the prefix
+cache); so does the newest of a client holding far more of a full batch than a waiting one. Sequences that share
+a prompt with a ``prefix_source`` (the other choices of an ``n > 1`` request) stay queued until the source has
+computed it.
 """
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
+from serve.engine import fair_share
 from serve.engine.block_manager import BlockManager
 from serve.engine.config import EngineConfig
 from serve.engine.sequence import Sequence, SequenceStatus
@@ -61,8 +65,11 @@ class Scheduler:
 
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
+        for seq in fair_share.victims(self.waiting, self.running, self.config.max_num_seqs, _awaits_prefix_source):
+            self._preempt(seq, out)  # a seat for a client that runs far fewer sequences than this one's
+        fair = len(out.preempted)
         budget = self._schedule_running(out, self.config.max_num_batched_tokens)
-        if not out.preempted:
+        if len(out.preempted) == fair:  # nothing preempted for want of KV blocks: admit from the queue
             self._schedule_waiting(out, budget)
         return out
 
@@ -87,7 +94,7 @@ class Scheduler:
         return budget
 
     def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> None:
-        for seq in list(self.waiting):
+        for seq in fair_share.admission_order(self.waiting, self.running):
             if budget <= 0 or len(self.running) >= self.config.max_num_seqs:
                 break
             if _awaits_prefix_source(seq):
@@ -105,6 +112,8 @@ class Scheduler:
             if not self.blocks.ensure_slots(seq, n):  # can_admit counted these blocks
                 raise AssertionError(f"sequence {seq.request_id}: admitted without room for {n} tokens")
             seq.status = SequenceStatus.RUNNING
+            if seq.times.scheduled is None:  # first admission; a preempted sequence keeps its first
+                seq.times.scheduled = time.monotonic()
             self.running.append(seq)
             out.seqs.append(seq)
             out.num_new_tokens.append(n)

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from serve.engine.outputs import RequestTimes
 from serve.engine.sampling_params import SamplingParams
 
 
@@ -39,6 +40,9 @@ class Sequence:
     text: str = ""  # detokenized output so far (kept up to date only where stop strings need it)
     detok_state: object = None
     prefix_source: Sequence | None = None  # same prompt, computed first; this one reuses its cached blocks
+    client: str | None = None  # the sub-requests of one HTTP request share one; fair shares (engine.fair_share)
+    matcher: object = None  # params.json_schema's llguidance matcher, advanced with each token (engine.structured)
+    times: RequestTimes = field(default_factory=RequestTimes)  # arrival, first scheduled, tokens (metrics)
 
     def __post_init__(self) -> None:
         if not self.token_ids:

@@ -1,5 +1,6 @@
 """The OpenAI-compatible HTTP API (FastAPI): ``/v1/models``, ``/v1/completions``, ``/v1/chat/completions``,
-``/health``, ``/metrics`` and ``/v1/moe/routing``.
+``/health``, ``/metrics`` (vLLM's metric names), ``/v1/moe/routing``, and vLLM's ``/tokenize``, ``/detokenize`` and
+``/version`` (:mod:`serve.http.tokenize_routes`).
 
 A request goes: body -> :mod:`serve.http.protocol` (4xx on anything malformed) -> prompts tokenized (in a worker
 thread) and checked against the context -> one engine sub-request per prompt and choice (``n``), admitted
@@ -22,6 +23,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
@@ -29,6 +31,7 @@ from serve.engine import LLMEngine
 from serve.engine.sampling_params import SamplingParams
 from serve.engine.scheduler import QueueFullError
 from serve.http.config import ServerConfig
+from serve.http.connections import RequestGuard
 from serve.http.engine_loop import EngineDeadError, EngineLoop, SubRequest
 from serve.http.metrics import ServerMetrics
 from serve.http.openai_format import LogprobFormatter
@@ -38,10 +41,13 @@ from serve.http.protocol import (
     CompletionRequest,
     logit_bias_ids,
     parse_body,
+    read_body,
     refuse_unsupported,
+    response_schema,
     validation_error,
 )
 from serve.http.request_run import Prepared, RequestRun
+from serve.http.tokenize_routes import TokenizeRoutes
 
 log = logging.getLogger("moe-serve")
 API_KEY_ENV = "MOE_SERVE_API_KEY"
@@ -54,7 +60,7 @@ class OpenAIServer:
         self.engine, self.config, self.routing_stats = engine, config, routing_stats
         self.tokenizer = engine.tokenizer
         self.model_name = config.served_model_name or _default_name(engine.config.model)
-        self.metrics = ServerMetrics(self.model_name, routing_stats, config.max_expert_series)
+        self.metrics = ServerMetrics(self.model_name, engine.max_model_len, routing_stats, config.max_expert_series)
         self.loop = EngineLoop(engine, self._on_step, config.stall_s)
         self.logprob_format = LogprobFormatter(self.tokenizer)
         self.draining = False
@@ -102,6 +108,12 @@ class OpenAIServer:
         app.get("/v1/moe/routing")(self.routing)
         app.post("/v1/completions")(self.completions)
         app.post("/v1/chat/completions")(self.chat_completions)
+        TokenizeRoutes(self).register(app)  # /tokenize, /detokenize, /version
+        cfg = self.config
+        if cfg.cors_allowed_origins:
+            app.add_middleware(CORSMiddleware, allow_origins=cfg.cors_allowed_origins, allow_methods=["GET", "POST"],
+                               allow_headers=["Authorization", "Content-Type"])
+        app.add_middleware(RequestGuard, allowed_origins=cfg.cors_allowed_origins, body_timeout_s=cfg.body_timeout_s)
         return app
 
     # -- small endpoints ----------------------------------------------------------------------------------------
@@ -138,24 +150,24 @@ class OpenAIServer:
     # -- generation ---------------------------------------------------------------------------------------------
     async def completions(self, request: Request) -> Response:
         self._auth(request)
-        req = parse_body(await _read_body(request, self.config.max_request_bytes), CompletionRequest,
-                         self.config.max_request_bytes)
+        req = await self._parse(request, CompletionRequest)
         self._check(req)
+        await self._compile_schema(req)
         if req.echo and req.logprobs is not None:
             raise ApiError(400, "echo with logprobs (prompt logprobs) is not supported", "echo")
         texts_or_ids = [req.prompt] if isinstance(req.prompt, str) or _is_ids(req.prompt) else req.prompt
         if not texts_or_ids:
             raise ApiError(400, "prompt ([]) must not be empty", "prompt")
         self._check_fan_out(len(texts_or_ids), req.n)
-        prompts = [await self._tokenize(p) for p in texts_or_ids]
+        prompts = [await self._tokenize(p, req.split_special_tokens) for p in texts_or_ids]
         prep = self._prepare("completion", req, prompts, req.max_tokens, req.logprobs)
         return await self._respond(prep, request)
 
     async def chat_completions(self, request: Request) -> Response:
         self._auth(request)
-        req = parse_body(await _read_body(request, self.config.max_request_bytes), ChatRequest,
-                         self.config.max_request_bytes)
+        req = await self._parse(request, ChatRequest)
         self._check(req)
+        await self._compile_schema(req)
         self._check_fan_out(1, req.n)
         if req.top_logprobs is not None and not req.logprobs:
             raise ApiError(400, f"top_logprobs ({req.top_logprobs}) requires logprobs=true", "top_logprobs")
@@ -164,19 +176,43 @@ class OpenAIServer:
         messages = [{"role": m.role, "content": m.text()} for m in req.messages]
         self._check_length(sum(len(m["content"]) for m in messages), "messages")
         try:
-            ids = await asyncio.to_thread(self.tokenizer.encode_chat, messages)
+            ids = await asyncio.to_thread(self.tokenizer.encode_chat, messages,
+                                          split_special_tokens=req.split_special_tokens)
         except Exception as e:  # a template may raise anything (jinja's raise_exception, bad roles, ...)
             raise ApiError(400, f"messages: the chat template rejected them: {e}", "messages") from None
         max_tokens = req.max_completion_tokens or req.max_tokens
         prep = self._prepare("chat", req, [(ids, "")], max_tokens, (req.top_logprobs or 0) if req.logprobs else None)
         return await self._respond(prep, request)
 
+    async def _parse(self, request: Request, model):
+        """The validated body; lists longer than any valid request holds are refused before validation."""
+        limit = self.config.max_request_bytes
+        return parse_body(await read_body(request, limit), model, limit,
+                          max(self.engine.max_model_len, self.config.max_sub_requests_per_request),
+                          self.engine.model.config.vocab_size)
+
     def _check(self, req: CompletionRequest | ChatRequest) -> None:
-        if req.model is not None and req.model != self.model_name:
-            raise ApiError(404, f"model ({req.model!r}) does not exist; this server serves {self.model_name!r}",
-                           "model")
+        self._check_model(req.model)
         refuse_unsupported(req)
         req.logit_bias = logit_bias_ids(req.logit_bias, self.engine.model.config.vocab_size)
+
+    async def _compile_schema(self, req: CompletionRequest | ChatRequest) -> None:
+        """Compile ``response_format``'s schema in a worker thread, off the engine's step (``add_request`` then
+        copies it from the engine's cache); 400 naming ``response_format`` when it is not a valid schema."""
+        schema = response_schema(req.response_format)
+        if schema is None:
+            return
+        if self.engine.grammars is None:
+            raise ApiError(400, "response_format: this model has no tokenizer to constrain its output with",
+                           "response_format")
+        try:
+            await asyncio.to_thread(self.engine.grammars.compile, schema)
+        except ValueError as e:
+            raise ApiError(400, f"response_format: {e}", "response_format") from None
+
+    def _check_model(self, model: str | None) -> None:
+        if model is not None and model != self.model_name:
+            raise ApiError(404, f"model ({model!r}) does not exist; this server serves {self.model_name!r}", "model")
 
     def _check_fan_out(self, num_prompts: int, n: int) -> None:
         """A request whose prompts x ``n`` sub-requests could never be admitted is a 400, not a 429 to retry."""
@@ -197,14 +233,15 @@ class OpenAIServer:
             raise ApiError(400, f"{param} has {chars} characters, so at least {at_least} tokens; the context "
                            f"(max_model_len) is {limit} tokens", param)
 
-    async def _tokenize(self, prompt: str | list[int]) -> tuple[list[int], str]:
+    async def _tokenize(self, prompt: str | list[int], split_special_tokens: bool) -> tuple[list[int], str]:
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise ApiError(400, "prompt (str): this model has no tokenizer; send token ids", "prompt")
             if not prompt:
                 raise ApiError(400, "prompt ('') must not be empty", "prompt")
             self._check_length(len(prompt), "prompt")
-            return await asyncio.to_thread(self.tokenizer.encode, prompt), prompt
+            return await asyncio.to_thread(self.tokenizer.encode, prompt,
+                                           split_special_tokens=split_special_tokens), prompt
         if not prompt:
             raise ApiError(400, "prompt ([]) must not be empty", "prompt")
         vocab = self.engine.model.config.vocab_size
@@ -241,7 +278,7 @@ class OpenAIServer:
                 min_p=req.min_p or 0.0, seed=seed, stop=req.stop, ignore_eos=req.ignore_eos, logprobs=logprobs,
                 presence_penalty=req.presence_penalty or 0.0, frequency_penalty=req.frequency_penalty or 0.0,
                 repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
-                logit_bias=req.logit_bias)
+                logit_bias=req.logit_bias, json_schema=response_schema(req.response_format))
         except ValueError as e:
             raise ApiError.from_value_error(e) from None
 
@@ -251,18 +288,16 @@ class OpenAIServer:
         rid = ("chatcmpl-" if prep.kind == "chat" else "cmpl-") + uuid.uuid4().hex
         # choice j > 0 of a prompt waits for choice 0 to compute the prompt, then shares its blocks
         subs = [SubRequest(f"{rid}-{i}", prep.prompt_ids[i // prep.n], p, f"{rid}-{i - i % prep.n}" if i % prep.n
-                           else None) for i, p in enumerate(prep.params)]
+                           else None, prep.arrival) for i, p in enumerate(prep.params)]
         try:
             group = await self.loop.submit(subs)
         except QueueFullError as e:
-            self.metrics.rejected.labels("429").inc()
+            self.metrics.rejections["max_num_queued_reqs"].inc()
             raise ApiError(429, f"the server is busy: {e}", headers={"Retry-After": "1"}) from None
         except EngineDeadError as e:
             raise ApiError(503, str(e), headers={"Retry-After": "5"}) from None
         except ValueError as e:
             raise ApiError.from_value_error(e) from None
-        for ids in prep.prompt_ids:
-            self.metrics.prompt_tokens.inc(len(ids))
         run = RequestRun(self, prep, rid, group)
         if prep.request.stream:
             return StreamingResponse(run.sse(), media_type="text/event-stream",
@@ -278,20 +313,6 @@ def _default_name(model_path: str) -> str:
     from serve.engine.config import DEFAULT_MODEL
 
     return "moe-serve-default" if str(model_path) == str(DEFAULT_MODEL) else model_path.rstrip("/").split("/")[-1]
-
-
-async def _read_body(request: Request, max_bytes: int) -> bytes:
-    """The body, refusing (413) before reading more than ``max_bytes``."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
-        raise ApiError(413, f"request body ({declared} bytes) exceeds server.max_request_bytes ({max_bytes})")
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > max_bytes:
-            raise ApiError(413, f"request body (> {max_bytes} bytes) exceeds server.max_request_bytes ({max_bytes})")
-        chunks.append(chunk)
-    return b"".join(chunks)
 
 
 def _api_error(request: Request, error: ApiError) -> JSONResponse:

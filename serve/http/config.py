@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass
@@ -14,13 +14,23 @@ class ServerConfig:
     ``max_sub_requests_per_request``: cap on prompts x ``n`` of one request (a 400 above it).
     ``api_key``: when set (or, when unset, the ``MOE_SERVE_API_KEY`` environment variable), every endpoint but
     ``/health`` and ``/metrics`` needs ``Authorization: Bearer <key>`` (401 otherwise).
+    ``drain_timeout_s`` (20) plus uvicorn's 5 s for the last frames fits Kubernetes' default 30 s grace period.
+    ``header_timeout_s`` / ``body_timeout_s``: a request's headers must arrive this long after its first byte, its
+    body this long after its headers (else a 408 and the connection is closed: :mod:`serve.http.connections`).
+    ``limit_concurrency``: connections plus running requests above it get uvicorn's plain 503 (None: no bound).
+    ``cors_allowed_origins``: browser origins (``https://app.example``, or ``*``) given CORS headers; a request
+    whose ``Origin`` is neither one of them nor the server's own is a 403 (empty: no CORS, browsers same-origin).
     """
 
     host: str = "127.0.0.1"
     port: int = 8000
     served_model_name: str | None = None
     max_request_bytes: int = 16 * 2**20
-    drain_timeout_s: float = 30.0
+    drain_timeout_s: float = 20.0
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 30.0
+    limit_concurrency: int | None = 1024
+    cors_allowed_origins: list[str] = field(default_factory=list)
     stall_s: float = 120.0
     routing_stats: bool = True
     routing_window: int = 100
@@ -36,9 +46,17 @@ class ServerConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"server.{name} ({value!r}) must be a positive integer")
-        for name in ("drain_timeout_s", "stall_s"):
+        for name in ("drain_timeout_s", "stall_s", "header_timeout_s", "body_timeout_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"server.{name} ({getattr(self, name)!r}) must be > 0")
+        if self.limit_concurrency is not None and (not isinstance(self.limit_concurrency, int)
+                                                   or self.limit_concurrency < 1):
+            raise ValueError(f"server.limit_concurrency ({self.limit_concurrency!r}) must be a positive integer or "
+                             "None")
+        for origin in self.cors_allowed_origins:
+            if origin != "*" and not (isinstance(origin, str) and origin.startswith(("http://", "https://"))):
+                raise ValueError(f"server.cors_allowed_origins ({origin!r}) must be '*' or start with http:// or "
+                                 "https:// (an origin: scheme://host[:port])")
         if self.api_key is not None and (not isinstance(self.api_key, str) or not self.api_key.strip()):
             raise ValueError("server.api_key (empty) must be a non-empty string or unset")
         levels = ("critical", "error", "warning", "info", "debug", "trace")

@@ -33,6 +33,7 @@ class SubRequest:
     prompt_ids: list[int]
     params: SamplingParams
     prefix_source: str | None = None  # an earlier sub-request with the same prompt (see LLMEngine.add_request)
+    arrival: float | None = None  # time.monotonic() when the HTTP request was ready to submit (TTFT starts there)
 
 
 class RequestGroup:
@@ -43,6 +44,7 @@ class RequestGroup:
         self.subs = subs
         self.queue: asyncio.Queue = asyncio.Queue()
         self.unfinished = {s.request_id: i for i, s in enumerate(subs)}
+        self.client = subs[0].request_id if subs else None  # the engine shares its batch fairly between groups
         self._loop = loop
 
     def push(self, index: int, item: RequestOutput | Exception) -> None:
@@ -123,7 +125,8 @@ class EngineLoop:
             added = []
             try:
                 for index, sub in enumerate(group.subs):
-                    self.engine.add_request(sub.request_id, sub.prompt_ids, sub.params, sub.prefix_source)
+                    self.engine.add_request(sub.request_id, sub.prompt_ids, sub.params, sub.prefix_source,
+                                            sub.arrival, client=group.client)
                     added.append(sub.request_id)
                     self._groups[sub.request_id] = (group, index)
             except BaseException:

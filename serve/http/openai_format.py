@@ -10,24 +10,10 @@ from __future__ import annotations
 import math
 
 from serve.engine.outputs import RequestOutput
+from serve.engine.stopping import StopStrings
 from serve.engine.tokenizer import IncrementalDetokenizer, Tokenizer
 
 MIN_LOGPROB = -9999.0  # JSON has no -inf
-
-
-def stop_prefix_len(text: str, stops: list[str]) -> int:
-    """Length of the longest tail of ``text`` that is a proper prefix of a stop string.
-
-    >>> stop_prefix_len("hello wor", ["world", "x"])
-    3
-    """
-    best = 0
-    for stop in stops:
-        for n in range(min(len(stop) - 1, len(text)), best, -1):
-            if text.endswith(stop[:n]):
-                best = n
-                break
-    return best
 
 
 class ChoiceText:
@@ -39,6 +25,7 @@ class ChoiceText:
 
     def __init__(self, tokenizer: Tokenizer | None, prompt_ids: list[int], stops: list[str]) -> None:
         self.tokenizer, self.stops = tokenizer, stops
+        self.held_back = StopStrings(stops).held_back if stops else lambda text: 0
         self.ids = list(prompt_ids)
         self.detok = IncrementalDetokenizer.after_prompt(tokenizer, len(prompt_ids)) if tokenizer else None
         self.text = ""  # all text decoded so far
@@ -60,7 +47,7 @@ class ChoiceText:
         else:
             self.ids.extend(new_ids)
             self.text += self.detok.add(self.ids)
-        safe = len(self.text) - stop_prefix_len(self.text, self.stops)
+        safe = len(self.text) - self.held_back(self.text)
         delta = self.text[self.sent:safe] if safe > self.sent else ""
         self.sent = max(self.sent, safe)
         return delta, new_ids

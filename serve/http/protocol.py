@@ -10,15 +10,19 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Annotated, Literal
+from typing import Annotated, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.requests import Request
 
 Int64 = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
 MAX_N = 128
 MAX_STOPS = 4  # OpenAI's limit
 ROLES = ("system", "user", "assistant", "tool", "developer")
+Body = TypeVar("Body", bound=BaseModel)
 _SURROGATE = re.compile("[\ud800-\udfff]")
+# a surrogate as a JSON escape, or raw (UTF-8-encoded: ED A0..BF): json.loads decodes bytes with "surrogatepass"
+_MAYBE_SURROGATE = re.compile(rb"\\u[dD][89a-fA-F]|\xed[\xa0-\xbf]")
 _UNION_TAGS = {"str", "int", "float", "bool", "list", "dict", "none", "function-after", "literal"}
 
 
@@ -31,8 +35,9 @@ class ApiError(Exception):
 
     @property
     def type(self) -> str:
-        return {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-                413: "invalid_request_error", 429: "rate_limit_exceeded",
+        return {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+                404: "not_found_error", 408: "invalid_request_error", 413: "invalid_request_error",
+                415: "invalid_request_error", 429: "rate_limit_exceeded",
                 503: "service_unavailable"}.get(self.status, "server_error")
 
     def body(self) -> dict:
@@ -76,8 +81,10 @@ class _Request(BaseModel):
     presence_penalty: Penalty | None = None
     repetition_penalty: float | None = Field(None, gt=0, le=10, allow_inf_nan=False)
     logit_bias: dict[str, float] | None = None
-    # not implemented yet: refused by the app (400 naming the field) rather than silently ignored
-    response_format: dict | None = None
+    response_format: dict | None = None  # text, json_object or json_schema: see response_schema
+    # special-token strings typed into message contents are text (false: they become the tokens); a completion
+    # prompt is the model's raw input, often a client-rendered template, so there they are tokens unless true
+    split_special_tokens: bool = True
 
 
 class CompletionRequest(_Request):
@@ -87,6 +94,7 @@ class CompletionRequest(_Request):
     echo: bool = False
     best_of: int | None = None  # refused unless it equals n (not implemented)
     suffix: str | None = None  # refused when non-empty (insertion is not implemented)
+    split_special_tokens: bool = False  # as vLLM and transformers encode a prompt string
 
 
 class TextPart(BaseModel):
@@ -124,11 +132,8 @@ class ChatRequest(_Request):
 def refuse_unsupported(req: _Request) -> None:
     """400 naming a field that asks for what this server does not do yet, rather than ignoring it (a 200 that
     silently skipped the field would be a wrong answer)."""
-    later = "is not supported yet (structured output and tool calling are planned)"
-    fmt = req.response_format
-    if fmt is not None and fmt.get("type", "text") != "text":
-        raise ApiError(400, f"response_format ({_short(fmt.get('type'))}) {later}; only {{'type': 'text'}} "
-                       "is accepted", "response_format")
+    later = "is not supported yet (tool calling is planned)"
+    response_schema(req.response_format)
     if isinstance(req, ChatRequest):
         for name in ("tools", "functions"):
             if getattr(req, name):
@@ -141,6 +146,35 @@ def refuse_unsupported(req: _Request) -> None:
             raise ApiError(400, f"best_of ({req.best_of}) {later.split(' (')[0]}; use n", "best_of")
         if req.suffix:
             raise ApiError(400, f"suffix ({_short(req.suffix)}): insertion {later.split(' (')[0]}", "suffix")
+
+
+def response_schema(fmt: dict | None) -> dict | None:
+    """OpenAI's ``response_format`` -> the JSON schema the output must follow, or None for free text.
+
+    ``{"type": "text"}`` (or none) -> None; ``{"type": "json_object"}`` -> ``{"type": "object"}``;
+    ``{"type": "json_schema", "json_schema": {"name", "schema", "strict"}}`` -> its ``schema``, enforced whatever
+    ``strict`` says. Anything else is a 400 naming ``response_format`` (the schema itself is checked when the
+    server compiles it)."""
+    kind = "text" if fmt is None else fmt.get("type", "text")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return {"type": "object"}
+    if kind != "json_schema":
+        raise ApiError(400, f"response_format.type ({_short(kind)}) must be 'text', 'json_object' or 'json_schema'",
+                       "response_format")
+    spec = fmt.get("json_schema")
+    if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):
+        raise ApiError(400, f"response_format.json_schema ({_short(spec)}) must be an object whose 'schema' is a "
+                       "JSON schema object", "response_format")
+    name, strict = spec.get("name"), spec.get("strict")
+    if name is not None and not (isinstance(name, str) and re.fullmatch(r"[A-Za-z0-9_-]{1,64}", name)):
+        raise ApiError(400, f"response_format.json_schema.name ({_short(name)}) must be 1 to 64 letters, digits, "
+                       "underscores or dashes", "response_format")
+    if strict is not None and not isinstance(strict, bool):
+        raise ApiError(400, f"response_format.json_schema.strict ({_short(strict)}) must be a boolean",
+                       "response_format")
+    return spec["schema"]
 
 
 def logit_bias_ids(bias: dict[str, float] | None, vocab_size: int) -> dict[int, float]:
@@ -156,8 +190,24 @@ def logit_bias_ids(bias: dict[str, float] | None, vocab_size: int) -> dict[int, 
     return out
 
 
-def parse_body(raw: bytes, model: type[BaseModel], max_bytes: int) -> BaseModel:
-    """Bytes -> validated request, or :class:`ApiError` (never anything else)."""
+async def read_body(request: Request, max_bytes: int) -> bytes:
+    """The body, refusing (413) before reading more than ``max_bytes``."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
+        raise ApiError(413, f"request body ({declared} bytes) exceeds server.max_request_bytes ({max_bytes})")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > max_bytes:
+            raise ApiError(413, f"request body (> {max_bytes} bytes) exceeds server.max_request_bytes ({max_bytes})")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def parse_body(raw: bytes, model: type[Body], max_bytes: int, max_items: int | None = None,
+               max_keys: int | None = None) -> Body:
+    """Bytes -> validated request, or :class:`ApiError` (never anything else). ``max_items`` / ``max_keys``: see
+    :func:`check_sizes`."""
     if len(raw) > max_bytes:
         raise ApiError(413, f"request body ({len(raw)} bytes) exceeds server.max_request_bytes ({max_bytes})")
     try:
@@ -166,13 +216,36 @@ def parse_body(raw: bytes, model: type[BaseModel], max_bytes: int) -> BaseModel:
         raise ApiError(400, f"body is not valid JSON: {str(e)[:200]}") from None
     if not isinstance(data, dict):
         raise ApiError(400, f"body must be a JSON object, got {type(data).__name__}")
-    check_unicode(data)
+    check_sizes(data, max_items, max_keys)
+    if _MAYBE_SURROGATE.search(raw):  # only then can a string hold one
+        check_unicode(data)
     try:
         return model.model_validate(data)
     except ValidationError as e:
         raise validation_error(e.errors(include_url=False)) from None
     except RecursionError:
         raise ApiError(400, "body is nested too deeply") from None
+
+
+def check_sizes(data: dict, max_items: int | None, max_keys: int | None, depth: int = 3) -> None:
+    """400 for a list longer than ``max_items`` or an object with more than ``max_keys`` keys down to ``depth``
+    levels below the body (``messages.0.content`` is 3), before validation: no valid request holds one (token ids
+    are fewer than the context, prompts at most ``max_sub_requests_per_request``, ``logit_bias`` keys at most one
+    per token), and validating a few million items holds the event loop, and the GIL, for seconds (a 16 MB list
+    of token ids: ~10 s)."""
+    level: list[tuple[str, dict | list]] = [("", data)]
+    for _ in range(depth + 1):
+        below: list[tuple[str, dict | list]] = []
+        for path, value in level:
+            limit, what = (max_keys, "keys") if isinstance(value, dict) else (max_items, "items")
+            if path and limit is not None and len(value) > limit:
+                name = ascii(path)[1:-1]
+                raise ApiError(400, f"{name} has {len(value)} {what}; no valid request has more than {limit}",
+                               name.split(".")[0])
+            items = value.items() if isinstance(value, dict) else enumerate(value)
+            below.extend((f"{path}.{key}" if path else str(key), item) for key, item in items
+                         if isinstance(item, (dict, list)))
+        level = below
 
 
 def check_unicode(data: dict) -> None:

@@ -47,8 +47,6 @@ class RequestRun:
         self.final: list = [None] * len(group.subs)
         self.logprobs_sent = [0] * len(group.subs)
         self.text_offset = [0] * len(group.subs)
-        self.last_token_at = [None] * len(group.subs)
-        self.first_token = True
         self.object = "chat.completion" if prep.kind == "chat" else "text_completion"
 
     async def _next(self):
@@ -58,15 +56,6 @@ class RequestRun:
         if item.finished and item.finish_reason == "abort":  # only a drain aborts a request someone still reads
             raise EngineDeadError(f"the server is shutting down: the request was aborted after "
                                   f"server.drain_timeout_s ({self.server.config.drain_timeout_s:g} s)")
-        now = time.monotonic()
-        m = self.server.metrics
-        if item.new_token_ids:
-            if self.first_token:
-                m.ttft.observe(now - self.prep.arrival)
-                self.first_token = False
-            elif self.last_token_at[index] is not None:
-                m.itl.observe(now - self.last_token_at[index])
-            self.last_token_at[index] = now
         if item.finished:
             self.final[index] = item
         return index, item
@@ -92,8 +81,8 @@ class RequestRun:
 
     def _finish(self) -> None:
         self.server.loop.abort(self.group)  # no-op for finished sub-requests
-        if self._done():
-            self.server.metrics.e2e.observe(time.monotonic() - self.prep.arrival)
+        if self._done():  # the latencies are the engine loop's (ServerMetrics.on_step); these are per request
+            self.server.metrics.on_request_done(self.prep.n, [p.max_tokens for p in self.prep.params], self.final)
 
     # -- non-streaming ------------------------------------------------------------------------------------------
     async def collect(self, request: Request) -> Response:

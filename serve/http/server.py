@@ -7,6 +7,7 @@ aborted (their streams end cleanly), the engine thread stops, and ``run_server``
 
 from __future__ import annotations
 
+import functools
 import logging
 import signal
 import socket
@@ -17,6 +18,7 @@ import uvicorn
 from serve.engine import LLMEngine
 from serve.http.app import OpenAIServer
 from serve.http.config import ServerConfig
+from serve.http.connections import TimedH11Protocol
 
 log = logging.getLogger("moe-serve")
 
@@ -47,8 +49,12 @@ def run_server(engine: LLMEngine, config: ServerConfig, routing_stats=None,
     ``config.host:config.port`` (the launcher binds it before the model loads, so a taken port fails first);
     None: uvicorn binds it."""
     api = OpenAIServer(engine, config, routing_stats)
+    # h11 always (not httptools when installed): the header and body deadlines live in its protocol
+    protocol = functools.partial(TimedH11Protocol, header_timeout_s=config.header_timeout_s,
+                                 body_timeout_s=config.body_timeout_s)
     uv_config = uvicorn.Config(api.app, host=config.host, port=config.port, log_level=config.log_level,
-                               timeout_graceful_shutdown=_CLOSE_S, access_log=False)
+                               timeout_graceful_shutdown=_CLOSE_S, access_log=False, http=protocol,
+                               limit_concurrency=config.limit_concurrency)
     server = _DrainingServer(uv_config, api)
     if on_server is not None:
         on_server(server)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import socket
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -41,7 +42,10 @@ def serve(cfg: MoEServeSchema, engine: LLMEngine | None = None,
     """Serve ``cfg`` (loading the model unless ``engine`` is given) on ``listener`` (a socket bound to
     ``server.host:server.port`` before the model loaded; None: bound now); returns after a drained shutdown."""
     try:
+        start = time.perf_counter()
         engine = build_engine(cfg) if engine is None else engine
+        loaded_s = time.perf_counter() - start
+        log.info("%s", startup_summary(cfg, engine, loaded_s, engine.warm_up()))
     except BaseException:
         if listener is not None:
             listener.close()
@@ -55,6 +59,16 @@ def serve(cfg: MoEServeSchema, engine: LLMEngine | None = None,
     finally:
         if saver is not None:
             saver.stop()
+
+
+def startup_summary(cfg: MoEServeSchema, engine: LLMEngine, loaded_s: float, warm_up_s: float) -> str:
+    """The one line ``moe-serve`` logs before it serves: what runs where, with how much cache, how fast it came."""
+    mc, ec = engine.model.config, engine.config
+    blocks = engine.blocks.num_blocks
+    return (f"{served_name(cfg, engine)} ({mc.architecture}, {mc.num_layers} layers): {ec.dtype} on {engine.device}, "
+            f"quantization {ec.quantization or 'none'}, attention {engine.runner.attention.name}, KV cache {blocks} "
+            f"blocks x {ec.block_size} tokens, max_model_len {engine.max_model_len}; loaded in {loaded_s:.1f} s, "
+            f"warmed up in {warm_up_s:.1f} s")
 
 
 def served_name(cfg: MoEServeSchema, engine: LLMEngine) -> str:

@@ -220,6 +220,6 @@ def test_expert_label_buckets_bound_the_series():
 def test_health_metrics_and_idle_after_all_of_the_above(server):
     assert httpx.get(server.url + "/health").status_code == 200
     server.wait_idle()
-    assert server.metric("moe_serve_generation_tokens_total") > 0
-    assert server.metric("moe_serve_time_to_first_token_seconds_count") > 0
-    assert server.metric("moe_serve_request_finished_total", 'finish_reason="length"') > 0
+    assert server.metric("vllm:generation_tokens_total") > 0
+    assert server.metric("vllm:time_to_first_token_seconds_count") > 0
+    assert server.metric("vllm:request_success_total", 'finished_reason="length"') > 0

@@ -29,7 +29,7 @@ def server():
 
 
 def _aborted(server) -> float:
-    return server.metric("moe_serve_request_finished_total", 'finish_reason="abort"')
+    return server.metric("vllm:request_success_total", 'finished_reason="abort"')
 
 
 def _wait_aborted(server, before: float, count: int, timeout: float = 5.0) -> float:
@@ -46,10 +46,10 @@ def test_stream_disconnect_aborts_every_choice(server, n):
     with httpx.stream("POST", server.v1 + "/completions", json={**LONG, "n": n, "stream": True}, timeout=60) as r:
         lines = r.iter_lines()
         assert next(line for line in lines if line.startswith("data: "))
-    generated = server.metric("moe_serve_generation_tokens_total")
+    generated = server.metric("vllm:generation_tokens_total")
     _wait_aborted(server, before, n)
     server.wait_idle()
-    assert server.metric("moe_serve_generation_tokens_total") - generated < n * 100  # stopped long before 200
+    assert server.metric("vllm:generation_tokens_total") - generated < n * 100  # stopped long before 200
 
 
 def test_non_streaming_disconnect_aborts(server):

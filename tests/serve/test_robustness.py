@@ -47,7 +47,7 @@ async def _stream_client(client: httpx.AsyncClient, url: str, leave_after: int |
 
 
 def test_burst_with_disconnects_leaves_nothing_behind(server):
-    aborted_before = server.metric("moe_serve_request_finished_total", 'finish_reason="abort"')
+    aborted_before = server.metric("vllm:request_success_total", 'finished_reason="abort"')
 
     async def burst():
         async with httpx.AsyncClient(timeout=120) as client:
@@ -58,7 +58,7 @@ def test_burst_with_disconnects_leaves_nothing_behind(server):
     assert results.count("left") == 4
     assert results.count("done") == 16
     server.wait_idle()
-    assert server.metric("moe_serve_request_finished_total", 'finish_reason="abort"') - aborted_before == 4
+    assert server.metric("vllm:request_success_total", 'finished_reason="abort"') - aborted_before == 4
     assert httpx.get(server.url + "/health").status_code == 200
 
 
