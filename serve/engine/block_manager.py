@@ -110,9 +110,9 @@ class BlockManager:
 
     def register_full_blocks(self, seq: Sequence) -> None:
         """Enter the blocks whose every slot is now computed into the prefix cache."""
-        if not self.enable_prefix_caching:
-            return
         num_full = seq.num_computed // self.block_size
+        if num_full <= seq.num_registered or not self.enable_prefix_caching:  # most decode steps fill no block
+            return
         keys = self._keys(seq, num_full)
         for i in range(seq.num_registered, num_full):
             block = self.blocks[seq.block_table[i]]

@@ -60,7 +60,9 @@ class ModelRunner:
         weight = next(model.parameters())
         self.device = weight.device if device is None else torch.device(device)
         self.cache = kv_cache_class(model.config)(model.config, num_blocks, block_size, weight.dtype, self.device)
-        self.attention = select_attention_backend(attention_backend, self.device, weight.dtype)
+        mla = model.config.mla
+        self.attention = select_attention_backend(attention_backend, self.device, weight.dtype,
+                                                  sparse_mla=mla is not None and mla.indexer is not None)
         # MLA models attend through the latent cache: the backend's MLA step, chosen once
         self._step = self.attention.step if model.config.mla is None else self.attention.mla_step
         max_len = max_model_len or model.config.max_position_embeddings

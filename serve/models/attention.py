@@ -128,10 +128,12 @@ class AttentionMetadata:
 
 class AttentionBackend:
     """One way of attending through the paged cache. ``one_decode_group``: the backend reads each sequence's
-    own keys, so every decode of a step goes in one group (the torch path pads a group to its longest)."""
+    own keys, so every decode of a step goes in one group (the torch path pads a group to its longest).
+    ``sparse_mla``: its MLA step takes DeepSeek Sparse Attention's indexer outputs."""
 
     name: ClassVar[str]
     one_decode_group: ClassVar[bool] = False
+    sparse_mla: ClassVar[bool] = False  # its MLA step serves DeepSeek Sparse Attention (an ``index`` argument)
 
     def metadata(self, slot_mapping_T: torch.Tensor, decodes: list[DecodeGroup],
                  prefills: list[PrefillChunk]) -> AttentionMetadata:
@@ -157,6 +159,7 @@ class TorchAttention(AttentionBackend):
 
     name = "torch"
     uses_mask = True
+    sparse_mla = True
     mla_absorb_decodes = True  # False: MLA decodes expand K/V from the latents (benchmarks/mla_decode.py)
 
     def step(self, cache: PagedKVCache, metadata: AttentionMetadata) -> StepAttention:

@@ -2,8 +2,9 @@
 
 ``auto``: Triton on CUDA, the C decode kernel on an fp32 CPU cache where it compiled, else plain torch. A name
 asks for that backend and fails in one line where it cannot run (``triton`` on the CPU needs Triton's
-interpreter, ``TRITON_INTERPRET=1``: tests only). :mod:`serve.models.triton_attention` is imported only when
-Triton may run: a CPU server never defines its kernels.
+interpreter, ``TRITON_INTERPRET=1``: tests only). DeepSeek Sparse Attention models (``sparse_mla``) are served
+by the torch MLA step only: ``auto`` skips Triton for them, ``triton`` is refused.
+:mod:`serve.models.triton_attention` is imported only when Triton may run: a CPU server never defines its kernels.
 """
 
 from __future__ import annotations
@@ -18,10 +19,11 @@ from serve.models.cpu_attention import CpuAttention, paged_decode_available
 ATTENTION_BACKENDS = ("auto", "torch", "cpu", "triton")
 
 
-def select_attention_backend(name: str, device: torch.device, dtype: torch.dtype) -> AttentionBackend:
+def select_attention_backend(name: str, device: torch.device, dtype: torch.dtype,
+                             sparse_mla: bool = False) -> AttentionBackend:
     probe = torch.empty(0, dtype=dtype, device=device)
     if name == "auto":
-        triton_backend = _triton_backend(probe) if device.type == "cuda" else None
+        triton_backend = _triton_backend(probe) if device.type == "cuda" and not sparse_mla else None
         if triton_backend is not None:
             return triton_backend
         return CpuAttention() if paged_decode_available(probe) else TorchAttention()
@@ -33,6 +35,9 @@ def select_attention_backend(name: str, device: torch.device, dtype: torch.dtype
                              f"{dtype} on {device} (use auto or torch)")
         return CpuAttention()
     if name == "triton":
+        if sparse_mla:
+            raise ValueError("engine.attention_backend ('triton') cannot serve DeepSeek Sparse Attention (the model's "
+                             "lightning indexer); use auto, torch or cpu")
         backend = _triton_backend(probe)
         if backend is None:
             interpreted = os.environ.get("TRITON_INTERPRET") == "1"

@@ -11,13 +11,37 @@ from routing.config import RouterConfig, Scoring
 
 
 @dataclass
+class IndexerConfig:
+    """DeepSeek Sparse Attention's lightning indexer (:mod:`serve.models.sparse_attention`), in ``config.json``'s
+    names: each query attends to its ``index_topk`` best keys as scored by ``index_n_heads`` heads of
+    ``index_head_dim`` (the first ``qk_rope_head_dim`` roped: interleaved pairs for GLM-5, halves for DeepSeek-V3.2).
+    ``shared_layers``: GLM-5's "shared" layers, which have no indexer and reuse the last full layer's choice."""
+
+    topk: int
+    num_heads: int
+    head_dim: int
+    rope_interleave: bool = False
+    shared_layers: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        for name, value in (("index_topk", self.topk), ("index_n_heads", self.num_heads),
+                            ("index_head_dim", self.head_dim)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} ({value!r}) must be a positive integer")
+        self.shared_layers = tuple(sorted(set(self.shared_layers)))
+        if 0 in self.shared_layers:
+            raise ValueError("indexer_types[0] ('shared') must be 'full': a shared layer reuses an earlier layer's "
+                             "top-k")
+
+
+@dataclass
 class MLAConfig:
     """Multi-head latent attention (DeepSeek-V2/V3): queries through an optional LoRA (``q_lora_rank``; None: one
     ``q_proj``), keys and values from one shared latent of ``kv_lora_rank`` plus a roped key part of
     ``qk_rope_head_dim`` shared by all heads. ``softmax_scale`` multiplies the scores (``qk_head_dim ** -0.5``
     times DeepSeek's YaRN ``mscale ** 2``); ``rope_interleave``: RoPE on interleaved pairs (``transformers``'
     ``apply_rotary_pos_emb_interleave``). ``llama4_scaling_beta`` (Mistral 4): queries at position p scale by
-    ``1 + beta * log(1 + p // llama4_max_positions)``."""
+    ``1 + beta * log(1 + p // llama4_max_positions)``. ``indexer``: DeepSeek Sparse Attention (None: dense)."""
 
     kv_lora_rank: int
     qk_nope_head_dim: int
@@ -28,6 +52,7 @@ class MLAConfig:
     rope_interleave: bool = True
     llama4_scaling_beta: float | None = None
     llama4_max_positions: int = 1
+    indexer: IndexerConfig | None = None
 
     def __post_init__(self) -> None:
         for name in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
@@ -38,11 +63,22 @@ class MLAConfig:
             raise ValueError(f"q_lora_rank ({self.q_lora_rank!r}) must be a positive integer or None")
         if self.qk_rope_head_dim % 2:
             raise ValueError(f"qk_rope_head_dim ({self.qk_rope_head_dim}) must be even for RoPE")
+        if self.indexer is not None:
+            if self.q_lora_rank is None:
+                raise ValueError("q_lora_rank (None): DeepSeek Sparse Attention's indexer reads the query LoRA "
+                                 "latent; it needs a q_lora_rank")
+            if self.indexer.head_dim < self.qk_rope_head_dim:
+                raise ValueError(f"index_head_dim ({self.indexer.head_dim}) must be >= qk_rope_head_dim "
+                                 f"({self.qk_rope_head_dim}), the indexer's roped part")
 
     @property
     def latent_size(self) -> int:
         """Values cached per token per layer: the normalised latent, then the roped key part."""
         return self.kv_lora_rank + self.qk_rope_head_dim
+
+    def has_indexer(self, layer: int) -> bool:
+        """Whether ``layer`` runs a lightning indexer (DSA, and not one of GLM-5's shared layers)."""
+        return self.indexer is not None and layer not in self.indexer.shared_layers
 
 
 @dataclass

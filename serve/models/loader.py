@@ -34,6 +34,7 @@ from quant import Fp8Experts, quantize_fp8
 from quant.fp8 import BLOCK, FP8, dequantize_weight
 from routing import Router
 from serve.models import DecoderConfig, Family, MoEDecoder, family_for
+from serve.models.sparse_attention import Indexer
 
 log = logging.getLogger("moe-serve")
 
@@ -159,7 +160,7 @@ def tensor_map(config: DecoderConfig, family: Family, keys: set[str] = frozenset
             entries.append(Entry(hf + norm + ".weight", ours + norm + ".weight"))
         attn, at = hf + "self_attn.", ours + "self_attn."
         if config.mla is not None:
-            entries += _mla_entries(config, attn, at)
+            entries += _mla_entries(config, attn, at, i)
         else:
             entries += _gqa_entries(config, attn, at, q, kv)
         if config.is_moe_layer(i):
@@ -188,9 +189,13 @@ def _gqa_entries(config: DecoderConfig, attn: str, at: str, q: int, kv: int) -> 
     return entries
 
 
-def _mla_entries(config: DecoderConfig, attn: str, at: str) -> list[Entry]:
-    """MLA keeps ``transformers``' module names: one entry per tensor, same name on both sides."""
+def _mla_entries(config: DecoderConfig, attn: str, at: str, layer: int) -> list[Entry]:
+    """MLA keeps ``transformers``' module names: one entry per tensor, same name on both sides (DeepSeek Sparse
+    Attention's ``indexer.*`` too)."""
     names = ["kv_a_proj_with_mqa.weight", "kv_a_layernorm.weight", "kv_b_proj.weight", "o_proj.weight"]
+    if config.mla.has_indexer(layer):
+        names += [f"indexer.{n}" for n in ("wq_b.weight", "wk.weight", "k_norm.weight", "k_norm.bias",
+                                           "weights_proj.weight")]
     if config.mla.q_lora_rank is None:
         names.append("q_proj.weight")
     else:
@@ -243,9 +248,11 @@ def _build(config: DecoderConfig, dtype: torch.dtype, quant: Quant | None, devic
         if quant is not None:
             quantize_fp8(model, quant.scheme)
         model = model.to(dtype)
-        for router in model.modules():  # selection by the corrected scores stays fp32, as transformers keeps it
-            if isinstance(router, Router) and router.correction_bias is not None:
-                router.correction_bias = router.correction_bias.float()
+        for module in model.modules():  # selection by the corrected scores stays fp32, as transformers keeps it
+            if isinstance(module, Router) and module.correction_bias is not None:
+                module.correction_bias = module.correction_bias.float()
+            if isinstance(module, Indexer):  # DSA's head weights stay fp32 (transformers' _keep_in_fp32_modules)
+                module.weights_proj.float()
     model = model.to_empty(device=device)
     if config.tie_word_embeddings:  # to_empty re-creates parameters one module at a time
         model.lm_head.weight = model.embed_tokens.weight

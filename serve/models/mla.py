@@ -28,6 +28,7 @@ from torch import nn
 from serve.models.config import DecoderConfig
 from serve.models.layers import RMSNorm, apply_rope
 from serve.models.rope import apply_rope_interleaved, yarn_mscale
+from serve.models.sparse_attention import Indexer, IndexerQuery
 
 LORA_NORM_EPS = 1e-6  # transformers' q_a_layernorm / kv_a_layernorm use the RMSNorm default, not rms_norm_eps
 
@@ -53,11 +54,13 @@ class MLAWeights:
 
 
 class MLAStepAttention(Protocol):
-    """``attend_latent(layer, q_nope_THN, q_pe_THR, latent_TC, weights) -> o_THV``: stores the step's latents
-    as needed and attends (one step); the MLA counterpart of ``layers.StepAttention``."""
+    """``attend_latent(layer, q_nope_THN, q_pe_THR, latent_TC, weights, index) -> o_THV``: stores the step's
+    latents as needed and attends (one step); the MLA counterpart of ``layers.StepAttention``. ``index``: DeepSeek
+    Sparse Attention's indexer outputs (:mod:`serve.models.sparse_attention`), each query then attends to its
+    selected keys only; backends that cannot refuse DSA models at construction (``sparse_mla``)."""
 
     def attend_latent(self, layer: int, q_nope_THN: torch.Tensor, q_pe_THR: torch.Tensor, latent_TC: torch.Tensor,
-                      weights: MLAWeights) -> torch.Tensor: ...
+                      weights: MLAWeights, index: IndexerQuery | None = None) -> torch.Tensor: ...
 
 
 def absorb_queries(q_nope_THN: torch.Tensor, q_pe_THR: torch.Tensor, w: MLAWeights) -> torch.Tensor:
@@ -122,7 +125,8 @@ def expanded_decode(q_nope_BHN: torch.Tensor, q_pe_BHR: torch.Tensor, latent_BSC
 
 class MLAAttention(nn.Module):
     """DeepSeek-V3's attention with ``transformers``' parameter names (``q_a_proj``/``q_a_layernorm``/``q_b_proj``
-    or ``q_proj``, ``kv_a_proj_with_mqa``, ``kv_a_layernorm``, ``kv_b_proj``, ``o_proj``)."""
+    or ``q_proj``, ``kv_a_proj_with_mqa``, ``kv_a_layernorm``, ``kv_b_proj``, ``o_proj``), and DeepSeek Sparse
+    Attention's ``indexer`` (:class:`serve.models.sparse_attention.Indexer`) on the layers that run one."""
 
     def __init__(self, config: DecoderConfig, layer: int) -> None:
         super().__init__()
@@ -141,6 +145,7 @@ class MLAAttention(nn.Module):
         self.kv_a_layernorm = RMSNorm(mla.kv_lora_rank, LORA_NORM_EPS)
         self.kv_b_proj = nn.Linear(mla.kv_lora_rank, H * (mla.qk_nope_head_dim + mla.v_head_dim), bias=False)
         self.o_proj = nn.Linear(H * mla.v_head_dim, D, bias=bias)
+        self.indexer = Indexer(config) if mla.has_indexer(layer) else None
 
     def forward(self, x_TD: torch.Tensor, cos_TR: torch.Tensor, sin_TR: torch.Tensor, backend: MLAStepAttention,
                 positions_T: torch.Tensor) -> torch.Tensor:
@@ -149,7 +154,8 @@ class MLAAttention(nn.Module):
         if mla.q_lora_rank is None:
             q = self.q_proj(x_TD)
         else:
-            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x_TD)))
+            q_resid_TQ = self.q_a_layernorm(self.q_a_proj(x_TD))
+            q = self.q_b_proj(q_resid_TQ)
         q_nope_THN, q_pe_THR = q.view(T, H, -1).split([mla.qk_nope_head_dim, mla.qk_rope_head_dim], dim=-1)
         # 2. the token's latent: normalised c_kv, then the roped key part shared by all heads
         c_TL, k_pe_TR = self.kv_a_proj_with_mqa(x_TD).split([mla.kv_lora_rank, mla.qk_rope_head_dim], dim=-1)
@@ -160,9 +166,15 @@ class MLAAttention(nn.Module):
                 1 + torch.floor(positions_T / mla.llama4_max_positions))[:, None, None]
             q_nope_THN, q_pe_THR = q_nope_THN * q_scale_T11.to(q.dtype), q_pe_THR * q_scale_T11.to(q.dtype)
         latent_TC = torch.cat([self.kv_a_layernorm(c_TL), k_pe_T1R[:, 0]], dim=-1)
-        # 3. attention through the latent cache, then the output projection
+        # 3. DeepSeek Sparse Attention: the indexer's queries and key (a shared layer reuses the last selection)
+        index = None
+        if self.indexer is not None:
+            index = self.indexer(x_TD, q_resid_TQ, cos_TR, sin_TR)
+        elif mla.indexer is not None:
+            index = IndexerQuery.shared(mla.indexer.topk)
+        # 4. attention through the latent cache, then the output projection
         weights = MLAWeights.of(self.kv_b_proj.weight, H, mla.qk_nope_head_dim, mla.softmax_scale)
-        o_THV = backend.attend_latent(self.layer, q_nope_THN.contiguous(), q_pe_THR, latent_TC, weights)
+        o_THV = backend.attend_latent(self.layer, q_nope_THN.contiguous(), q_pe_THR, latent_TC, weights, index)
         return self.o_proj(o_THV.reshape(T, H * mla.v_head_dim))
 
 
@@ -173,7 +185,9 @@ class DenseCausalMLA:
         self.batch, self.seq_len = batch, seq_len
 
     def attend_latent(self, layer: int, q_nope_THN: torch.Tensor, q_pe_THR: torch.Tensor, latent_TC: torch.Tensor,
-                      weights: MLAWeights) -> torch.Tensor:
+                      weights: MLAWeights, index: IndexerQuery | None = None) -> torch.Tensor:
+        if index is not None:
+            raise NotImplementedError("DenseCausalMLA attends densely; DeepSeek Sparse Attention runs in the engine")
         S = self.seq_len
         return torch.cat([expanded_attention(q_nope_THN[b * S:(b + 1) * S], q_pe_THR[b * S:(b + 1) * S],
                                              latent_TC[b * S:(b + 1) * S], weights, None)

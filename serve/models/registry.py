@@ -4,8 +4,9 @@ on-disk names of its MoE block's tensors.
 The first families are "Llama attention + an MoE feed-forward"; they differ in config field names, q/k norms,
 attention biases, the router's renormalisation, shared experts and where the MoE block's tensors live. The
 DeepSeek-V3 ones (DeepSeek-V3/R1/V3.1, Kimi K2, GLM-4.7-Flash, Mistral 4) have multi-head latent attention, a
-sigmoid (or softmax) group-limited router with DeepSeek's correction bias, shared experts and leading dense layers.
-DeepSeek Sparse Attention (DeepSeek-V3.2, GLM-5) is refused in one line naming its indexer field.
+sigmoid (or softmax) group-limited router with DeepSeek's correction bias, shared experts and leading dense layers;
+DeepSeek-V3.2 and GLM-5 add DeepSeek Sparse Attention's lightning indexer (``MLAConfig.indexer``), whose fields
+other architectures' configs are refused for.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from types import MappingProxyType
 from typing import Any
 
 from routing.config import Scoring
-from serve.models.config import DecoderConfig, MLAConfig, QKNorm, YarnRope
+from serve.models.config import DecoderConfig, IndexerConfig, MLAConfig, QKNorm, YarnRope
 from serve.models.mla import deepseek_softmax_scale
 
 _MISSING = object()
@@ -156,33 +157,56 @@ def _mla_rope(hf: dict, rope_dim: int, head_dim: int) -> tuple[float, YarnRope |
     return theta, yarn, rope.get("factor")
 
 
+_INDEXER_KEYS = ("index_topk", "index_n_heads", "index_head_dim")
+
+
 def _refuse_sparse_attention(hf: dict) -> None:
-    for key in ("index_topk", "index_n_heads", "index_head_dim"):
+    """Indexer fields in the config of an architecture without DSA: refused rather than served densely."""
+    for key in _INDEXER_KEYS:
         if key in hf:
-            raise ValueError(f"{key} ({hf[key]!r}): DeepSeek Sparse Attention (the lightning indexer of "
-                             f"{hf['architectures'][0]}) is not supported; it is not served as dense attention")
+            raise ValueError(f"{key} ({hf[key]!r}): DeepSeek Sparse Attention (a lightning indexer) is served for "
+                             f"DeepseekV32ForCausalLM and GlmMoeDsaForCausalLM, not {hf['architectures'][0]}; it is "
+                             "not served as dense attention")
 
 
-def parse_sparse_attention(hf: dict) -> DecoderConfig:
-    """DeepSeek-V3.2 / GLM-5: refused before anything is built (``ValueError`` naming the indexer field)."""
-    _refuse_sparse_attention({"index_topk": None, **hf})
-    raise AssertionError("unreachable")
+def _indexer(hf: dict, rope_interleave: bool, shared_layers: tuple[int, ...] = ()) -> IndexerConfig:
+    topk, heads, dim = (_get(hf, key) for key in _INDEXER_KEYS)
+    return IndexerConfig(topk, heads, dim, rope_interleave, shared_layers)
+
+
+def _glm_shared_layers(hf: dict) -> tuple[int, ...]:
+    """GLM-5's layers that reuse the last full layer's top-k: ``indexer_types`` as ``transformers`` derives it
+    (``index_topk_pattern``, else ``index_topk_freq`` / ``index_skip_topk_offset``)."""
+    layers = _get(hf, "num_hidden_layers")
+    types = hf.get("indexer_types")
+    if types is None and hf.get("index_topk_pattern") is not None:
+        pattern = hf["index_topk_pattern"]
+        types = [{"F": "full", "S": "shared"}.get(c, c) for c in pattern] if isinstance(pattern, str) else pattern
+    if types is None:
+        freq, offset = max(hf.get("index_topk_freq", 1), 1), hf.get("index_skip_topk_offset", 2)
+        types = ["full" if max(i - offset + 1, 0) % freq == 0 else "shared" for i in range(layers)]
+    if len(types) != layers or set(types) - {"full", "shared"}:
+        raise ValueError(f"indexer_types ({types!r}) must list 'full' or 'shared' for each of {layers} layers")
+    return tuple(i for i, t in enumerate(types) if t == "shared")
 
 
 def _deepseek_like(hf: dict, dense_layers: tuple[int, ...], scoring: Scoring, correction_bias: bool,
-                   mla_head_dim: int, llama4: bool = False) -> DecoderConfig:
-    """The DeepSeek-V3 shape; ``mla_head_dim``: the head_dim ``partial_rotary_factor`` applies to."""
+                   mla_head_dim: int, llama4: bool = False, indexer: IndexerConfig | None = None) -> DecoderConfig:
+    """The DeepSeek-V3 shape; ``mla_head_dim``: the head_dim ``partial_rotary_factor`` applies to; ``indexer``:
+    DeepSeek Sparse Attention (whose MLA ``transformers`` always ropes interleaved, ignoring ``rope_interleave``)."""
     _check_act(hf)
-    _refuse_sparse_attention(hf)
+    if indexer is None:
+        _refuse_sparse_attention(hf)
     nope, rope_dim, v = _get(hf, "qk_nope_head_dim"), _get(hf, "qk_rope_head_dim"), _get(hf, "v_head_dim")
     theta, yarn, mscale_factor = _mla_rope(hf, rope_dim, mla_head_dim)
     rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
     mla = MLAConfig(
         kv_lora_rank=_get(hf, "kv_lora_rank"), qk_nope_head_dim=nope, qk_rope_head_dim=rope_dim, v_head_dim=v,
         softmax_scale=deepseek_softmax_scale(nope + rope_dim, mscale_factor, rope.get("mscale_all_dim")),
-        q_lora_rank=hf.get("q_lora_rank"), rope_interleave=bool(hf.get("rope_interleave", True)),
+        q_lora_rank=hf.get("q_lora_rank"),
+        rope_interleave=indexer is not None or bool(hf.get("rope_interleave", True)),
         llama4_scaling_beta=rope.get("llama_4_scaling_beta") if llama4 else None,
-        llama4_max_positions=int(rope.get("original_max_position_embeddings") or 1))
+        llama4_max_positions=int(rope.get("original_max_position_embeddings") or 1), indexer=indexer)
     common = _common({**hf, "rope_parameters": None, "rope_scaling": None, "rope_theta": theta}, eps=1e-6, theta=theta)
     heads = common["num_heads"]
     common.update(num_kv_heads=heads, head_dim=rope_dim)  # K and V come per head from the latent
@@ -209,21 +233,49 @@ def _first_k_dense(hf: dict, default: int) -> tuple[int, ...]:
     return tuple(range(min(_get(hf, "first_k_dense_replace", default=default), _get(hf, "num_hidden_layers"))))
 
 
-def parse_deepseek_v3(hf: dict) -> DecoderConfig:
+def _check_deepseek_routing(hf: dict) -> None:
     for key, wanted in (("scoring_func", "sigmoid"), ("topk_method", "noaux_tc")):
         if hf.get(key, wanted) != wanted:  # keys of DeepSeek's own config.json (transformers ignores them)
             raise ValueError(f"{key} ({hf[key]!r}) is not supported; DeepSeek-V3 routing is {key}={wanted!r}")
+
+
+def parse_deepseek_v3(hf: dict) -> DecoderConfig:
+    _check_deepseek_routing(hf)
     return _deepseek_like(hf, _first_k_dense(hf, 3), Scoring.SIGMOID, True, _get(hf, "qk_rope_head_dim"))
 
 
-def parse_glm4_moe_lite(hf: dict) -> DecoderConfig:
+def _mlp_layer_types(hf: dict, default: list[str]) -> tuple[int, ...]:
     layers = _get(hf, "num_hidden_layers")
-    types = hf.get("mlp_layer_types") or ["dense"] + ["sparse"] * (layers - 1)
+    types = hf.get("mlp_layer_types") or default
     bad = sorted(set(types) - {"dense", "sparse"})
     if len(types) != layers or bad:
         raise ValueError(f"mlp_layer_types ({types!r}) must list 'dense' or 'sparse' for each of {layers} layers")
-    dense = tuple(i for i, t in enumerate(types) if t == "dense")
+    return tuple(i for i, t in enumerate(types) if t == "dense")
+
+
+def parse_glm4_moe_lite(hf: dict) -> DecoderConfig:
+    dense = _mlp_layer_types(hf, ["dense"] + ["sparse"] * (_get(hf, "num_hidden_layers") - 1))
     return _deepseek_like(hf, dense, Scoring.SIGMOID, True, _get(hf, "qk_rope_head_dim"))
+
+
+def _dsa_dense_layers(hf: dict) -> tuple[int, ...]:
+    """``mlp_layer_types`` (``transformers`` writes it), else DeepSeek's ``first_k_dense_replace`` (default 3)."""
+    layers = _get(hf, "num_hidden_layers")
+    first = min(_get(hf, "first_k_dense_replace", default=3), layers)
+    return _mlp_layer_types(hf, ["dense"] * first + ["sparse"] * (layers - first))
+
+
+def parse_deepseek_v32(hf: dict) -> DecoderConfig:
+    """DeepSeek-V3.2: DeepSeek-V3 plus the lightning indexer, its RoPE on halves."""
+    _check_deepseek_routing(hf)
+    return _deepseek_like(hf, _dsa_dense_layers(hf), Scoring.SIGMOID, True, _get(hf, "qk_rope_head_dim"),
+                          indexer=_indexer(hf, rope_interleave=False))
+
+
+def parse_glm_moe_dsa(hf: dict) -> DecoderConfig:
+    """GLM-5: DeepSeek-V3.2 with the indexer's RoPE interleaved, and layers that share the last full one's top-k."""
+    return _deepseek_like(hf, _dsa_dense_layers(hf), Scoring.SIGMOID, True, _get(hf, "qk_rope_head_dim"),
+                          indexer=_indexer(hf, rope_interleave=True, shared_layers=_glm_shared_layers(hf)))
 
 
 def parse_mistral4(hf: dict) -> DecoderConfig:
@@ -241,8 +293,8 @@ ARCHITECTURES: MappingProxyType[str, Family] = MappingProxyType({
     "DeepseekV3ForCausalLM": Family(parse_deepseek_v3, ("mlp",), _HF_NAMES, "shared_experts"),
     "Glm4MoeLiteForCausalLM": Family(parse_glm4_moe_lite, ("mlp",), _HF_NAMES, "shared_experts"),
     "Mistral4ForCausalLM": Family(parse_mistral4, ("mlp",), _HF_NAMES, "shared_experts"),
-    "DeepseekV32ForCausalLM": Family(parse_sparse_attention, ("mlp",), _HF_NAMES, "shared_experts"),
-    "GlmMoeDsaForCausalLM": Family(parse_sparse_attention, ("mlp",), _HF_NAMES, "shared_experts"),
+    "DeepseekV32ForCausalLM": Family(parse_deepseek_v32, ("mlp",), _HF_NAMES, "shared_experts"),
+    "GlmMoeDsaForCausalLM": Family(parse_glm_moe_dsa, ("mlp",), _HF_NAMES, "shared_experts"),
 })
 
 

@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from serve.models.attention import AttentionBackend, AttentionMetadata, DecodeGroup, PagedKVCache, PrefillChunk
 from serve.models.latent_cache import LatentKVCache
 from serve.models.mla import MLAWeights, absorb_queries, unabsorb_output
+from serve.models.sparse_attention import IndexerQuery
 
 try:
     import triton
@@ -125,7 +126,9 @@ class _TritonMLAStep:
         self.cache, self.metadata = cache, metadata
 
     def attend_latent(self, layer: int, q_nope_THN: torch.Tensor, q_pe_THR: torch.Tensor, latent_TC: torch.Tensor,
-                      weights: MLAWeights) -> torch.Tensor:
+                      weights: MLAWeights, index: IndexerQuery | None = None) -> torch.Tensor:
+        if index is not None:  # select_attention_backend never picks this backend for a DSA model
+            raise NotImplementedError("the Triton MLA step has no DeepSeek Sparse Attention")
         meta = self.metadata
         self.cache.write(layer, meta.slot_mapping_T, latent_TC)
         latent_1NBC = self.cache.latent[layer][None]

@@ -41,7 +41,8 @@ def mla_config(family: str):
     """``deepseek_v3``: q LoRA, grouped sigmoid router with correction bias, layer 0 dense, shared expert;
     ``deepseek_v3_yarn``: no q LoRA (``q_proj``), YaRN with DeepSeek's mscale, non-interleaved RoPE, 2 shared
     experts; ``glm4_moe_lite``: dense layers from ``mlp_layer_types``; ``mistral4``: softmax grouped router, YaRN
-    with Llama-4 query scaling, partial rotary."""
+    with Llama-4 query scaling, partial rotary; ``deepseek_v32``: DeepSeek Sparse Attention (indexer RoPE on
+    halves); ``glm_moe_dsa``: DSA with interleaved indexer RoPE and a "shared" layer 1 reusing layer 0's top-k."""
     if family == "deepseek_v3":
         return tf.DeepseekV3Config(**MLA, q_lora_rank=40, n_routed_experts=8, num_experts_per_tok=3, n_group=4,
                                    topk_group=2, n_shared_experts=1, first_k_dense_replace=1,
@@ -58,10 +59,22 @@ def mla_config(family: str):
                 "partial_rotary_factor": 8 / 20}
         return tf.Mistral4Config(**MLA, q_lora_rank=40, n_routed_experts=8, num_experts_per_tok=2, n_group=2,
                                  topk_group=2, n_shared_experts=1, first_k_dense_replace=1, rope_parameters=rope)
+    if family == "deepseek_v32":
+        return tf.DeepseekV32Config(**MLA, **DSA_V32, q_lora_rank=40, n_routed_experts=8, num_experts_per_tok=2,
+                                    n_group=2, topk_group=1, n_shared_experts=1, first_k_dense_replace=1)
+    if family == "glm_moe_dsa":
+        return tf.GlmMoeDsaConfig(**{**MLA, "num_hidden_layers": 3}, **DSA_GLM, q_lora_rank=40, n_routed_experts=8,
+                                  num_experts_per_tok=2, n_group=1, topk_group=1, n_shared_experts=1,
+                                  first_k_dense_replace=1, indexer_types=["full", "shared", "full"])
     raise KeyError(family)
 
 
-MLA_FAMILIES = ["deepseek_v3", "deepseek_v3_yarn", "glm4_moe_lite", "mistral4"]
+# DeepSeek Sparse Attention: top-k far below the test prompts' lengths (up to 60 + 32 tokens), so that the indexer
+# really chooses; 8 indexer heads make an exact tie (every head's relu at 0) rare
+DSA_V32 = dict(index_topk=6, index_n_heads=8, index_head_dim=16)
+DSA_GLM = dict(index_topk=5, index_n_heads=8, index_head_dim=12)
+DSA_FAMILIES = ["deepseek_v32", "glm_moe_dsa"]
+MLA_FAMILIES = ["deepseek_v3", "deepseek_v3_yarn", "glm4_moe_lite", "mistral4", *DSA_FAMILIES]
 
 
 def hf_model(family: str, seed: int = 0, **overrides) -> torch.nn.Module:
@@ -79,6 +92,8 @@ def hf_model(family: str, seed: int = 0, **overrides) -> torch.nn.Module:
         for name, p in model.named_parameters():
             if p.dim() >= 2:
                 p.normal_(0.0, 0.15)
+            elif name.endswith("indexer.k_norm.bias"):  # centred: a common offset would make every key's
+                p.normal_(0.0, 0.1)  # relu zero for some queries, an exact tie at their top-k boundary
             elif "norm" in name:
                 p.uniform_(0.5, 1.5)
             else:

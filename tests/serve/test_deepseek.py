@@ -1,8 +1,9 @@
 """The DeepSeek-V3 families (multi-head latent attention, grouped sigmoid/softmax routers, shared experts, leading
-dense layers) served token-for-token as ``transformers`` generates them, on tiny random checkpoints: through
-chunked prefill next to decodes, the prefix cache and forced preemption, with the torch backend and the default
-one (``auto``: the C decode kernel on an fp32 CPU); their checkpoints' FP8 tensors, multi-token-prediction layers
-and refused variants (sparse attention, other routers, RoPE types) at load."""
+dense layers; DeepSeek-V3.2 and GLM-5 with DeepSeek Sparse Attention) served token-for-token as ``transformers``
+generates them, on tiny random checkpoints: through chunked prefill next to decodes, the prefix cache and forced
+preemption, with the torch backend and the default one (``auto``: the C decode kernel on an fp32 CPU); their
+checkpoints' FP8 tensors, multi-token-prediction layers and refused variants (indexer fields of a dense
+architecture or out of range, other routers, RoPE types) at load."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from safetensors.torch import load_file, save_file
 from quant import Fp8Experts
 from serve import LLM
 from serve.models.loader import load_model, read_config
-from tests.serve.checkpoints import MLA_FAMILIES, hf_model, save
+from tests.serve.checkpoints import DSA_FAMILIES, MLA_FAMILIES, hf_model, save
 from tests.serve.test_fp8_loader import dequantized_checkpoint, fp8_checkpoint
 from tests.serve.test_parity import GREEDY, _prompts, _reference
 
@@ -35,6 +36,9 @@ def test_greedy_matches_transformers_with_prefix_cache(checkpoint, backend):
     """48 tokens a step: the 43- and 60-token prompts are chunked, the second chunk over the cached first one,
     while the short prompts already decode; the second pass takes the 40-token shared prefix from the cache."""
     family, path, expected = checkpoint
+    indexer = read_config(path)[2].mla.indexer
+    if indexer is not None:  # DSA: every prompt but the one-token one is longer than the indexer's top-k
+        assert sorted(map(len, _prompts()))[1] > indexer.topk
     llm = LLM(path, block_size=8, max_num_batched_tokens=48, max_num_seqs=4, attention_backend=backend)
     assert [o.token_ids for o in llm.generate(_prompts(), GREEDY)] == expected, family
     hits = llm.engine.blocks.stats.hit_tokens
@@ -60,8 +64,14 @@ def test_config_and_modules_follow_the_checkpoint(checkpoint):
     _, _, config = read_config(path)
     model = load_model(path)
     assert config.mla is not None and type(model.layers[0].self_attn).__name__ == "MLAAttention"
-    expected_dense = {"deepseek_v3": (0,), "deepseek_v3_yarn": (), "glm4_moe_lite": (1,), "mistral4": (0,)}
+    expected_dense = {"deepseek_v3": (0,), "deepseek_v3_yarn": (), "glm4_moe_lite": (1,), "mistral4": (0,),
+                      "deepseek_v32": (0,), "glm_moe_dsa": (0,)}
     assert config.dense_layers == expected_dense[family]
+    indexers = [layer.self_attn.indexer is not None for layer in model.layers]
+    assert indexers == {"deepseek_v32": [True, True], "glm_moe_dsa": [True, False, True]}.get(family, [False] * 2)
+    if family in DSA_FAMILIES:  # GLM-5's indexer ropes interleaved pairs, DeepSeek-V3.2's halves
+        assert config.mla.indexer.rope_interleave == (family == "glm_moe_dsa") and config.mla.rope_interleave
+        assert model.layers[0].self_attn.indexer.weights_proj.weight.dtype == torch.float32
     assert (config.yarn is not None) == (family in ("deepseek_v3_yarn", "mistral4"))
     assert hasattr(model.layers[0].self_attn, "q_proj") == (family == "deepseek_v3_yarn")
     moe = next(layer.mlp for layer in model.layers if hasattr(layer.mlp, "router"))
@@ -133,10 +143,20 @@ def test_fp8_checkpoint_attention_and_dense_weights_dequantised(deepseek_dir, tm
     assert [o.token_ids for o in got] == [o.token_ids for o in want]
 
 
+V32 = {"architectures": ["DeepseekV32ForCausalLM"]}
+DSA = {"index_topk": 8, "index_n_heads": 4, "index_head_dim": 16}
+
+
 @pytest.mark.parametrize("change, message", [
-    ({"architectures": ["DeepseekV32ForCausalLM"], "index_topk": 2048}, r"^index_topk \(2048\): DeepSeek Sparse"),
-    ({"architectures": ["GlmMoeDsaForCausalLM"], "index_topk": 64}, r"^index_topk \(64\): DeepSeek Sparse"),
-    ({"index_n_heads": 64}, r"^index_n_heads \(64\): DeepSeek Sparse Attention.*not served as dense"),
+    ({"index_n_heads": 64}, r"^index_n_heads \(64\): DeepSeek Sparse Attention.*not DeepseekV3ForCausalLM"),
+    ({**V32, "index_topk": 2048, "index_head_dim": 16}, r"^config\.json has no index_n_heads$"),
+    ({**V32, **DSA, "index_head_dim": 4}, r"^index_head_dim \(4\) must be >= qk_rope_head_dim \(8\)"),
+    ({**V32, **DSA, "index_topk": 0}, r"^index_topk \(0\) must be a positive integer"),
+    ({**V32, **DSA, "q_lora_rank": None}, r"^q_lora_rank \(None\): DeepSeek Sparse Attention"),
+    ({"architectures": ["GlmMoeDsaForCausalLM"], **DSA, "indexer_types": ["full", "dense"]},
+     r"^indexer_types \(\['full', 'dense'\]\) must list 'full' or 'shared'"),
+    ({"architectures": ["GlmMoeDsaForCausalLM"], **DSA, "indexer_types": ["shared", "full"]},
+     r"^indexer_types\[0\] \('shared'\) must be 'full'"),
     ({"scoring_func": "softmax"}, r"^scoring_func \('softmax'\) is not supported"),
     ({"topk_method": "group_limited_greedy"}, r"^topk_method \('group_limited_greedy'\) is not supported"),
     ({"moe_layer_freq": 2}, r"^moe_layer_freq \(2\) is not supported"),
