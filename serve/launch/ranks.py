@@ -263,6 +263,13 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format=f"[%(asctime)s][rank {rank}][%(levelname)s] %(message)s")
     cfg = to_config(OmegaConf.load(path))
     run_rank_or_exit(cfg, path.parent)
+    # Stopped cleanly (drained, goodbyes said, group destroyed): exit without the interpreter's teardown, in
+    # which a gloo thread's destructor once aborted rank 0 ("terminate called without an active exception",
+    # exit -6 after "all 2 ranks stopped"). A submitit task returns instead: submitit writes its result.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def run_rank_or_exit(cfg: MoEServeSchema, run_dir: Path) -> None:
