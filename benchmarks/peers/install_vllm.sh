@@ -16,7 +16,8 @@ import importlib.metadata as md
 _version = md.version
 md.version = lambda name: "0.32.0+cpu" if name == "vllm" else _version(name)
 from vllm.entrypoints.cli.main import main
-main()
+if __name__ == "__main__":  # vLLM spawns its engine core, which re-imports this file as __mp_main__
+    main()
 WRAPPER
 chmod +x "$VENV/bin/vllm"
 "$VENV/bin/python" -c "import vllm, torch; print('vllm', vllm.__version__, 'torch', torch.__version__)"
