@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -58,3 +59,8 @@ def fma_peak_flops(threads: int, seconds: float = 0.2) -> float | None:
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
+
+
+def machine_load() -> str:
+    """The 1, 5 and 15 minute load averages, noted with every figure (these machines are shared)."""
+    return ", ".join(f"{x:.2f}" for x in os.getloadavg())

@@ -41,6 +41,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.common import machine_load
 from serve import LLM, SamplingParams
 from serve.engine.config import DEFAULT_MODEL
 
@@ -51,10 +52,6 @@ def peer_env(policy: str) -> dict:
     """llama.cpp's environment: ours less the OMP_WAIT_POLICY that `benchmarks` set for us, unless asked."""
     env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
     return env if policy == "unset" else env | {"OMP_WAIT_POLICY": policy}
-
-
-def load() -> str:
-    return ", ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
 def workloads(args) -> list[tuple[str, int, int, int]]:
@@ -162,7 +159,7 @@ def compare(ours: Ours, theirs: Theirs, name: str, prompts, max_tokens: int, thr
         rates = {side: rate(name, r, prompts, max_tokens) for side, r in results.items()}
         for side, r in rates.items():
             best[side] = max(best[side], r)
-        print(f"    turn {turn}: load {load()}; ours {rates['ours']:8.1f} tok/s "
+        print(f"    turn {turn}: load {machine_load()}; ours {rates['ours']:8.1f} tok/s "
               f"({results['ours']['cpu_s']:.2f} CPU-s), llama.cpp {rates['llama.cpp']:8.1f} tok/s "
               f"({results['llama.cpp']['cpu_s']:.2f} CPU-s)", flush=True)
     same, total, identical = agreement(results["ours"]["tokens"], results["llama.cpp"]["tokens"])
@@ -179,7 +176,7 @@ def run_tools(gguf: Path, threads: int, args) -> None:
     for row in json.loads(bench.stdout or "[]"):
         test = f"pp{row['n_prompt']}" if row["n_gen"] == 0 else f"tg{row['n_gen']}"
         print(f"    llama-bench {test} (f16 KV: it takes no f32): {row['avg_ts']:.1f} +- {row['stddev_ts']:.1f} "
-              f"tok/s; load {load()}")
+              f"tok/s; load {machine_load()}")
     npl = args.batches
     ctx = max(map(int, npl.split(","))) * (args.batch_prompt + args.batch_output)
     batched = subprocess.run([str(bin_dir / "llama-batched-bench"), *common, "-ctk", "f32", "-ctv", "f32",
@@ -190,7 +187,7 @@ def run_tools(gguf: Path, threads: int, args) -> None:
         if line.startswith("{"):
             row = json.loads(line)
             print(f"    llama-batched-bench npl {row['pl']}: {row['pl'] * row['tg'] / row['t']:.1f} output tok/s "
-                  f"over the whole run (decode alone {row['speed_tg']:.1f}); load {load()}")
+                  f"over the whole run (decode alone {row['speed_tg']:.1f}); load {machine_load()}")
     if bench.returncode or batched.returncode:
         print(f"    (tools exited {bench.returncode}/{batched.returncode}: {(bench.stderr + batched.stderr)[-400:]})")
 
@@ -244,11 +241,11 @@ def main() -> None:
             for i, (name, p, t, n) in enumerate(workloads(args))]
     tmp = Path(tempfile.mkdtemp(prefix="llamacpp-peer-"))
     summary = []
-    print(f"llama.cpp worker log: {tmp / 'llamacpp.log'}; load {load()}; OMP_WAIT_POLICY ours "
+    print(f"llama.cpp worker log: {tmp / 'llamacpp.log'}; load {machine_load()}; OMP_WAIT_POLICY ours "
           f"{os.environ.get('OMP_WAIT_POLICY')}, theirs {args.their_omp}; their KV cache {args.their_kv}", flush=True)
     for model in args.models.split(","):
         summary += bench_model(model, *checkpoints[model], jobs, args, tmp / "llamacpp.log")
-    print(f"\nbest of {args.repeats} (tok/s), load {load()}:")
+    print(f"\nbest of {args.repeats} (tok/s), load {machine_load()}:")
     print(f"{'model':8} {'thr':>3} {'workload':9} {'ours':>9} {'llama.cpp':>9} {'ratio':>6}  agreement")
     for model, threads, name, r in summary:
         print(f"{model:8} {threads:3d} {name:9} {r['ours']:9.1f} {r['llama.cpp']:9.1f} "

@@ -16,7 +16,6 @@ per forward, the ratio (ggml / ours: above 1 means ours is faster) and the large
 from __future__ import annotations
 
 import argparse
-import os
 import subprocess
 import tempfile
 import time
@@ -24,14 +23,11 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.common import machine_load
 from moe import MoE, MoEConfig
 
 HERE = Path(__file__).parent
 PEER = Path.home() / "peers/llamacpp"
-
-
-def load() -> str:
-    return ", ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
 def build_harness(peer: Path, out: Path) -> Path:
@@ -83,7 +79,7 @@ def main() -> None:
     exe = build_harness(Path(args.peer), tmp)
     D, F, E, K = args.hidden, args.ffn, args.experts, args.top_k
     layer = MoE(MoEConfig(hidden_size=D, ffn_size=F, num_experts=E, top_k=K)).eval()
-    print(f"MoE D={D} F={F} E={E} K={K}, threads={args.threads}, {args.iters} forwards a turn; load {load()}")
+    print(f"MoE D={D} F={F} E={E} K={K}, threads={args.threads}, {args.iters} forwards a turn; load {machine_load()}")
     rows = []
     for T in map(int, args.tokens.split(",")):
         x_TD = torch.randn(T, D)
@@ -95,14 +91,15 @@ def main() -> None:
                                   args.threads)), str(tmp / "out.f32")], capture_output=True, text=True, check=True)
             theirs = tuple(map(float, run.stdout.split()))
             best = {"ours": min(best["ours"], ours[0]), "ggml": min(best["ggml"], theirs[0])}
-            print(f"  T={T:4d} turn {turn}: load {load()}; ours {1e6 * ours[0]:9.1f} us (median {1e6 * ours[1]:.1f}), "
+            print(f"  T={T:4d} turn {turn}: load {machine_load()}; "
+                  f"ours {1e6 * ours[0]:9.1f} us (median {1e6 * ours[1]:.1f}), "
                   f"ggml {1e6 * theirs[0]:9.1f} us (median {1e6 * theirs[1]:.1f})", flush=True)
         with torch.inference_mode():
             expected_TD = layer(x_TD)
         got_TD = torch.frombuffer(bytearray((tmp / "out.f32").read_bytes()), dtype=torch.float32).view(T, D)
         diff = (got_TD - expected_TD).abs().max().item() / expected_TD.abs().max().item()
         rows.append((T, best["ours"], best["ggml"], diff))
-    print(f"\nbest of {args.repeats} turns (us per forward), load {load()}:")
+    print(f"\nbest of {args.repeats} turns (us per forward), load {machine_load()}:")
     for T, ours, ggml, diff in rows:
         print(f"  T={T:4d}: ours {1e6 * ours:9.1f}, ggml {1e6 * ggml:9.1f}, ggml/ours {ggml / ours:5.2f}x; "
               f"max |diff| / max |ours| = {diff:.1e}")

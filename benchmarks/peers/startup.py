@@ -25,12 +25,9 @@ from pathlib import Path
 
 import httpx
 
+from benchmarks.common import machine_load
 from benchmarks.server import free_port
 from serve.engine.config import DEFAULT_MODEL
-
-
-def load() -> str:
-    return ", ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
 def start(kind: str, port: int, vllm: str, log_path: str) -> subprocess.Popen:
@@ -114,7 +111,7 @@ def main() -> None:
             f = one_start(kind, args.vllm, args.steady, timeout=600 if kind == "vllm" else 120)
             print(f"{kind:5s} start {r}: healthy {f['healthy_s']:6.1f} s, first TTFT {1e3 * f['first_ttft_s']:7.1f} ms,"
                   f" steady TTFT {1e3 * f['steady_ttft_s']:6.1f} ms, first/steady "
-                  f"{f['first_ttft_s'] / f['steady_ttft_s']:.1f}x; load {load()}", flush=True)
+                  f"{f['first_ttft_s'] / f['steady_ttft_s']:.1f}x; load {machine_load()}", flush=True)
 
 
 if __name__ == "__main__":

@@ -24,13 +24,10 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.common import machine_load
 from benchmarks.serve_offline import make_requests
 from serve import LLM, SamplingParams
 from serve.engine.config import DEFAULT_MODEL
-
-
-def load() -> str:
-    return ", ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
 def run_ours(model: str, requests, max_num_seqs: int) -> dict:
@@ -66,7 +63,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     requests = make_requests(LLM(args.model, num_kv_blocks=128).tokenizer, args.requests, args.seed)
     print(f"{len(requests)} requests: {sum(len(p) for p, _ in requests)} prompt tokens, "
-          f"{sum(n for _, n in requests)} output tokens; our threads={args.threads}; load {load()}", flush=True)
+          f"{sum(n for _, n in requests)} output tokens; our threads={args.threads}; load {machine_load()}", flush=True)
     tmp = Path(tempfile.mkdtemp(prefix="vllm-peer-"))
     (tmp / "requests.json").write_text(json.dumps(requests))
     with open(tmp / "vllm.log", "w") as log:
@@ -95,14 +92,15 @@ def main() -> None:
                 for name, rate in rates.items():
                     best[name] = max(best[name], rate)
                 agree = sum(a == b for a, b in zip(ours["tokens"], theirs["tokens"], strict=True))
-                print(f"turn {turn}: load {load()}; ours {rates['ours']:7.1f} tok/s ({ours['cpu_s']:.1f} CPU-s), "
+                print(f"turn {turn}: load {machine_load()}; "
+                      f"ours {rates['ours']:7.1f} tok/s ({ours['cpu_s']:.1f} CPU-s), "
                       f"vLLM {rates['vllm']:7.1f} tok/s ({theirs['cpu_s']:.1f} CPU-s); identical outputs "
                       f"{agree}/{len(requests)}", flush=True)
         finally:
             worker.stdin.close()
             worker.wait(timeout=120)
     print(f"best of {args.repeats}: ours {best['ours']:.1f} tok/s, vLLM {best['vllm']:.1f} tok/s: ratio "
-          f"{best['ours'] / best['vllm']:.2f}x; identical outputs {agree}/{len(requests)}; load {load()}")
+          f"{best['ours'] / best['vllm']:.2f}x; identical outputs {agree}/{len(requests)}; load {machine_load()}")
 
 
 if __name__ == "__main__":
