@@ -13,17 +13,15 @@ import pytest
 
 from serve import LLM, SamplingParams
 from serve.engine import fair_share
-from serve.engine.block_manager import BlockManager
-from serve.engine.config import EngineConfig
 from serve.engine.sampling_params import SamplingParams as Params
 from serve.engine.scheduler import Scheduler
 from serve.engine.sequence import Sequence, SequenceStatus
+from tests.serve.test_scheduler import _make as make_scheduler
+from tests.serve.test_scheduler import _step  # one step with a fake model
 
 
 def _make(max_num_seqs: int, num_blocks: int = 256, block_size: int = 4, budget: int = 64) -> Scheduler:
-    config = EngineConfig(model="unused", block_size=block_size, max_num_seqs=max_num_seqs,
-                          max_num_batched_tokens=budget)
-    return Scheduler(config, BlockManager(num_blocks, block_size, config.enable_prefix_caching))
+    return make_scheduler(num_blocks, block_size, max_num_seqs=max_num_seqs, max_num_batched_tokens=budget)
 
 
 ARRIVALS = itertools.count()
@@ -35,18 +33,6 @@ def _add(sched: Scheduler, name: str, client: str | None, prompt_len: int = 5, m
                    arrival, client=client)
     sched.add(seq)
     return seq
-
-
-def _step(sched: Scheduler):
-    out = sched.schedule()
-    for seq, n in zip(out.seqs, out.num_new_tokens, strict=True):
-        seq.num_computed += n
-        sched.blocks.register_full_blocks(seq)
-        if seq.num_computed == seq.num_tokens:
-            seq.token_ids.append(7)
-            if seq.num_output_tokens >= seq.params.max_tokens:
-                sched.finish(seq, "length")
-    return out
 
 
 def _names(seqs) -> list[str]:
