@@ -19,7 +19,7 @@ from importlib import metadata
 from fastapi import FastAPI, Request
 from pydantic import BaseModel, Field
 
-from serve.http.protocol import STRICT, ApiError, ChatMessage, Int64, parse_body, read_body
+from serve.http.protocol import STRICT, ApiError, ChatMessage, Int64
 
 DISTRIBUTION = "moe-serve"
 
@@ -72,12 +72,16 @@ class TokenizeRoutes:
         self.server._auth(request)
         return {"version": package_version()}
 
+    async def _body(self, request: Request, model):
+        """Authorised, parsed as the completion endpoints parse (sizes bounded before validation), for this model."""
+        self.server._auth(request)
+        req = await self.server._parse(request, model)
+        self.server._check_model(req.model)
+        return req
+
     async def tokenize(self, request: Request) -> dict:
         server = self.server
-        server._auth(request)
-        limit = server.config.max_request_bytes
-        req = parse_body(await read_body(request, limit), TokenizeRequest, limit)
-        server._check_model(req.model)
+        req = await self._body(request, TokenizeRequest)
         if (req.prompt is None) == (req.messages is None):
             raise ApiError(400, "prompt or messages: give exactly one of them (a completion or a chat body)",
                            "messages" if req.prompt is not None else "prompt")
@@ -123,10 +127,7 @@ class TokenizeRoutes:
 
     async def detokenize(self, request: Request) -> dict:
         server = self.server
-        server._auth(request)
-        limit = server.config.max_request_bytes
-        req = parse_body(await read_body(request, limit), DetokenizeRequest, limit)
-        server._check_model(req.model)
+        req = await self._body(request, DetokenizeRequest)
         if server.tokenizer is None:
             raise ApiError(400, "this model has no tokenizer: nothing to detokenize with", "tokens")
         vocab = server.engine.model.config.vocab_size

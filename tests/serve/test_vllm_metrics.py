@@ -293,6 +293,9 @@ def test_bad_tokenize_and_detokenize_bodies_are_4xx_naming_the_field(http):
     assert "-1" in _error(http.post("/detokenize", json={"tokens": [-1]}), 400, "tokens")
     _error(http.post("/detokenize", json={"tokens": ["5"]}), 400, "tokens.0")  # strict: a string is not an id
     _error(http.post("/detokenize", json={}), 400, "tokens")
+    # bounded before validation, as on the completion endpoints: no sequence holds more ids than the context
+    bound = max(http.post("/tokenize", json={"prompt": "x"}).json()["max_model_len"], 256)
+    assert "no valid request" in _error(http.post("/detokenize", json={"tokens": [5] * (bound + 1)}), 400, "tokens")
     _error(http.post("/detokenize", json={"model": "gpt-4", "tokens": [1]}), 404, "model")
     _error(http.post("/tokenize", json={"model": "gpt-4", "prompt": "x"}), 404, "model")
     _error(http.post("/tokenize", json={"prompt": 5}), 400, "prompt")
