@@ -19,7 +19,7 @@ NOT_STEP_PATH = {  # model surgery, checkpoint loading and references: they run 
 STEP_PATH = sorted(
     p for pattern in ("moe/*.py", "moe/kernels/*.py", "routing/router.py", "routing/stats.py", "quant/fp8*.py",
                       "serve/models/*.py", "serve/engine/model_runner.py", "serve/engine/cuda_graphs.py",
-                      "serve/engine/sampler.py")
+                      "serve/engine/sampler.py", "serve/engine/greedy.py")
     for p in ROOT.glob(pattern) if p.relative_to(ROOT).as_posix() not in NOT_STEP_PATH)
 SYNC = re.compile(r"\.(item|tolist|cpu|numpy)\(\)|\b(int|float|bool)\(.*\.(any|all|sum|max|min|argmax)\(")
 HOST_TENSOR = re.compile(r"torch\.tensor\((?!.*device=)|device=[\"']cpu[\"']")

@@ -143,6 +143,8 @@ class BlockManager:
         All or nothing: ``False`` (and no change) when the pool is short."""
         start, end = seq.num_computed, seq.num_computed + num_new_tokens
         first, last = start // self.block_size, self.blocks_for(end)
+        if last <= len(seq.block_table) and first == last - 1 and self.blocks[seq.block_table[first]].ref_count == 1:
+            return True  # most decode steps: the token goes into a block of its own that it already holds
         shared = [i for i in range(first, min(last, len(seq.block_table)))
                   if self.blocks[seq.block_table[i]].ref_count > 1]
         needed = max(0, last - len(seq.block_table)) + len(shared)

@@ -6,12 +6,12 @@ paged KV cache -> sample -> append tokens, check stops, retire finished sequence
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import time
 from dataclasses import dataclass, fields
 
 from moe.kernels.cpu_gemm import block_gemm_available, skinny_gemm_available
+from serve.engine import greedy
 from serve.engine.block_manager import BlockManager
 from serve.engine.config import EngineConfig
 from serve.engine.device import kv_cache_blocks, resolve_device
@@ -164,8 +164,8 @@ class LLMEngine:
         calls made (a cold first request waited 3.9 s against 67 ms steady). The prefix cache is off meanwhile
         (nothing of it stays cached) and the step statistics are reset. Seconds taken."""
         start = time.perf_counter()
-        if self.device.type == "cpu":  # the MoE GEMM libraries; a decode step builds the attention one
-            skinny_gemm_available(), block_gemm_available()
+        if self.device.type == "cpu":  # the MoE GEMM and greedy libraries; a decode step builds attention's
+            skinny_gemm_available(), block_gemm_available(), greedy.warm_up()
         caching, self.blocks.enable_prefix_caching = self.blocks.enable_prefix_caching, False
         try:
             prompt = [0] * max(1, min(64, self.max_model_len - 3))
@@ -230,7 +230,7 @@ class LLMEngine:
             finish_reason=seq.finish_reason, stop_reason=seq.stop_reason,
             logprobs=list(seq.logprobs) if seq.params.logprobs is not None else None,
             num_cached_tokens=max(seq.num_cached_tokens, 0), new_token_ids=new,
-            times=dataclasses.replace(seq.times), num_preemptions=seq.num_preemptions,
+            times=seq.times.copy(), num_preemptions=seq.num_preemptions,
         )
 
 

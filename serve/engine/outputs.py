@@ -25,6 +25,11 @@ class RequestTimes:
     last_token: float | None = None
     prev_token: float | None = None
 
+    def copy(self) -> RequestTimes:
+        """A snapshot (what an output carries); ``dataclasses.replace`` costs ~4x this, per output and step."""
+        return RequestTimes(self.arrival, self.queued, self.scheduled, self.first_token, self.last_token,
+                            self.prev_token)
+
     def on_token(self, now: float) -> None:
         if self.first_token is None:
             self.first_token = now

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from serve.engine.greedy import greedy_tokens
 from serve.engine.sampling_params import SamplingParams
 from serve.engine.sequence import Sequence
 from serve.engine.structured import GrammarMasker, advance
@@ -48,6 +49,9 @@ class Sampler:
 
     def __call__(self, logits_BV: torch.Tensor, seqs: list[Sequence]) -> SampleResult:
         params = [s.params for s in seqs]
+        if all(p.plain_greedy for p in params) and all(s.matcher is None for s in seqs):
+            # the fast path: nothing to adjust, filter, draw or report, just each row's best token
+            return SampleResult(greedy_tokens(logits_BV.float()), [None] * len(seqs))
         raw_BV = logits_BV.float()
         constrained = [i for i, s in enumerate(seqs) if s.matcher is not None]
         if constrained:  # logprobs then come from the allowed tokens' distribution, as vLLM's do

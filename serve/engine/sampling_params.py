@@ -92,3 +92,8 @@ class SamplingParams:
     @property
     def penalised(self) -> bool:
         return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1)
+
+    @property
+    def plain_greedy(self) -> bool:
+        """Greedy with nothing that changes or reports the logits: the token is the row's argmax."""
+        return self.greedy and not self.penalised and not self.logit_bias and self.logprobs is None
