@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from serve.models import cpu_ops
 from serve.models.config import DecoderConfig, QKNorm
 
 
@@ -32,6 +33,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.weight.dtype == torch.float32 and cpu_ops.fused(x):  # one C call (within 1e-6, tested)
+            return cpu_ops.rms_norm(x, self.weight, self.eps)
         # one op, bit-identical (tested)
         if x.dtype == self.weight.dtype == torch.float32 and not torch.is_grad_enabled():
             return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
@@ -59,6 +62,10 @@ class Attention(nn.Module):
         self.qkv_proj = nn.Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.attention_bias)
         self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=config.o_proj_bias)
         self.qk_norm = config.qk_norm
+        self.eps = config.rms_norm_eps
+        # what cpu_ops.qk_norm_rope computes: per-head (or no) q/k norms, then apply_rope (NeoX halves over the
+        # first cos_TD.shape[-1] dims); a layer with anything else between qkv_proj and attention takes torch
+        self.fusable = config.qk_norm is not QKNorm.FULL and config.clip_qkv is None
         if config.qk_norm is QKNorm.HEAD:
             self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps)
             self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps)
@@ -69,7 +76,13 @@ class Attention(nn.Module):
     def forward(self, x_TD: torch.Tensor, cos_TD: torch.Tensor, sin_TD: torch.Tensor,
                 backend: StepAttention) -> torch.Tensor:
         T = x_TD.shape[0]
-        q, k, v = self.qkv_proj(x_TD).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        qkv = self.qkv_proj(x_TD)
+        if self.fusable and cpu_ops.fused(qkv):  # per-head q/k norms and the rotation in one C call
+            q_THd, k_THd = cpu_ops.qk_norm_rope(qkv, self.num_heads, self.num_kv_heads, self.head_dim,
+                                                *self._head_norm_weights(), self.eps, cos_TD, sin_TD)
+            v_THd = qkv[:, self.q_size + self.kv_size:].reshape(T, self.num_kv_heads, self.head_dim)
+            return self.o_proj(backend.attend(self.layer, q_THd, k_THd, v_THd).reshape(T, self.q_size))
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         if self.qk_norm is QKNorm.FULL:
             q, k = self.q_norm(q), self.k_norm(k)
         if self.clip_qkv is not None:
@@ -82,6 +95,12 @@ class Attention(nn.Module):
         q_THd, k_THd = apply_rope(q_THd, cos_TD, sin_TD), apply_rope(k_THd, cos_TD, sin_TD)
         o_THd = backend.attend(self.layer, q_THd, k_THd, v_THd)
         return self.o_proj(o_THd.reshape(T, self.q_size))
+
+
+    def _head_norm_weights(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        if self.qk_norm is QKNorm.HEAD:
+            return self.q_norm.weight, self.k_norm.weight
+        return None, None
 
 
 class DenseCausalAttention:
