@@ -19,12 +19,12 @@ from serve.engine.config import EngineConfig
 from serve.http.app import OpenAIServer
 from serve.http.config import ServerConfig
 
-LONG = {"prompt": "class Parser:\n", "max_tokens": 200, "ignore_eos": True, "temperature": 0}
+LONG = {"prompt": "class Parser:\n", "max_tokens": 1500, "ignore_eos": True, "temperature": 0}
 
 
 @pytest.fixture(scope="module")
 def server():
-    with running_server("server.routing_stats=false", "model.max_model_len=256") as s:
+    with running_server("server.routing_stats=false", "model.max_model_len=2048") as s:
         yield s
 
 
