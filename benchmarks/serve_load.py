@@ -54,9 +54,12 @@ def make_requests(n: int, input_len: tuple[int, int], output_len: tuple[int, int
     return out
 
 
-async def one_request(client: httpx.AsyncClient, url: str, prompt: list[int], max_tokens: int) -> Result:
+async def one_request(client: httpx.AsyncClient, url: str, prompt: list[int], max_tokens: int,
+                      model: str | None = None) -> Result:
     body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True, "stream": True,
             "stream_options": {"include_usage": True}}
+    if model is not None:
+        body["model"] = model
     result, start = Result(), time.perf_counter()
     last = None
     try:
@@ -84,13 +87,13 @@ async def one_request(client: httpx.AsyncClient, url: str, prompt: list[int], ma
     return result
 
 
-async def run_load(url: str, requests, rate: float, max_concurrency: int, seed: int):
+async def run_load(url: str, requests, rate: float, max_concurrency: int, seed: int, model: str | None = None):
     rng = random.Random(seed)
     limit = asyncio.Semaphore(max_concurrency)
 
     async def limited(client, prompt, out):
         async with limit:
-            return await one_request(client, url, prompt, out)
+            return await one_request(client, url, prompt, out, model)
 
     async with httpx.AsyncClient(timeout=None, limits=httpx.Limits(max_connections=max_concurrency)) as client:
         tasks = []

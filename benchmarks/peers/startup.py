@@ -37,7 +37,8 @@ def start(kind: str, port: int, vllm: str, log_path: str) -> subprocess.Popen:
                f"hydra.run.dir={os.path.dirname(log_path)}", "server.log_level=info"]
     else:
         cmd = [vllm, "serve", str(DEFAULT_MODEL), "--port", str(port), "--dtype", "float32",
-               "--served-model-name", "default", "--max-model-len", "2048"]
+               "--served-model-name", "default", "--max-model-len", "2048",
+               "--gpu-memory-utilization", "0.3"]  # on the CPU: the share of memory it reserves (0.92 can fail)
     with open(log_path, "w") as log:
         return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
 
