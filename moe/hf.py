@@ -10,21 +10,63 @@ are copied once into our fused layout. The layer class comes in as an argument: 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from moe.config import Activation, MoEConfig
 from routing.config import GroupScore, RouterConfig, Scoring
 
-# Families whose block is ``gate`` (softmax top-k router) + ``experts`` (+ optional Qwen-style gated shared expert).
-_SOFTMAX_BLOCKS = {
-    "MixtralSparseMoeBlock", "Qwen3MoeSparseMoeBlock", "OlmoeSparseMoeBlock", "FlexOlmoSparseMoeBlock",
-    "MiniMaxSparseMoeBlock", "Qwen2MoeSparseMoeBlock", "Qwen3NextSparseMoeBlock", "Qwen3_5MoeSparseMoeBlock",
+
+@dataclass(frozen=True)
+class TopKPattern:
+    """The routing of a family whose block is a router (``gate``/``router``) + standard fused ``experts`` (+ a
+    shared expert): what the block's attributes do not say. Everything else is read from the block: ``top_k``,
+    ``norm_topk_prob`` (else ``renormalize``), a correction bias, ``num_group``/``topk_group``,
+    ``routed_scaling_factor``, the shared expert and its gate."""
+
+    scoring: Scoring
+    renormalize: bool = True  # when the router has no norm_topk_prob
+
+
+_SOFTMAX = TopKPattern(Scoring.SOFTMAX)  # softmax over all experts, top-k, renormalised unless norm_topk_prob=False
+_SOFTMAX_UNNORMALISED = TopKPattern(Scoring.SOFTMAX, renormalize=False)  # the k softmax scores as they are
+_SIGMOID = TopKPattern(Scoring.SIGMOID)  # sigmoid scores (+ selection-only bias, groups, scaling)
+_LOGITS_TOPK = TopKPattern(Scoring.SOFTMAX_TOPK)  # top-k of the logits, softmax over the k chosen
+
+# One line per family: a new family reusing a known pattern is a new line here.
+_TOPK_BLOCKS: dict[str, TopKPattern] = {
+    "MixtralSparseMoeBlock": _SOFTMAX, "Qwen3MoeSparseMoeBlock": _SOFTMAX, "OlmoeSparseMoeBlock": _SOFTMAX,
+    "FlexOlmoSparseMoeBlock": _SOFTMAX, "MiniMaxSparseMoeBlock": _SOFTMAX, "Qwen2MoeSparseMoeBlock": _SOFTMAX,
+    "Qwen3NextSparseMoeBlock": _SOFTMAX, "Qwen3_5MoeSparseMoeBlock": _SOFTMAX,
+    "Qwen3VLMoeTextSparseMoeBlock": _SOFTMAX, "HunYuanMoEV1Moe": _SOFTMAX,
+    "Ernie4_5_MoeSparseMoeBlock": _SOFTMAX,  # + a selection-only bias (moe_statics)
+    "Mistral4MoE": _SOFTMAX,  # + grouped top-k (top-2 sum of the scores) and scaling
+    "JambaSparseMoeBlock": _SOFTMAX_UNNORMALISED,
+    "MistralLarge4TextMoE": _SOFTMAX, "LaraMiniSparseMoeBlock": _SOFTMAX, "MellumSparseMoeBlock": _SOFTMAX,
+    "Qwen3OmniMoeThinkerTextSparseMoeBlock": _SOFTMAX, "Qwen4ExpTextSparseMoeBlock": _SOFTMAX,
+    "DeepseekV3MoE": _SIGMOID, "Glm4MoeMoE": _SIGMOID, "Glm4MoeLiteMoE": _SIGMOID, "Dots1MoE": _SIGMOID,
+    "ExaoneMoeSparseMoEBlock": _SIGMOID, "MiniMaxM2SparseMoeBlock": _SIGMOID, "Lfm2MoeSparseMoeBlock": _SIGMOID,
+    "DeepseekV32MoE": _SIGMOID, "GlmMoeDsaMoE": _SIGMOID, "Glm4vMoeTextMoE": _SIGMOID, "KimiLinearMoE": _SIGMOID,
+    "AXK2MoE": _SIGMOID, "BailingHybridMoE": _SIGMOID, "FlintSparseMoeBlock": _SIGMOID,
+    "LagunaSparseMoeBlock": _SIGMOID, "MiMoV2FlashMoE": _SIGMOID, "SolarOpenMoE": _SIGMOID,
+    "Step3p7SparseMoeBlock": _SIGMOID,
+    "GraniteMoeMoE": _LOGITS_TOPK, "GraniteMoeSharedMoE": _LOGITS_TOPK, "GraniteMoeSWAMoE": _LOGITS_TOPK,
+    "GraniteMoeHybridMoE": _LOGITS_TOPK,
 }
-# DeepSeek-V3-style blocks: sigmoid router with correction bias and grouped top-k, plus ``shared_experts``.
-_DEEPSEEK_V3_BLOCKS = {"DeepseekV3MoE", "Glm4MoeMoE", "Dots1MoE", "ExaoneMoeMoE"}
+
+# Blocks with an ``experts`` child that are not a top-k-routed set of MLPs/GLUs, and why (patch_hf names them).
+REFUSED_BLOCKS: dict[str, str] = {
+    "PhimoeSparseMoeBlock": "sparsemixer routing (a per-expert masked softmax, not a top-k of one score)",
+    "SwitchTransformersSparseMLP": "encoder-decoder top-1 router with expert capacity and token dropping",
+    "VitPoseBackboneMoeMLP": "the expert is chosen by the dataset index passed in, not by a router",
+    "JetMoeAttention": "attention mixture (the experts are attention projections, JetMoeMoA)",
+    "DogeCDMoE": "experts are rows of two embeddings retrieved by product keys, beside a dense MLP",
+    "NllbMoeSparseMLP": "encoder-decoder top-2 router with expert capacity and token dropping",
+}
 
 
 Layer = TypeVar("Layer", bound=nn.Module)  # moe.MoE (passed in by MoE.from_hf)
@@ -39,9 +81,7 @@ def moe_from_hf(block: Block, layer_cls: type[Layer]) -> Layer:
     ``supported_blocks()``)."""
     builder = _BUILDERS.get(type(block).__name__)
     if builder is None:
-        raise ValueError(
-            f"unsupported MoE block class {type(block).__name__!r}; supported: {', '.join(supported_blocks())}"
-        )
+        raise ValueError(unsupported_reason(block) + f"; supported: {', '.join(supported_blocks())}")
     layer = builder(block, layer_cls)
     left_on_meta = [name for name, t in layer.state_dict().items() if t.is_meta]
     if left_on_meta:  # a builder forgot to take over a tensor from the block
@@ -53,14 +93,26 @@ def supported_blocks() -> list[str]:
     return sorted(_BUILDERS)
 
 
+def unsupported_reason(block: Block) -> str:
+    """One line naming the block's class, and why it is refused when that is known."""
+    cls = type(block).__name__
+    reason = REFUSED_BLOCKS.get(cls)
+    return f"unsupported MoE block class {cls!r}" + (f" ({reason})" if reason else "")
+
+
 def is_supported(block: Block) -> bool:
     return type(block).__name__ in _BUILDERS
+
+
+def looks_like_moe(module: nn.Module) -> bool:
+    """An MoE block patch_hf must either replace or refuse: it has an ``experts`` child or is a known refusal."""
+    return isinstance(getattr(module, "experts", None), nn.Module) or type(module).__name__ in REFUSED_BLOCKS
 
 
 def _activation(experts: Block) -> Activation:
     """The gated activation of a HF experts module, from its ``act_fn``."""
     act_fn = experts.act_fn
-    if isinstance(act_fn, nn.SiLU) or type(act_fn).__name__ == "SiLUActivation":
+    if isinstance(act_fn, nn.SiLU) or type(act_fn).__name__ == "SiLUActivation" or act_fn is F.silu:
         return Activation.SWIGLU
     if type(act_fn) is nn.GELU or type(act_fn).__name__ == "GELUActivation":
         return Activation.GEGLU
@@ -97,39 +149,56 @@ def _set_shared(layer: Any, mlp: Block, gate: Block | None = None) -> None:
             shared.gate_weight = gate.weight
 
 
-def _softmax_block(block: Block, layer_cls: Callable[[MoEConfig], Any]) -> Any:
-    gate, experts = block.gate, block.experts
+def _router(block: Block) -> tuple[Block, nn.Parameter]:
+    """The block's router module and its ``[E, D]`` weight (HunYuan keeps it in ``gate.wg``)."""
+    router = getattr(block, "gate", None) or block.router
+    wg = getattr(router, "wg", None)
+    return router, (router.weight if wg is None else wg.weight)
+
+
+def _correction_bias(block: Block, router: Block) -> torch.Tensor | None:
+    """The selection-only expert bias, wherever the family keeps it, as an ``[E]`` view of it."""
+    statics = getattr(router, "moe_statics", None)  # Ernie 4.5
+    for holder, name in ((router, "e_score_correction_bias"), (block, "e_score_correction_bias"),
+                         (statics, "e_score_correction_bias"), (block, "expert_bias")):
+        bias = getattr(holder, name, None) if holder is not None else None
+        if isinstance(bias, torch.Tensor) and getattr(block, "use_expert_bias", True):
+            return bias.detach().reshape(-1)
+    return None
+
+
+def _shared_mlp(block: Block) -> Block | None:
+    for name in ("shared_expert", "shared_experts", "shared_mlp"):
+        if getattr(block, name, None) is not None:
+            return getattr(block, name)
+    return None
+
+
+def _topk_block(block: Block, layer_cls: Callable[[MoEConfig], Any]) -> Any:
+    """A block of a ``_TOPK_BLOCKS`` family, read from what it holds."""
+    pattern = _TOPK_BLOCKS[type(block).__name__]
+    (router, router_weight), experts = _router(block), block.experts
     w13, w2 = _standard_experts(experts)
     E, X, D = w13.shape
-    shared = getattr(block, "shared_expert", None)
-    router = RouterConfig(E, gate.top_k, Scoring.SOFTMAX, renormalize=getattr(gate, "norm_topk_prob", True))
+    top_k = getattr(router, "top_k", None) or block.top_k
+    bias = _correction_bias(block, router)
+    route = RouterConfig(
+        E, top_k, pattern.scoring, renormalize=getattr(router, "norm_topk_prob", pattern.renormalize),
+        correction_bias=bias is not None, num_groups=getattr(router, "num_group", 1),
+        topk_groups=getattr(router, "topk_group", 1), group_score=GroupScore.TOP2_SUM,
+        routed_scaling_factor=getattr(router, "routed_scaling_factor", 1.0),
+    )
+    shared, shared_gate = _shared_mlp(block), getattr(block, "shared_expert_gate", None)
     config = MoEConfig(
-        D, X // 2, E, gate.top_k, _activation(experts), router,
+        D, X // 2, E, top_k, _activation(experts), route,
         shared_ffn_size=0 if shared is None else shared.down_proj.weight.shape[1],
-        shared_expert_gate=getattr(block, "shared_expert_gate", None) is not None,
-        extra={"hf_class": type(block).__name__},
+        shared_expert_gate=shared_gate is not None, extra={"hf_class": type(block).__name__},
     )
-    layer = _build(layer_cls, config, w13, w2, gate.weight)
+    layer = _build(layer_cls, config, w13, w2, router_weight)
+    if bias is not None:
+        layer.router.correction_bias = bias
     if shared is not None:
-        _set_shared(layer, shared, getattr(block, "shared_expert_gate", None))
-    return layer
-
-
-def _deepseek_v3_block(block: Block, layer_cls: Callable[[MoEConfig], Any]) -> Any:
-    gate, experts = block.gate, block.experts
-    w13, w2 = _standard_experts(experts)
-    E, X, D = w13.shape
-    router = RouterConfig(
-        E, gate.top_k, Scoring.SIGMOID, renormalize=gate.norm_topk_prob, correction_bias=True,
-        num_groups=gate.num_group, topk_groups=gate.topk_group, group_score=GroupScore.TOP2_SUM,
-        routed_scaling_factor=gate.routed_scaling_factor,
-    )
-    shared = block.shared_experts
-    config = MoEConfig(D, X // 2, E, gate.top_k, _activation(experts), router,
-                       shared_ffn_size=shared.down_proj.weight.shape[1], extra={"hf_class": type(block).__name__})
-    layer = _build(layer_cls, config, w13, w2, gate.weight)
-    layer.router.correction_bias = gate.e_score_correction_bias
-    _set_shared(layer, shared)
+        _set_shared(layer, shared, shared_gate)
     return layer
 
 
@@ -189,9 +258,9 @@ def _llama4_block(block: Block, layer_cls: Callable[[MoEConfig], Any]) -> Any:
 
 
 _BUILDERS: dict[str, Builder] = {
-    **{name: _softmax_block for name in _SOFTMAX_BLOCKS},
-    **{name: _deepseek_v3_block for name in _DEEPSEEK_V3_BLOCKS},
-    "DeepseekV2Moe": _deepseek_v2_block,
+    **{name: _topk_block for name in _TOPK_BLOCKS},
+    "DeepseekV2Moe": _deepseek_v2_block, "DeepseekOcr2TextMoe": _deepseek_v2_block,
+    "UnlimitedOcrTextMoe": _deepseek_v2_block,
     "GptOssMLP": _gpt_oss_block,
     "Llama4TextMoe": _llama4_block,
 }

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from moe.hf import is_supported
+from moe.hf import is_supported, looks_like_moe, unsupported_reason
 from moe.layer import MoE
 
 
@@ -36,15 +36,14 @@ def patch_hf(model: nn.Module) -> int:
     targets: list[str] = []
     done: list[str] = []  # moe.MoE layers (and their wrappers) from an earlier call, with everything inside them
     for name, module in model.named_modules():
-        cls = type(module).__name__
         if done and (done[0] == "" or _inside(name, done)):  # "": the model itself is an moe.MoE
             continue
         if isinstance(module, (MoE, TupleOutputMoE)):
             done.append(name)
         elif is_supported(module):
             targets.append(name)
-        elif isinstance(getattr(module, "experts", None), nn.Module) and not _inside(name, targets):
-            raise ValueError(f"unsupported MoE block class {cls!r} at {name!r}")
+        elif looks_like_moe(module) and not _inside(name, targets):
+            raise ValueError(f"{unsupported_reason(module)} at {name!r}")
     for name in targets:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
