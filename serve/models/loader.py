@@ -19,7 +19,6 @@ import dataclasses
 import json
 import logging
 import re
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +33,7 @@ from quant import Fp8Experts, quantize_fp8
 from quant.fp8 import BLOCK, FP8, dequantize_weight
 from routing import Router
 from serve.models import DecoderConfig, Family, MoEDecoder, family_for
+from serve.models.registry import with_transformers_defaults
 from serve.models.sparse_attention import Indexer
 
 log = logging.getLogger("moe-serve")
@@ -60,6 +60,7 @@ def read_config(path: str | Path) -> tuple[dict, Family, DecoderConfig]:
     hf = json.loads((path / "config.json").read_text())
     hf = hf.get("text_config", hf) if "architectures" not in hf else hf
     family = family_for(hf)
+    hf = with_transformers_defaults(hf)
     config = family.parse(hf)
     if hf.get("hypermoe") is not None:
         config.hypermoe = _hypermoe_config(hf["hypermoe"], config)
@@ -297,9 +298,8 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, hypermoe: b
                      "they serve speculative decoding, which this engine does not run", len(mtp), config.num_layers,
                      config.num_layers + config.num_mtp_layers - 1)
         unused = sorted(k for k in handles if k not in used and k not in mtp and not k.endswith(IGNORED_SUFFIXES))
-    if unused:
-        warnings.warn(f"checkpoint {path} has {len(unused)} tensors the model does not use, e.g. {unused[:3]}",
-                      stacklevel=2)
+    if unused:  # a config field the parser missed (a shared expert, a bias) would be served without its weights
+        raise ValueError(f"checkpoint {path} has {len(unused)} tensors the model does not use, e.g. {unused[:3]}")
     for name, count in filled.items():
         if count != targets[name].numel():  # a bug in tensor_map, not in the checkpoint
             raise ValueError(f"parameter {name!r} filled {count} of {targets[name].numel()} elements")

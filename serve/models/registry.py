@@ -298,6 +298,20 @@ ARCHITECTURES: MappingProxyType[str, Family] = MappingProxyType({
 })
 
 
+def with_transformers_defaults(hf: dict) -> dict:
+    """``config.json`` completed as ``transformers`` reads it: a field it leaves out takes the value the family's
+    config class gives it, built from this same ``config.json`` (so derived fields such as ``layer_types`` agree).
+    A config ``transformers`` cannot build is returned as it is; its own fields are then checked by ``parse``."""
+    from transformers import AutoConfig  # not at import: transformers is slow to import
+
+    try:
+        fields = {k: v for k, v in hf.items() if k != "model_type"}
+        full = AutoConfig.for_model(hf.get("model_type", ""), **fields).to_dict()
+    except (ValueError, KeyError, TypeError):
+        return hf
+    return {**full, **hf}
+
+
 def family_for(hf: dict) -> Family:
     """The :class:`Family` of a parsed ``config.json``; ``ValueError`` naming the architecture if unknown."""
     archs = hf.get("architectures") or []

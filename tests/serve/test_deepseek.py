@@ -120,7 +120,7 @@ def test_multi_token_prediction_layer_is_skipped_not_unknown(deepseek_dir, tmp_p
     assert "multi-token-prediction layers 2..2" in caplog.text
     assert served.config.num_mtp_layers == 1 and len(served.layers) == 2
     extra_dir = _edit(mtp_dir, tmp_path / "extra", tensors=lambda s: s | {"model.layers.3.foo.weight": torch.ones(2)})
-    with pytest.warns(UserWarning, match=r"1 tensors the model does not use.*model\.layers\.3\.foo\.weight"):
+    with pytest.raises(ValueError, match=r"1 tensors the model does not use.*model\.layers\.3\.foo\.weight"):
         load_model(extra_dir)
 
 

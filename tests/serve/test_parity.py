@@ -3,6 +3,8 @@ preemption) is token-for-token identical to ``transformers``' ``generate`` on ti
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -96,3 +98,27 @@ def test_fused_expert_keys_and_tied_embeddings(tmp_path):
     for variant in ("per_expert", "fused"):
         outputs = LLM(str(tmp_path / variant), block_size=8).generate(prompts, GREEDY)
         assert [o.token_ids for o in outputs] == expected, variant
+
+
+def test_missing_config_fields_take_transformers_defaults(tmp_path):
+    """A Qwen2-MoE config.json without ``shared_expert_intermediate_size`` has the shared expert transformers gives
+    it by default (5632 wide), as ``generate`` does; the tensors of a part the model lacks are an error."""
+    import transformers as tf
+
+    default_shared = tf.Qwen2MoeConfig().shared_expert_intermediate_size
+    model = hf_model("qwen2_moe", shared_expert_intermediate_size=default_shared)
+    path = save(model, tmp_path / "defaults")
+    config_path = tmp_path / "defaults" / "config.json"
+    config = json.loads(config_path.read_text())
+    del config["shared_expert_intermediate_size"]
+    config_path.write_text(json.dumps(config))
+    prompts = _prompts()[:4]
+    reference = tf.AutoModelForCausalLM.from_pretrained(path).eval()
+    assert reference.config.shared_expert_intermediate_size == default_shared
+    llm = LLM(path, block_size=8, max_num_seqs=4)
+    assert [o.token_ids for o in llm.generate(prompts, GREEDY)] == _reference(reference, prompts)
+
+    config["shared_expert_intermediate_size"] = 0  # said explicitly: no shared expert, yet the checkpoint has one
+    config_path.write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="tensors the model does not use.*shared_expert"):
+        LLM(path, block_size=8)
