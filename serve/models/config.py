@@ -82,6 +82,27 @@ class MLAConfig:
 
 
 @dataclass
+class RopeScaling:
+    """Linear (``inv_freq / factor``) or Llama 3 (low frequencies / factor, high kept, a smooth band between)
+    RoPE scaling, as ``transformers``' ``_compute_linear_scaling_rope_parameters`` / ``_compute_llama3_parameters``."""
+
+    kind: str  # "linear" | "llama3"
+    factor: float
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("linear", "llama3"):
+            raise ValueError(f"rope_parameters.rope_type ({self.kind!r}) must be 'linear' or 'llama3' here")
+        if self.factor <= 0:
+            raise ValueError(f"rope_parameters.factor ({self.factor!r}) must be > 0")
+        if self.kind == "llama3" and not self.high_freq_factor > self.low_freq_factor > 0:
+            raise ValueError(f"rope_parameters high_freq_factor ({self.high_freq_factor}) must exceed "
+                             f"low_freq_factor ({self.low_freq_factor}) > 0")
+
+
+@dataclass
 class YarnRope:
     """YaRN RoPE scaling as ``transformers``' ``_compute_yarn_parameters`` reads ``rope_parameters``;
     ``attention_factor`` scales cos and sin (None: from ``factor``, ``mscale`` and ``mscale_all_dim``)."""
@@ -151,6 +172,7 @@ class DecoderConfig:
     moe_backend: Backend = Backend.AUTO  # the MoE layers' backend (the loader picks it from the device)
     mla: MLAConfig | None = None
     yarn: YarnRope | None = None
+    rope_scaling: RopeScaling | None = None  # linear or llama3 (YaRN: ``yarn``)
     scoring: Scoring = Scoring.SOFTMAX
     correction_bias: bool = False
     num_groups: int = 1

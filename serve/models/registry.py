@@ -17,7 +17,7 @@ from types import MappingProxyType
 from typing import Any
 
 from routing.config import Scoring
-from serve.models.config import DecoderConfig, IndexerConfig, MLAConfig, QKNorm, YarnRope
+from serve.models.config import DecoderConfig, IndexerConfig, MLAConfig, QKNorm, RopeScaling, YarnRope
 from serve.models.mla import deepseek_softmax_scale
 
 _MISSING = object()
@@ -48,12 +48,32 @@ def _get(hf: dict, *keys: str, default: Any = _MISSING) -> Any:
     return default
 
 
-def _rope_theta(hf: dict, default: float) -> float:
+def _rope(hf: dict, default_theta: float) -> dict:
+    """``rope_theta``, ``yarn`` and ``rope_scaling`` (linear, llama3) of a Llama-attention family's
+    ``rope_parameters`` / ``rope_scaling``, as ``transformers``' ``ROPE_INIT_FUNCTIONS`` read them."""
     rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
     kind = rope.get("rope_type", rope.get("type", "default"))
-    if kind != "default":
-        raise ValueError(f"rope_parameters.rope_type ({kind!r}) is not supported; only 'default' RoPE is")
-    return float(rope.get("rope_theta", hf.get("rope_theta", default)))
+    theta = float(rope.get("rope_theta", hf.get("rope_theta", default_theta)))
+    if kind == "default":
+        return dict(rope_theta=theta)
+    if kind == "yarn":
+        return dict(rope_theta=theta, yarn=_yarn(hf, rope))
+    if kind in ("linear", "llama3"):
+        scaling = RopeScaling(kind, float(_get(rope, "factor")), float(rope.get("low_freq_factor", 1.0)),
+                              float(rope.get("high_freq_factor", 4.0)),
+                              int(rope.get("original_max_position_embeddings") or 8192))
+        return dict(rope_theta=theta, rope_scaling=scaling)
+    raise ValueError(f"rope_parameters.rope_type ({kind!r}) is not supported; supported: default, linear, llama3, "
+                     "yarn")
+
+
+def _yarn(hf: dict, rope: dict) -> YarnRope:
+    max_pos = _get(hf, "max_position_embeddings")
+    original = hf.get("original_max_position_embeddings") or rope.get("original_max_position_embeddings") or max_pos
+    factor = rope.get("factor") or max_pos / original
+    return YarnRope(float(factor), int(original), float(rope.get("beta_fast") or 32), float(rope.get("beta_slow") or 1),
+                    rope.get("mscale"), rope.get("mscale_all_dim"), rope.get("attention_factor"),
+                    bool(rope.get("truncate", True)))
 
 
 def _common(hf: dict, eps: float, theta: float) -> dict:
@@ -73,7 +93,7 @@ def _common(hf: dict, eps: float, theta: float) -> dict:
         head_dim=_get(hf, "head_dim", default=_get(hf, "hidden_size") // heads),
         max_position_embeddings=max_pos,
         rms_norm_eps=float(_get(hf, "rms_norm_eps", default=eps)),
-        rope_theta=_rope_theta(hf, theta),
+        **_rope(hf, theta),
         tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
         eos_token_ids=tuple(eos if isinstance(eos, list) else [] if eos is None else [eos]),
         bos_token_id=hf.get("bos_token_id"),
@@ -148,13 +168,7 @@ def _mla_rope(hf: dict, rope_dim: int, head_dim: int) -> tuple[float, YarnRope |
         return theta, None, None
     if kind != "yarn":
         raise ValueError(f"rope_parameters.rope_type ({kind!r}) is not supported; MLA models take 'default' or 'yarn'")
-    max_pos = _get(hf, "max_position_embeddings")
-    original = hf.get("original_max_position_embeddings") or rope.get("original_max_position_embeddings") or max_pos
-    factor = rope.get("factor") or max_pos / original
-    yarn = YarnRope(float(factor), int(original), float(rope.get("beta_fast") or 32), float(rope.get("beta_slow") or 1),
-                    rope.get("mscale"), rope.get("mscale_all_dim"), rope.get("attention_factor"),
-                    bool(rope.get("truncate", True)))
-    return theta, yarn, rope.get("factor")
+    return theta, _yarn(hf, rope), rope.get("factor")
 
 
 _INDEXER_KEYS = ("index_topk", "index_n_heads", "index_head_dim")
@@ -209,7 +223,7 @@ def _deepseek_like(hf: dict, dense_layers: tuple[int, ...], scoring: Scoring, co
         llama4_max_positions=int(rope.get("original_max_position_embeddings") or 1), indexer=indexer)
     common = _common({**hf, "rope_parameters": None, "rope_scaling": None, "rope_theta": theta}, eps=1e-6, theta=theta)
     heads = common["num_heads"]
-    common.update(num_kv_heads=heads, head_dim=rope_dim)  # K and V come per head from the latent
+    common.update(num_kv_heads=heads, head_dim=rope_dim, yarn=yarn)  # K and V come per head from the latent
     experts = _get(hf, "n_routed_experts", "num_local_experts")
     moe_ffn = _get(hf, "moe_intermediate_size")
     return DecoderConfig(
@@ -217,7 +231,7 @@ def _deepseek_like(hf: dict, dense_layers: tuple[int, ...], scoring: Scoring, co
         norm_topk_prob=bool(_get(hf, "norm_topk_prob", default=True)),
         shared_ffn_size=moe_ffn * _get(hf, "n_shared_experts", default=0),
         dense_ffn_size=_get(hf, "intermediate_size"), dense_layers=dense_layers,
-        attention_bias=bool(hf.get("attention_bias", False)), mla=mla, yarn=yarn, scoring=scoring,
+        attention_bias=bool(hf.get("attention_bias", False)), mla=mla, scoring=scoring,
         correction_bias=correction_bias, num_groups=_get(hf, "n_group", default=1),
         topk_groups=_get(hf, "topk_group", default=1),
         routed_scaling_factor=float(_get(hf, "routed_scaling_factor", default=1.0)),

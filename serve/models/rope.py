@@ -1,4 +1,4 @@
-"""Rotary tables: HF "default" RoPE and YaRN (DeepSeek-V3's ``rope_parameters``), both as ``transformers`` computes
+"""Rotary tables: HF "default", linear, Llama 3 and YaRN RoPE, as ``transformers`` computes
 them, and the interleaved-pair rotation DeepSeek's MLA uses.
 
 Shape legend: P positions, R rotary dims (even), T tokens, H heads.
@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from serve.models.config import YarnRope
+from serve.models.config import RopeScaling, YarnRope
 
 
 def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
@@ -44,12 +44,28 @@ def yarn_inv_freq(dim: int, theta: float, yarn: YarnRope) -> tuple[torch.Tensor,
     return inv_freq, float(attention_factor)
 
 
-def rope_tables(dim: int, theta: float, max_positions: int,
-                yarn: YarnRope | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def scaled_inv_freq(inv_freq: torch.Tensor, scaling: RopeScaling) -> torch.Tensor:
+    """Linear: every frequency / factor. Llama 3: wavelengths longer than ``original / low_freq_factor`` / factor,
+    shorter than ``original / high_freq_factor`` kept, the band between interpolated."""
+    if scaling.kind == "linear":
+        return inv_freq / scaling.factor
+    original, low, high = scaling.original_max_position_embeddings, scaling.low_freq_factor, scaling.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > original / low, inv_freq / scaling.factor, inv_freq)
+    smooth = (original / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / scaling.factor + smooth * scaled
+    medium = (wavelen >= original / high) & (wavelen <= original / low)
+    return torch.where(medium, smoothed, scaled)
+
+
+def rope_tables(dim: int, theta: float, max_positions: int, yarn: YarnRope | None = None,
+                scaling: RopeScaling | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``cos_PR``, ``sin_PR``: the half-frequencies repeated twice, times YaRN's attention factor (as
     ``transformers``' rotary embeddings return them)."""
     if yarn is None:
         inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+        if scaling is not None:
+            inv_freq = scaled_inv_freq(inv_freq, scaling)
         scale = 1.0
     else:
         inv_freq, scale = yarn_inv_freq(dim, theta, yarn)

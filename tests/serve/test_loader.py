@@ -56,9 +56,9 @@ def test_misshaped_tensor_named(qwen_dir, tmp_path):
 def test_unsupported_rope_and_missing_files(qwen_dir, tmp_path):
     path = _copy(qwen_dir, tmp_path / "m")
     cfg = json.loads((path / "config.json").read_text())
-    cfg["rope_parameters"] = {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}
+    cfg["rope_parameters"] = {"rope_type": "dynamic", "rope_theta": 1e4, "factor": 4.0}
     (path / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ValueError, match=r"rope_type \('yarn'\)"):
+    with pytest.raises(ValueError, match=r"rope_type \('dynamic'\)"):
         read_config(path)
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="no config.json"):

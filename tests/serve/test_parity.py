@@ -122,3 +122,20 @@ def test_missing_config_fields_take_transformers_defaults(tmp_path):
     config_path.write_text(json.dumps(config))
     with pytest.raises(ValueError, match="tensors the model does not use.*shared_expert"):
         LLM(path, block_size=8)
+
+
+@pytest.mark.parametrize("rope", [
+    {"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0},
+    {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+     "original_max_position_embeddings": 32},
+    {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 32},
+], ids=lambda r: r["rope_type"])
+def test_rope_scaling_matches_transformers(rope, tmp_path):
+    """Linear, Llama 3 and YaRN scaling on a Llama-attention family (Qwen3-MoE: q/k norms), prompts past the
+    original context."""
+    model = hf_model("qwen3_moe", rope_parameters=rope)
+    assert model.config.rope_parameters["rope_type"] == rope["rope_type"]
+    path = save(model, tmp_path / rope["rope_type"])
+    prompts = _prompts()[:5]
+    llm = LLM(path, block_size=8, max_num_seqs=4)
+    assert [o.token_ids for o in llm.generate(prompts, GREEDY)] == _reference(model, prompts)
