@@ -179,6 +179,7 @@ class DecoderConfig:
     topk_groups: int = 1
     routed_scaling_factor: float = 1.0
     num_mtp_layers: int = 0
+    rotary_dim: int = 0  # the rotated leading dims of each head (partial rotary; 0: all of head_dim)
 
     def __post_init__(self) -> None:
         self.qk_norm = QKNorm(self.qk_norm)
@@ -200,6 +201,9 @@ class DecoderConfig:
             raise ValueError(f"dense_ffn_size ({self.dense_ffn_size}) must be >= 1 when there are dense layers")
         if self.rope_theta <= 0:
             raise ValueError(f"rope_theta ({self.rope_theta}) must be > 0")
+        if self.rotary_dim % 2 or not 0 <= self.rotary_dim <= self.head_dim:
+            raise ValueError(f"rotary_dim ({self.rotary_dim}) must be even and at most head_dim ({self.head_dim}); "
+                             "from partial_rotary_factor")
 
     def is_moe_layer(self, layer: int) -> bool:
         return layer not in self.dense_layers

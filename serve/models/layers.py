@@ -44,6 +44,10 @@ class RMSNorm(nn.Module):
 
 
 def apply_rope(x_THd: torch.Tensor, cos_TD: torch.Tensor, sin_TD: torch.Tensor) -> torch.Tensor:
+    """NeoX rotation of the first ``R`` (cos width) dims of each head; the rest pass (partial rotary)."""
+    if cos_TD.shape[-1] < x_THd.shape[-1]:
+        R = cos_TD.shape[-1]
+        return torch.cat((apply_rope(x_THd[..., :R], cos_TD, sin_TD), x_THd[..., R:]), dim=-1)
     half = x_THd.shape[-1] // 2
     rotated = torch.cat((-x_THd[..., half:], x_THd[..., :half]), dim=-1)
     return x_THd * cos_TD[:, None, :] + rotated * sin_TD[:, None, :]

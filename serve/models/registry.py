@@ -272,6 +272,28 @@ def parse_glm4_moe_lite(hf: dict) -> DecoderConfig:
     return _deepseek_like(hf, dense, Scoring.SIGMOID, True, _get(hf, "qk_rope_head_dim"))
 
 
+def parse_glm4_moe(hf: dict) -> DecoderConfig:
+    """GLM-4.5 / 4.6: GQA with partial rotary (NeoX halves), q/k biases, optional per-head q/k norms, leading
+    dense layers, and DeepSeek-V3's router (sigmoid + correction bias, grouped top-k, scaling) with shared experts."""
+    _check_act(hf)
+    _refuse_sparse_attention(hf)
+    common = _common(hf, eps=1e-5, theta=10000.0)
+    rope = hf.get("rope_parameters") or {}
+    partial = float(rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 0.5)))
+    layers, moe_ffn = common["num_layers"], _get(hf, "moe_intermediate_size")
+    first = min(_get(hf, "first_k_dense_replace", default=1), layers)
+    return DecoderConfig(
+        **common, num_experts=_get(hf, "n_routed_experts"), top_k=_get(hf, "num_experts_per_tok"),
+        moe_ffn_size=moe_ffn, norm_topk_prob=bool(_get(hf, "norm_topk_prob", default=True)),
+        shared_ffn_size=moe_ffn * _get(hf, "n_shared_experts", default=1), dense_ffn_size=_get(hf, "intermediate_size"),
+        dense_layers=tuple(range(first)), qk_norm=QKNorm.HEAD if hf.get("use_qk_norm") else QKNorm.NONE,
+        attention_bias=bool(hf.get("attention_bias", False)), scoring=Scoring.SIGMOID, correction_bias=True,
+        num_groups=_get(hf, "n_group", default=1), topk_groups=_get(hf, "topk_group", default=1),
+        routed_scaling_factor=float(_get(hf, "routed_scaling_factor", default=1.0)),
+        rotary_dim=int(common["head_dim"] * partial),
+    )
+
+
 def _dsa_dense_layers(hf: dict) -> tuple[int, ...]:
     """``mlp_layer_types`` (``transformers`` writes it), else DeepSeek's ``first_k_dense_replace`` (default 3)."""
     layers = _get(hf, "num_hidden_layers")
@@ -305,6 +327,7 @@ ARCHITECTURES: MappingProxyType[str, Family] = MappingProxyType({
     "Qwen2MoeForCausalLM": Family(parse_qwen2_moe, ("mlp",), _HF_NAMES),
     "OlmoeForCausalLM": Family(parse_olmoe, ("mlp",), _HF_NAMES),
     "DeepseekV3ForCausalLM": Family(parse_deepseek_v3, ("mlp",), _HF_NAMES, "shared_experts"),
+    "Glm4MoeForCausalLM": Family(parse_glm4_moe, ("mlp",), _HF_NAMES, "shared_experts"),
     "Glm4MoeLiteForCausalLM": Family(parse_glm4_moe_lite, ("mlp",), _HF_NAMES, "shared_experts"),
     "Mistral4ForCausalLM": Family(parse_mistral4, ("mlp",), _HF_NAMES, "shared_experts"),
     "DeepseekV32ForCausalLM": Family(parse_deepseek_v32, ("mlp",), _HF_NAMES, "shared_experts"),

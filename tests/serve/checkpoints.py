@@ -24,10 +24,15 @@ def hf_config(family: str):
     if family == "qwen2_moe":
         return tf.Qwen2MoeConfig(**COMMON, intermediate_size=80, moe_intermediate_size=48, num_experts=8,
                                  num_experts_per_tok=2, shared_expert_intermediate_size=56)
+    if family == "glm4_moe":  # partial rotary, q/k norms and biases, layer 0 dense, grouped sigmoid + bias router
+        return tf.Glm4MoeConfig(**COMMON, intermediate_size=80, moe_intermediate_size=48, n_routed_experts=8,
+                                num_experts_per_tok=2, n_group=2, topk_group=1, n_shared_experts=1,
+                                first_k_dense_replace=1, routed_scaling_factor=1.8, norm_topk_prob=True,
+                                use_qk_norm=True, attention_bias=True)
     raise KeyError(family)
 
 
-FAMILIES = ["mixtral", "qwen3_moe", "qwen3_moe_sparse_step", "olmoe", "qwen2_moe"]
+FAMILIES = ["mixtral", "qwen3_moe", "qwen3_moe_sparse_step", "olmoe", "qwen2_moe", "glm4_moe"]
 
 # multi-head latent attention (serve.models.mla): tiny DeepSeek-V3-shaped configs with awkward, distinct sizes
 MLA = dict(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
