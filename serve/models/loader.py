@@ -220,7 +220,7 @@ def _moe_entries(config: DecoderConfig, family: Family, layer: int, keys: set[st
     F = config.moe_ffn_size
     entries = [Entry(hf + "gate.weight", ours + "router.weight")]
     if config.correction_bias:
-        entries.append(Entry(hf + "gate.e_score_correction_bias", ours + "router.correction_bias"))
+        entries.append(Entry(hf + family.correction_bias_name, ours + "router.correction_bias"))
     if fused:  # transformers-5 in-memory layout: [E, 2F, D] gate rows then up rows, [E, D, F]
         entries += [Entry(hf + "experts.gate_up_proj", ours + "experts.w13_E2FD"),
                     Entry(hf + "experts.down_proj", ours + "experts.w2_EDF")]

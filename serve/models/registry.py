@@ -30,13 +30,14 @@ class Family:
     ``moe_prefixes``: where a layer's MoE block lives, relative to ``model.layers.{i}.`` (``transformers``
     5 saves Mixtral's under the legacy ``block_sparse_moe``; a raw fused dump uses ``mlp``).
     ``expert_names``: the per-expert (gate, up, down) projection names; ``shared_prefix``: the shared expert's
-    name inside the MoE block.
+    name inside the MoE block; ``correction_bias_name``: the router's selection bias inside it.
     """
 
     parse: Callable[[dict], DecoderConfig]
     moe_prefixes: tuple[str, ...]
     expert_names: tuple[str, str, str]
     shared_prefix: str = "shared_expert"
+    correction_bias_name: str = "gate.e_score_correction_bias"
 
 
 def _get(hf: dict, *keys: str, default: Any = _MISSING) -> Any:
@@ -294,6 +295,20 @@ def parse_glm4_moe(hf: dict) -> DecoderConfig:
     )
 
 
+def parse_minimax_m2(hf: dict) -> DecoderConfig:
+    """MiniMax-M2: GQA with partial rotary and q/k norms over all heads, sigmoid routing with a selection bias
+    (kept beside the gate), renormalised top-k, no shared expert."""
+    _check_act(hf)
+    common = _common(hf, eps=1e-6, theta=5e6)
+    rope = hf.get("rope_parameters") or {}
+    partial = float(rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0)))
+    return DecoderConfig(
+        **common, num_experts=_get(hf, "num_local_experts"), top_k=_get(hf, "num_experts_per_tok"),
+        moe_ffn_size=_get(hf, "intermediate_size"), norm_topk_prob=True, qk_norm=QKNorm.FULL,
+        scoring=Scoring.SIGMOID, correction_bias=True, rotary_dim=int(common["head_dim"] * partial),
+    )
+
+
 def _dsa_dense_layers(hf: dict) -> tuple[int, ...]:
     """``mlp_layer_types`` (``transformers`` writes it), else DeepSeek's ``first_k_dense_replace`` (default 3)."""
     layers = _get(hf, "num_hidden_layers")
@@ -328,6 +343,8 @@ ARCHITECTURES: MappingProxyType[str, Family] = MappingProxyType({
     "OlmoeForCausalLM": Family(parse_olmoe, ("mlp",), _HF_NAMES),
     "DeepseekV3ForCausalLM": Family(parse_deepseek_v3, ("mlp",), _HF_NAMES, "shared_experts"),
     "Glm4MoeForCausalLM": Family(parse_glm4_moe, ("mlp",), _HF_NAMES, "shared_experts"),
+    "MiniMaxM2ForCausalLM": Family(parse_minimax_m2, ("block_sparse_moe", "mlp"), ("w1", "w3", "w2"),
+                                   correction_bias_name="e_score_correction_bias"),
     "Glm4MoeLiteForCausalLM": Family(parse_glm4_moe_lite, ("mlp",), _HF_NAMES, "shared_experts"),
     "Mistral4ForCausalLM": Family(parse_mistral4, ("mlp",), _HF_NAMES, "shared_experts"),
     "DeepseekV32ForCausalLM": Family(parse_deepseek_v32, ("mlp",), _HF_NAMES, "shared_experts"),

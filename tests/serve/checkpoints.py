@@ -29,10 +29,14 @@ def hf_config(family: str):
                                 num_experts_per_tok=2, n_group=2, topk_group=1, n_shared_experts=1,
                                 first_k_dense_replace=1, routed_scaling_factor=1.8, norm_topk_prob=True,
                                 use_qk_norm=True, attention_bias=True)
+    if family == "minimax_m2":  # partial rotary, q/k norms over all heads, sigmoid + bias router beside the gate
+        return tf.MiniMaxM2Config(**COMMON, intermediate_size=48, num_local_experts=8, num_experts_per_tok=2,
+                                  rope_parameters={"rope_type": "default", "rope_theta": 1e4,
+                                                   "partial_rotary_factor": 0.5})
     raise KeyError(family)
 
 
-FAMILIES = ["mixtral", "qwen3_moe", "qwen3_moe_sparse_step", "olmoe", "qwen2_moe", "glm4_moe"]
+FAMILIES = ["mixtral", "qwen3_moe", "qwen3_moe_sparse_step", "olmoe", "qwen2_moe", "glm4_moe", "minimax_m2"]
 
 # multi-head latent attention (serve.models.mla): tiny DeepSeek-V3-shaped configs with awkward, distinct sizes
 MLA = dict(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
