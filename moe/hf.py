@@ -53,7 +53,7 @@ _TOPK_BLOCKS: dict[str, TopKPattern] = {
     "DeepseekV32MoE": _SIGMOID, "GlmMoeDsaMoE": _SIGMOID, "Glm4vMoeTextMoE": _SIGMOID, "KimiLinearMoE": _SIGMOID,
     "AXK2MoE": _SIGMOID, "BailingHybridMoE": _SIGMOID, "FlintSparseMoeBlock": _SIGMOID,
     "LagunaSparseMoeBlock": _SIGMOID, "MiMoV2FlashMoE": _SIGMOID, "SolarOpenMoE": _SIGMOID,
-    "Step3p7SparseMoeBlock": _SIGMOID,
+    "Step3p7SparseMoeBlock": _SIGMOID, "AfmoeSparseMoeBlock": _SIGMOID,
     "GraniteMoeMoE": _LOGITS_TOPK, "GraniteMoeSharedMoE": _LOGITS_TOPK, "GraniteMoeSWAMoE": _LOGITS_TOPK,
     "GraniteMoeHybridMoE": _LOGITS_TOPK,
 }
@@ -150,10 +150,11 @@ def _set_shared(layer: Any, mlp: Block, gate: Block | None = None) -> None:
 
 
 def _router(block: Block) -> tuple[Block, nn.Parameter]:
-    """The block's router module and its ``[E, D]`` weight (HunYuan keeps it in ``gate.wg``)."""
+    """The block's router module and its ``[E, D]`` weight (HunYuan keeps it in ``gate.wg``, AFMoE in
+    ``router.gate``)."""
     router = getattr(block, "gate", None) or block.router
-    wg = getattr(router, "wg", None)
-    return router, (router.weight if wg is None else wg.weight)
+    linear = getattr(router, "wg", None) or getattr(router, "gate", None)
+    return router, (router.weight if linear is None else linear.weight)
 
 
 def _correction_bias(block: Block, router: Block) -> torch.Tensor | None:
@@ -186,7 +187,7 @@ def _topk_block(block: Block, layer_cls: Callable[[MoEConfig], Any]) -> Any:
         E, top_k, pattern.scoring, renormalize=getattr(router, "norm_topk_prob", pattern.renormalize),
         correction_bias=bias is not None, num_groups=getattr(router, "num_group", 1),
         topk_groups=getattr(router, "topk_group", 1), group_score=GroupScore.TOP2_SUM,
-        routed_scaling_factor=getattr(router, "routed_scaling_factor", 1.0),
+        routed_scaling_factor=getattr(router, "routed_scaling_factor", getattr(router, "route_scale", 1.0)),
     )
     shared, shared_gate = _shared_mlp(block), getattr(block, "shared_expert_gate", None)
     config = MoEConfig(

@@ -21,7 +21,6 @@ from moe.hf import REFUSED_BLOCKS, supported_blocks
 
 # Top-k blocks not read yet, and what each needs (their routing or expert layout is not one of moe.hf's patterns).
 PENDING = {
-    "AfmoeSparseMoeBlock": "router without a weight of its own (AfmoeTokenChoiceRouter)",
     "AriaTextMoELayer": "grouped-GEMM experts (AriaGroupedExpertsGemm) in their own layout",
     "AXK1MoE": "routing that none of the softmax/sigmoid patterns reproduces",
     "BeamMoE": "routing that none of the softmax/sigmoid patterns reproduces",
