@@ -2,7 +2,8 @@
 on-disk names of its MoE block's tensors.
 
 The first families are "Llama attention + an MoE feed-forward"; they differ in config field names, q/k norms,
-attention biases, the router's renormalisation, shared experts and where the MoE block's tensors live. The
+attention biases, partial rotary, the router (softmax, or GLM-4.5's and MiniMax-M2's sigmoid with a correction
+bias), shared experts and where the MoE block's tensors live. The
 DeepSeek-V3 ones (DeepSeek-V3/R1/V3.1, Kimi K2, GLM-4.7-Flash, Mistral 4) have multi-head latent attention, a
 sigmoid (or softmax) group-limited router with DeepSeek's correction bias, shared experts and leading dense layers;
 DeepSeek-V3.2 and GLM-5 add DeepSeek Sparse Attention's lightning indexer (``MLAConfig.indexer``), whose fields
