@@ -163,7 +163,7 @@ def _correction_bias(block: Block, router: Block) -> torch.Tensor | None:
     for holder, name in ((router, "e_score_correction_bias"), (block, "e_score_correction_bias"),
                          (statics, "e_score_correction_bias"), (block, "expert_bias")):
         bias = getattr(holder, name, None) if holder is not None else None
-        if isinstance(bias, torch.Tensor) and getattr(block, "use_expert_bias", True):
+        if isinstance(bias, torch.Tensor):  # LFM2 without use_expert_bias has no expert_bias at all
             return bias.detach().reshape(-1)
     return None
 

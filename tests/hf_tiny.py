@@ -11,6 +11,7 @@ import transformers as tf
 
 COMMON = dict(vocab_size=96, hidden_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
               max_position_embeddings=64, head_dim=12, attn_implementation="eager")
+MLA_COMMON = {k: v for k, v in COMMON.items() if k not in ("head_dim", "num_key_value_heads")}  # heads from the latent
 
 
 def _cfg(name: str):
@@ -29,14 +30,14 @@ def _cfg(name: str):
                                  num_experts_per_tok=2, shared_expert_intermediate_size=56, decoder_sparse_step=1)
     if name == "deepseek_v3":
         return tf.DeepseekV3Config(
-            **{k: v for k, v in COMMON.items() if k not in ("head_dim", "num_key_value_heads")},
+            **MLA_COMMON,
             num_key_value_heads=4, intermediate_size=64, moe_intermediate_size=40, n_routed_experts=8,
             num_experts_per_tok=3, n_group=4, topk_group=2, n_shared_experts=1, first_k_dense_replace=0,
             routed_scaling_factor=2.5, norm_topk_prob=True, q_lora_rank=None, kv_lora_rank=16,
             qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=12)
     if name == "deepseek_v2":
         return tf.DeepseekV2Config(
-            **{k: v for k, v in COMMON.items() if k not in ("head_dim", "num_key_value_heads")},
+            **MLA_COMMON,
             num_key_value_heads=4, intermediate_size=64, moe_intermediate_size=40, n_routed_experts=8,
             num_experts_per_tok=2, n_group=4, topk_group=2, topk_method="group_limited_greedy", n_shared_experts=1,
             first_k_dense_replace=0, routed_scaling_factor=1.5, q_lora_rank=None, kv_lora_rank=16,
@@ -56,7 +57,6 @@ def _cfg(name: str):
                                 layer_types=["full_attention"] * 2)
     small_moe = dict(intermediate_size=64, moe_intermediate_size=40, num_experts_per_tok=2)
     grouped = dict(n_routed_experts=8, n_group=2, topk_group=1, n_shared_experts=1, norm_topk_prob=True)
-    mla_common = {k: v for k, v in COMMON.items() if k not in ("head_dim", "num_key_value_heads")}
     mla = dict(num_key_value_heads=4, kv_lora_rank=16, q_lora_rank=None, qk_rope_head_dim=8, qk_nope_head_dim=8,
                v_head_dim=12)
     if name == "exaone_moe":
@@ -64,10 +64,10 @@ def _cfg(name: str):
                                   routed_scaling_factor=2.5, layer_types=["full_attention"] * 2,
                                   mlp_layer_types=["sparse"] * 2)
     if name == "glm4_moe_lite":
-        return tf.Glm4MoeLiteConfig(**mla_common, **small_moe, **grouped, **mla, routed_scaling_factor=1.8,
+        return tf.Glm4MoeLiteConfig(**MLA_COMMON, **small_moe, **grouped, **mla, routed_scaling_factor=1.8,
                                     mlp_layer_types=["sparse"] * 2)
     if name == "mistral4":  # softmax scores, grouped top-k by the top-2 sum of the scores
-        return tf.Mistral4Config(**mla_common, **small_moe, **grouped, **mla, routed_scaling_factor=1.5,
+        return tf.Mistral4Config(**MLA_COMMON, **small_moe, **grouped, **mla, routed_scaling_factor=1.5,
                                  first_k_dense_replace=0, head_dim=16)
     if name == "qwen3_vl_moe":
         return tf.Qwen3VLMoeTextConfig(**COMMON, **small_moe, num_experts=8, decoder_sparse_step=1)

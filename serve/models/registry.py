@@ -274,14 +274,19 @@ def parse_glm4_moe_lite(hf: dict) -> DecoderConfig:
     return _deepseek_like(hf, dense, Scoring.SIGMOID, True, _get(hf, "qk_rope_head_dim"))
 
 
+def _rotary_dim(hf: dict, head_dim: int, default_partial: float) -> int:
+    """The rotated leading dims of a GQA head: ``head_dim`` x ``partial_rotary_factor`` (``rope_parameters``, else
+    the top level, else the family's default)."""
+    rope = hf.get("rope_parameters") or {}
+    return int(head_dim * float(rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", default_partial))))
+
+
 def parse_glm4_moe(hf: dict) -> DecoderConfig:
     """GLM-4.5 / 4.6: GQA with partial rotary (NeoX halves), q/k biases, optional per-head q/k norms, leading
     dense layers, and DeepSeek-V3's router (sigmoid + correction bias, grouped top-k, scaling) with shared experts."""
     _check_act(hf)
     _refuse_sparse_attention(hf)
     common = _common(hf, eps=1e-5, theta=10000.0)
-    rope = hf.get("rope_parameters") or {}
-    partial = float(rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 0.5)))
     layers, moe_ffn = common["num_layers"], _get(hf, "moe_intermediate_size")
     first = min(_get(hf, "first_k_dense_replace", default=1), layers)
     return DecoderConfig(
@@ -292,7 +297,7 @@ def parse_glm4_moe(hf: dict) -> DecoderConfig:
         attention_bias=bool(hf.get("attention_bias", False)), scoring=Scoring.SIGMOID, correction_bias=True,
         num_groups=_get(hf, "n_group", default=1), topk_groups=_get(hf, "topk_group", default=1),
         routed_scaling_factor=float(_get(hf, "routed_scaling_factor", default=1.0)),
-        rotary_dim=int(common["head_dim"] * partial),
+        rotary_dim=_rotary_dim(hf, common["head_dim"], default_partial=0.5),
     )
 
 
@@ -301,12 +306,11 @@ def parse_minimax_m2(hf: dict) -> DecoderConfig:
     (kept beside the gate), renormalised top-k, no shared expert."""
     _check_act(hf)
     common = _common(hf, eps=1e-6, theta=5e6)
-    rope = hf.get("rope_parameters") or {}
-    partial = float(rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0)))
     return DecoderConfig(
         **common, num_experts=_get(hf, "num_local_experts"), top_k=_get(hf, "num_experts_per_tok"),
         moe_ffn_size=_get(hf, "intermediate_size"), norm_topk_prob=True, qk_norm=QKNorm.FULL,
-        scoring=Scoring.SIGMOID, correction_bias=True, rotary_dim=int(common["head_dim"] * partial),
+        scoring=Scoring.SIGMOID, correction_bias=True,
+        rotary_dim=_rotary_dim(hf, common["head_dim"], default_partial=1.0),
     )
 
 
