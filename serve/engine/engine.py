@@ -51,6 +51,22 @@ class StepStats:
         return self.schedule_s + self.prepare_s + self.postprocess_s
 
 
+@dataclass(frozen=True)
+class EngineCounters:
+    """The engine's state after a step, for metrics: queue lengths and KV blocks now; prefix-cache tokens,
+    preemptions, steps and step tokens (prompt tokens computed + tokens sampled) as running totals."""
+
+    running: int
+    waiting: int
+    num_blocks: int
+    free_blocks: int
+    prefix_queried_tokens: int
+    prefix_hit_tokens: int
+    preemptions: int
+    steps: int
+    step_tokens: int
+
+
 class LLMEngine:
     """Serves one model. ``add_request`` validates (``ValueError`` naming the field and value) before anything
     changes, so a bad request never disturbs the others."""
@@ -157,6 +173,16 @@ class LLMEngine:
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.model.config.vocab_size
+
+    def counters(self) -> EngineCounters:
+        blocks, sched, stats = self.blocks, self.scheduler, self.stats
+        return EngineCounters(len(sched.running), len(sched.waiting), blocks.num_blocks, blocks.num_free_blocks,
+                              blocks.stats.queried_tokens, blocks.stats.hit_tokens, sched.num_preemptions,
+                              stats.steps, stats.prompt_tokens + stats.output_tokens)
 
     def warm_up(self) -> float:
         """One small request (a 64-token prefill, two decodes) before serving, so that no client pays first-use

@@ -28,10 +28,12 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from serve.engine import LLMEngine
+from serve.engine.core_process import EngineCoreClient, EngineCoreError
 from serve.engine.sampling_params import SamplingParams
 from serve.engine.scheduler import QueueFullError
 from serve.http.config import ServerConfig
 from serve.http.connections import RequestGuard
+from serve.http.core_loop import CoreEngineLoop
 from serve.http.engine_loop import EngineDeadError, EngineLoop, SubRequest
 from serve.http.metrics import ServerMetrics
 from serve.http.openai_format import LogprobFormatter
@@ -56,12 +58,15 @@ API_KEY_ENV = "MOE_SERVE_API_KEY"
 class OpenAIServer:
     """The application state: engine loop, metrics, model name; ``app`` is the FastAPI application."""
 
-    def __init__(self, engine: LLMEngine, config: ServerConfig, routing_stats=None) -> None:
+    def __init__(self, engine: LLMEngine | EngineCoreClient, config: ServerConfig, routing_stats=None) -> None:
+        """``engine``: an engine in this process (stepped on a thread of it), or an engine core in a process of
+        its own (which steps on its own and updates ``routing_stats`` itself: here they are only read)."""
         self.engine, self.config, self.routing_stats = engine, config, routing_stats
         self.tokenizer = engine.tokenizer
         self.model_name = config.served_model_name or _default_name(engine.config.model)
         self.metrics = ServerMetrics(self.model_name, engine.max_model_len, routing_stats, config.max_expert_series)
-        self.loop = EngineLoop(engine, self._on_step, config.stall_s)
+        self.loop: EngineLoop | CoreEngineLoop = CoreEngineLoop(engine, self.metrics.on_step, config.stall_s) \
+            if isinstance(engine, EngineCoreClient) else EngineLoop(engine, self._on_step, config.stall_s)
         self.logprob_format = LogprobFormatter(self.tokenizer)
         self.draining = False
         self.created = int(time.time())
@@ -73,8 +78,8 @@ class OpenAIServer:
                         self.model_name)
         self.app = self._build_app()
 
-    def _on_step(self, engine: LLMEngine, outputs) -> None:
-        self.metrics.on_step(engine, outputs)
+    def _on_step(self, counters, outputs) -> None:
+        self.metrics.on_step(counters, outputs)
         if self.routing_stats is not None:
             self.routing_stats.step()
 
@@ -124,7 +129,8 @@ class OpenAIServer:
         return JSONResponse({"status": "ok" if ok else "unavailable", "reason": reason}, 200 if ok else 503)
 
     async def prometheus(self) -> Response:
-        return Response(self.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+        body = await asyncio.to_thread(self.metrics.render)  # expert series may ask an engine core (a round trip)
+        return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
 
     def _auth(self, request: Request) -> None:
         if self.api_key is None:
@@ -144,7 +150,10 @@ class OpenAIServer:
         self._auth(request)
         if self.routing_stats is None:
             raise ApiError(404, "routing statistics are off (server.routing_stats=false)")
-        stats = await asyncio.to_thread(self.routing_stats.to_dict)
+        try:
+            stats = await asyncio.to_thread(self.routing_stats.to_dict)
+        except EngineCoreError as e:
+            raise ApiError(503, str(e), headers={"Retry-After": "5"}) from None
         return {**stats, "model": stats.get("model") or self.model_name}
 
     # -- generation ---------------------------------------------------------------------------------------------
@@ -189,12 +198,12 @@ class OpenAIServer:
         limit = self.config.max_request_bytes
         return parse_body(await read_body(request, limit), model, limit,
                           max(self.engine.max_model_len, self.config.max_sub_requests_per_request),
-                          self.engine.model.config.vocab_size)
+                          self.engine.vocab_size)
 
     def _check(self, req: CompletionRequest | ChatRequest) -> None:
         self._check_model(req.model)
         refuse_unsupported(req)
-        req.logit_bias = logit_bias_ids(req.logit_bias, self.engine.model.config.vocab_size)
+        req.logit_bias = logit_bias_ids(req.logit_bias, self.engine.vocab_size)
 
     async def _compile_schema(self, req: CompletionRequest | ChatRequest) -> None:
         """Compile ``response_format``'s schema in a worker thread, off the engine's step (``add_request`` then
@@ -244,7 +253,7 @@ class OpenAIServer:
                                            split_special_tokens=split_special_tokens), prompt
         if not prompt:
             raise ApiError(400, "prompt ([]) must not be empty", "prompt")
-        vocab = self.engine.model.config.vocab_size
+        vocab = self.engine.vocab_size
         bad = [t for t in prompt if not 0 <= t < vocab]
         if bad:
             raise ApiError(400, f"prompt token ids ({bad[:5]}) must be in [0, {vocab})", "prompt")

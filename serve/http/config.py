@@ -18,6 +18,10 @@ class ServerConfig:
     ``header_timeout_s`` / ``body_timeout_s``: a request's headers must arrive this long after its first byte, its
     body this long after its headers (else a 408 and the connection is closed: :mod:`serve.http.connections`).
     ``limit_concurrency``: connections plus running requests above it get uvicorn's plain 503 (None: no bound).
+    ``engine_process``: ``moe-serve`` runs the engine in a process of its own (the engine core: scheduling, the
+    model, sampling) and keeps HTTP, tokenization and detokenization in this one, so the two use two cores and do
+    not share a GIL; false: the engine steps on a thread of this process. A rank of a multi-process job always
+    runs its engine in its own process.
     ``cors_allowed_origins``: browser origins (``https://app.example``, or ``*``) given CORS headers; a request
     whose ``Origin`` is neither one of them nor the server's own is a 403 (empty: no CORS, browsers same-origin).
     """
@@ -33,6 +37,7 @@ class ServerConfig:
     cors_allowed_origins: list[str] = field(default_factory=list)
     stall_s: float = 120.0
     routing_stats: bool = True
+    engine_process: bool = True
     routing_window: int = 100
     max_expert_series: int = 2048
     max_sub_requests_per_request: int = 256

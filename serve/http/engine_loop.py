@@ -48,16 +48,44 @@ class RequestGroup:
         self._loop = loop
 
     def push(self, index: int, item: RequestOutput | Exception) -> None:
-        try:
-            self._loop.call_soon_threadsafe(self.queue.put_nowait, (index, item))
-        except RuntimeError:  # the event loop is closed: nobody is listening any more
-            pass
+        push_all([(self, index, item)])
+
+
+def push_all(items: list[tuple[RequestGroup, int, RequestOutput | Exception]]) -> None:
+    """Hand each ``(group, index, item)`` to its group's queue from another thread: one wake-up of the event loop
+    per call (a step's outputs), not one per output."""
+    if not items:
+        return
+    try:
+        items[0][0]._loop.call_soon_threadsafe(_put_all, items)  # every group of a server shares its one loop
+    except RuntimeError:  # the event loop is closed: nobody is listening any more
+        pass
+
+
+def _put_all(items) -> None:
+    for group, index, item in items:
+        group.queue.put_nowait((index, item))
+
+
+def route(groups: dict[str, tuple[RequestGroup, int]], outputs: list[RequestOutput]) -> list:
+    """``(group, index, output)`` for each output of a known request; a finished one leaves ``groups``."""
+    items = []
+    for out in outputs:
+        entry = groups.get(out.request_id)
+        if entry is None:
+            continue
+        group, index = entry
+        if out.finished:
+            del groups[out.request_id]
+            group.unfinished.pop(out.request_id, None)
+        items.append((group, index, out))
+    return items
 
 
 class EngineLoop:
     """``start()``; ``await submit(subs) -> RequestGroup``; ``abort(group)``; ``shutdown()``.
 
-    ``on_step(engine, outputs)`` runs on the loop thread after every step and every batch of aborts (metrics).
+    ``on_step(counters, outputs)`` runs on the loop thread after every step and every batch of aborts (metrics).
     ``health()`` is
     ``(ok, reason)``: not ok when the thread is dead or one step has run longer than ``stall_s``.
     """
@@ -148,7 +176,7 @@ class EngineLoop:
                     outputs = self.engine.step()
                     self._step_started = None
                     if self.on_step is not None:
-                        self.on_step(self.engine, outputs)
+                        self.on_step(self.engine.counters(), outputs)
                 self._deliver(outputs)
         except BaseException as e:  # a step that raises leaves the engine in an unknown state: stop serving
             log.exception("engine loop died")
@@ -171,19 +199,11 @@ class EngineLoop:
         if outputs:
             if self.on_step is not None:
                 with self._lock:
-                    self.on_step(self.engine, outputs)
+                    self.on_step(self.engine.counters(), outputs)
             self._deliver(outputs)
 
     def _deliver(self, outputs: list[RequestOutput]) -> None:
-        for out in outputs:
-            entry = self._groups.get(out.request_id)
-            if entry is None:
-                continue
-            group, index = entry
-            if out.finished:
-                del self._groups[out.request_id]
-                group.unfinished.pop(out.request_id, None)
-            group.push(index, out)
+        push_all(route(self._groups, outputs))
 
     def _fail_all(self) -> None:
         reason = EngineDeadError(f"engine stopped: {self.error!r}" if self.error else "server shutting down")

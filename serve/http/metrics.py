@@ -18,7 +18,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily
 
-from serve.engine import LLMEngine
+from serve.engine.engine import EngineCounters
 from serve.engine.outputs import RequestOutput
 
 PREFIX = "moe_serve_"
@@ -179,16 +179,16 @@ class ServerMetrics:
         return Histogram(name, doc, LABELS, registry=self.registry, buckets=buckets).labels(*self._values)
 
     # -- engine-loop thread -------------------------------------------------------------------------------------
-    def on_step(self, engine: LLMEngine, outputs: list[RequestOutput]) -> None:
-        """Refresh gauges and counters, observe what the step's outputs finished (engine-loop thread)."""
-        blocks, sched, stats = engine.blocks, engine.scheduler, engine.stats
-        self.running.set(len(sched.running))
-        self.waiting.set(len(sched.waiting))
-        self.kv_total.set(blocks.num_blocks)
-        self.kv_free.set(blocks.num_free_blocks)
-        self.kv_usage.set(1 - blocks.num_free_blocks / blocks.num_blocks)
-        now = (blocks.stats.queried_tokens, blocks.stats.hit_tokens, sched.num_preemptions, stats.steps,
-               stats.prompt_tokens + stats.output_tokens)
+    def on_step(self, counters: EngineCounters, outputs: list[RequestOutput]) -> None:
+        """Refresh gauges and counters from the engine's ``counters`` after a step (or a batch of aborts), observe
+        what the step's outputs finished (the thread that delivers outputs)."""
+        c = counters
+        self.running.set(c.running)
+        self.waiting.set(c.waiting)
+        self.kv_total.set(c.num_blocks)
+        self.kv_free.set(c.free_blocks)
+        self.kv_usage.set(1 - c.free_blocks / c.num_blocks)
+        now = (c.prefix_queried_tokens, c.prefix_hit_tokens, c.preemptions, c.steps, c.step_tokens)
         queried, hit, preempted, steps, step_tokens = (new - old for new, old in zip(now, self._last, strict=True))
         self._last = now
         self.prefix_queries.inc(queried)

@@ -16,6 +16,7 @@ from collections.abc import Callable
 import uvicorn
 
 from serve.engine import LLMEngine
+from serve.engine.core_process import EngineCoreClient
 from serve.http.app import OpenAIServer
 from serve.http.config import ServerConfig
 from serve.http.connections import TimedH11Protocol
@@ -40,14 +41,14 @@ class _DrainingServer(uvicorn.Server):
         await super().shutdown(sockets)
 
 
-def run_server(engine: LLMEngine, config: ServerConfig, routing_stats=None,
+def run_server(engine: LLMEngine | EngineCoreClient, config: ServerConfig, routing_stats=None,
                on_server: Callable[[uvicorn.Server], None] | None = None,
                listener: socket.socket | None = None) -> None:
-    """Serve ``engine`` over HTTP (``routing_stats``: a ``routing.RoutingStats`` attached to its model, for
-    ``/metrics`` and ``/v1/moe/routing``); returns after a drained shutdown. ``on_server`` gets the server before
-    it starts (setting its ``should_exit`` stops it). ``listener``: a socket already bound to
-    ``config.host:config.port`` (the launcher binds it before the model loads, so a taken port fails first);
-    None: uvicorn binds it."""
+    """Serve ``engine`` (in this process, or an engine core in its own) over HTTP; returns after a drained
+    shutdown. ``routing_stats``: a ``routing.RoutingStats`` attached to its model, for ``/metrics`` and
+    ``/v1/moe/routing``. ``on_server`` gets the server before it starts (setting its ``should_exit`` stops it).
+    ``listener``: a socket already bound to ``config.host:config.port`` (the launcher binds it before the model
+    loads, so a taken port fails first); None: uvicorn binds it."""
     api = OpenAIServer(engine, config, routing_stats)
     # h11 always (not httptools when installed): the header and body deadlines live in its protocol
     protocol = functools.partial(TimedH11Protocol, header_timeout_s=config.header_timeout_s,

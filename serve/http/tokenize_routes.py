@@ -130,7 +130,7 @@ class TokenizeRoutes:
         req = await self._body(request, DetokenizeRequest)
         if server.tokenizer is None:
             raise ApiError(400, "this model has no tokenizer: nothing to detokenize with", "tokens")
-        vocab = server.engine.model.config.vocab_size
+        vocab = server.engine.vocab_size
         bad = [t for t in req.tokens if not 0 <= t < vocab]
         if bad:
             raise ApiError(400, f"tokens ({bad[:5]}) must be token ids in [0, {vocab})", "tokens")

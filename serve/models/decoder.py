@@ -63,8 +63,9 @@ class MoEDecoder(nn.Module):
             if isinstance(module, HyperMoELayer):
                 module.init_buffers()
         c = self.config  # head_dim: the rotary dims (MLA's qk_rope_head_dim)
-        cos, sin = rope_tables(c.rotary_dim or c.head_dim, c.rope_theta, c.max_position_embeddings, c.yarn,
-                               c.rope_scaling)
+        with torch.device("cpu"):  # also under a meta build: meta arithmetic's first use imports torch._dynamo (2 s)
+            cos, sin = rope_tables(c.rotary_dim or c.head_dim, c.rope_theta, c.max_position_embeddings, c.yarn,
+                                   c.rope_scaling)
         device = self.embed_tokens.weight.device
         self.register_buffer("rope_cos", cos.to(device), persistent=False)
         self.register_buffer("rope_sin", sin.to(device), persistent=False)

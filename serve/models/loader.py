@@ -110,7 +110,7 @@ def _hypermoe_entries(config: DecoderConfig, family: Family, keys: set[str]) -> 
     """HyperMoE's tensors under our own keys: ``<moe block>.hypermoe.*`` per layer (expert embeddings, the
     processing MLP) and ``model.hypermoe.hypernetwork.*`` once (shared, stored under the first MoE layer)."""
     hm, E, K, D = config.hypermoe, config.num_experts, config.top_k, config.hidden_size
-    with torch.device("meta"):
+    with torch.device("meta"), _no_random_init():
         layer = HyperMoELayer(hm, E, K, D)
     own = [n for n, _ in layer.named_parameters() if not n.startswith("hypernetwork.")]
     shared = [n for n, _ in layer.hypernetwork.named_parameters()]
@@ -239,12 +239,31 @@ def _moe_entries(config: DecoderConfig, family: Family, layer: int, keys: set[st
     return entries
 
 
+_RANDOM_INITS = ("normal_", "uniform_", "trunc_normal_", "kaiming_uniform_", "kaiming_normal_", "xavier_uniform_",
+                 "xavier_normal_")
+
+
+@contextlib.contextmanager
+def _no_random_init():
+    """``torch.nn.init``'s random fills as no-ops while a model is built on the meta device (as ``transformers``'
+    ``no_init_weights``): the checkpoint overwrites every value, and a meta ``normal_`` goes through
+    ``torch._refs``, whose first use imports ``torch._dynamo``, 2 s of start-up."""
+    saved = {name: getattr(torch.nn.init, name) for name in _RANDOM_INITS}
+    try:
+        for name in _RANDOM_INITS:
+            setattr(torch.nn.init, name, lambda tensor, *args, **kwargs: tensor)
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(torch.nn.init, name, fn)
+
+
 def _build(config: DecoderConfig, dtype: torch.dtype, quant: Quant | None, device: torch.device) -> MoEDecoder:
     """The model with uninitialised storage on ``device``, in ``dtype``: built and cast on the meta device (FP8
     experts keep their e4m3 and fp32 tensors), then allocated once where it runs. The MoE layers' backend
     follows the device: the torch one on the CPU, the auto choice (Triton where present) on CUDA."""
     config.moe_backend = Backend.AUTO if device.type == "cuda" else Backend.TORCH
-    with torch.device("meta"):
+    with torch.device("meta"), _no_random_init():
         model = MoEDecoder(config)
         if quant is not None:
             quantize_fp8(model, quant.scheme)

@@ -42,7 +42,7 @@ SURFACE = [
     "quant.scheme",
     "report.output_dir", "report.save_interval_s", "report.window",
     "server.api_key", "server.body_timeout_s", "server.cors_allowed_origins", "server.drain_timeout_s",
-    "server.header_timeout_s", "server.host", "server.limit_concurrency", "server.log_level",
+    "server.engine_process", "server.header_timeout_s", "server.host", "server.limit_concurrency", "server.log_level",
     "server.max_expert_series", "server.max_request_bytes", "server.max_sub_requests_per_request", "server.port",
     "server.routing_stats", "server.routing_window", "server.served_model_name", "server.stall_s",
 ]
