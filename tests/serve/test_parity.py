@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from serve import LLM, SamplingParams
-from tests.serve.checkpoints import FAMILIES, hf_model, save
+from tests.serve.checkpoints import FAMILIES, hf_config, hf_model, save
 
 GREEDY = SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True)
 
@@ -138,4 +138,18 @@ def test_rope_scaling_matches_transformers(rope, tmp_path):
     path = save(model, tmp_path / rope["rope_type"])
     prompts = _prompts()[:5]
     llm = LLM(path, block_size=8, max_num_seqs=4)
+    assert [o.token_ids for o in llm.generate(prompts, GREEDY)] == _reference(model, prompts)
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])
+def test_partial_rotary_factor_is_ignored_where_transformers_ignores_it(family, tmp_path):
+    """Mixtral's and Qwen3-MoE's rotary embeddings in ``transformers`` 5.24 rotate all of head_dim whatever
+    ``partial_rotary_factor`` says (only GLM-4.5 and MiniMax-M2 among the served families read it), and so does
+    the engine."""
+    rope = {**hf_config(family).rope_parameters, "partial_rotary_factor": 0.5}
+    model = hf_model(family, rope_parameters=rope)
+    path = save(model, tmp_path / family)
+    prompts = _prompts()[:4]
+    llm = LLM(path, block_size=8, max_num_seqs=4)
+    assert llm.engine.model.config.rotary_dim in (0, model.config.head_dim)
     assert [o.token_ids for o in llm.generate(prompts, GREEDY)] == _reference(model, prompts)
