@@ -26,6 +26,7 @@ class CoreEngineLoop:
         self._groups: dict[str, tuple[RequestGroup, int]] = {}  # request_id -> (group, index)
         self._lock = threading.Lock()  # _groups: the event loop adds, the reader thread routes
         self._stopping = False
+        self._busy_since = 0.0  # when requests last went in flight after none were: the core had no reason to talk
         self.error: BaseException | None = None
 
     def start(self) -> None:
@@ -37,6 +38,8 @@ class CoreEngineLoop:
         if self._stopping or not self.core.alive():
             raise EngineDeadError("the engine is not accepting requests (shutting down or dead)")
         with self._lock:
+            if not self._groups:
+                self._busy_since = time.monotonic()
             for index, sub in enumerate(subs):
                 self._groups[sub.request_id] = (group, index)
         requests = [(s.request_id, s.prompt_ids, s.params, s.prefix_source, s.arrival) for s in subs]
@@ -66,7 +69,7 @@ class CoreEngineLoop:
             return False, f"engine core died: {self.error}"
         if not self.core.process.is_alive():
             return False, f"engine core is not running (exit code {self.core.process.exitcode})"
-        quiet = time.monotonic() - self.core.last_heard
+        quiet = time.monotonic() - max(self.core.last_heard, self._busy_since)
         if self._groups and quiet > self.stall_s:
             return False, f"engine core silent for {quiet:.0f} s (> {self.stall_s:.0f} s) with requests in flight"
         return True, "ok"

@@ -5,6 +5,7 @@ left behind when the server stops or dies."""
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import json
 import os
@@ -19,6 +20,8 @@ import pytest
 from benchmarks.server import running_server
 from serve import LLM, EngineConfig, LLMEngine, SamplingParams
 from serve.engine.core_process import CoreSetup, EngineCoreClient, EngineCoreError
+from serve.http.core_loop import CoreEngineLoop
+from serve.http.engine_loop import SubRequest
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
 
@@ -35,6 +38,19 @@ def build_failing_after(steps: int) -> CoreSetup:
     def step():
         if engine.stats.steps >= steps:
             raise RuntimeError("injected step failure")
+        return real()
+
+    engine.step = step  # type: ignore[method-assign]
+    return CoreSetup(engine)
+
+
+def build_hanging_after(steps: int) -> CoreSetup:
+    engine = LLMEngine(EngineConfig(num_kv_blocks=128, max_model_len=512))
+    real = engine.step
+
+    def step():
+        if engine.stats.steps >= steps:
+            time.sleep(3.0)  # a stuck step (a hung kernel, a deadlock)
         return real()
 
     engine.step = step  # type: ignore[method-assign]
@@ -142,6 +158,31 @@ def test_failing_step_is_reported_and_fails_what_waits():
             client.add(None, [("f-1", [1], GREEDY, None, None)]).result(5)
     finally:
         client.shutdown()
+    assert not client.process.is_alive()
+
+
+def test_health_reports_a_silent_core_but_not_an_idle_one():
+    """An idle core says nothing for longer than ``stall_s`` and is healthy; a core stuck in a step longer than
+    ``stall_s`` with requests in flight is not."""
+    client = EngineCoreClient(functools.partial(build_hanging_after, 3))
+    loop = CoreEngineLoop(client, stall_s=0.5)
+
+    async def scenario():
+        loop.start()
+        await asyncio.sleep(1.0)  # idle, silent
+        group = await loop.submit([SubRequest("h-0", [1, 2, 3], GREEDY)])
+        first = loop.health()
+        await asyncio.sleep(1.5)  # the fourth step hangs for 3 s
+        stuck = loop.health()
+        loop.abort(group)
+        return first, stuck
+
+    try:
+        first, stuck = asyncio.run(scenario())
+    finally:
+        loop.shutdown()
+    assert first == (True, "ok")
+    assert not stuck[0] and "silent" in stuck[1], stuck
     assert not client.process.is_alive()
 
 
