@@ -49,7 +49,8 @@ _TOPK_BLOCKS: dict[str, TopKPattern] = {
     "MistralLarge4TextMoE": _SOFTMAX, "LaraMiniSparseMoeBlock": _SOFTMAX, "MellumSparseMoeBlock": _SOFTMAX,
     "Qwen3OmniMoeThinkerTextSparseMoeBlock": _SOFTMAX, "Qwen4ExpTextSparseMoeBlock": _SOFTMAX,
     "DeepseekV3MoE": _SIGMOID, "Glm4MoeMoE": _SIGMOID, "Glm4MoeLiteMoE": _SIGMOID, "Dots1MoE": _SIGMOID,
-    "ExaoneMoeSparseMoEBlock": _SIGMOID, "MiniMaxM2SparseMoeBlock": _SIGMOID, "Lfm2MoeSparseMoeBlock": _SIGMOID,
+    "ExaoneMoeSparseMoEBlock": _SIGMOID, "MiniMaxM2SparseMoeBlock": _SIGMOID,
+    "MiniMaxM3VLSparseMoeBlock": _SIGMOID, "Lfm2MoeSparseMoeBlock": _SIGMOID,
     "DeepseekV32MoE": _SIGMOID, "GlmMoeDsaMoE": _SIGMOID, "Glm4vMoeTextMoE": _SIGMOID, "KimiLinearMoE": _SIGMOID,
     "AXK2MoE": _SIGMOID, "BailingHybridMoE": _SIGMOID, "FlintSparseMoeBlock": _SIGMOID,
     "LagunaSparseMoeBlock": _SIGMOID, "MiMoV2FlashMoE": _SIGMOID, "SolarOpenMoE": _SIGMOID,
@@ -109,9 +110,20 @@ def looks_like_moe(module: nn.Module) -> bool:
     return isinstance(getattr(module, "experts", None), nn.Module) or type(module).__name__ in REFUSED_BLOCKS
 
 
-def _activation(experts: Block) -> Activation:
-    """The gated activation of a HF experts module, from its ``act_fn``."""
-    act_fn = experts.act_fn
+def _activation(experts: Block) -> tuple[Activation, dict]:
+    """The gated activation of a HF experts module and its parameters, from its ``act_fn``; experts without one
+    that hold ``swiglu_alpha`` and ``swiglu_limit`` apply gpt-oss's clamped GLU on halves (MiniMax-M3)."""
+    act_fn = getattr(experts, "act_fn", None)
+    if act_fn is None and hasattr(experts, "swiglu_alpha") and hasattr(experts, "swiglu_limit"):
+        return Activation.SWIGLU_OAI, {"swiglu_alpha": float(experts.swiglu_alpha),
+                                       "swiglu_limit": float(experts.swiglu_limit)}
+    if act_fn is None:
+        raise ValueError(f"unsupported expert activation in {type(experts).__name__}: no act_fn, and no "
+                         "swiglu_alpha/swiglu_limit of gpt-oss's clamped GLU")
+    return _act_fn_activation(act_fn, experts), {}
+
+
+def _act_fn_activation(act_fn, experts: Block) -> Activation:
     if isinstance(act_fn, nn.SiLU) or type(act_fn).__name__ == "SiLUActivation" or act_fn is F.silu:
         return Activation.SWIGLU
     if type(act_fn) is nn.GELU or type(act_fn).__name__ == "GELUActivation":
@@ -140,10 +152,13 @@ def _build(layer_cls: Callable[[MoEConfig], Any], config: MoEConfig, w13: nn.Par
 
 
 def _set_shared(layer: Any, mlp: Block, gate: Block | None = None) -> None:
-    """Copy a HF dense MLP (``gate_proj``/``up_proj``/``down_proj``) into the layer's fused shared expert."""
+    """Copy a HF dense MLP (``gate_proj``/``up_proj``/``down_proj``, or a fused ``gate_up_proj`` whose output
+    halves are gate then up) into the layer's fused shared expert."""
     shared = layer.shared_expert
+    fused = getattr(mlp, "gate_up_proj", None)
     with torch.no_grad():
-        shared.w13_XD = nn.Parameter(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight], dim=0).detach().clone())
+        w13 = fused.weight if fused is not None else torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight], dim=0)
+        shared.w13_XD = nn.Parameter(w13.detach().clone())
         shared.w2_DS = nn.Parameter(mlp.down_proj.weight.detach().clone())
         if gate is not None:
             shared.gate_weight = gate.weight
@@ -168,6 +183,16 @@ def _correction_bias(block: Block, router: Block) -> torch.Tensor | None:
     return None
 
 
+def _scaling(block: Block, router: Block) -> float:
+    """The routed output's scale: the router's ``routed_scaling_factor`` / ``route_scale``, else the block's (the
+    block multiplies the experts' sum, which is the same as scaling each routing weight)."""
+    for holder, name in ((router, "routed_scaling_factor"), (router, "route_scale"), (block, "routed_scaling_factor")):
+        value = getattr(holder, name, None)
+        if value is not None:
+            return float(value)
+    return 1.0
+
+
 def _shared_mlp(block: Block) -> Block | None:
     for name in ("shared_expert", "shared_experts", "shared_mlp"):
         if getattr(block, name, None) is not None:
@@ -187,13 +212,14 @@ def _topk_block(block: Block, layer_cls: Callable[[MoEConfig], Any]) -> Any:
         E, top_k, pattern.scoring, renormalize=getattr(router, "norm_topk_prob", pattern.renormalize),
         correction_bias=bias is not None, num_groups=getattr(router, "num_group", 1),
         topk_groups=getattr(router, "topk_group", 1), group_score=GroupScore.TOP2_SUM,
-        routed_scaling_factor=getattr(router, "routed_scaling_factor", getattr(router, "route_scale", 1.0)),
+        routed_scaling_factor=_scaling(block, router),
     )
     shared, shared_gate = _shared_mlp(block), getattr(block, "shared_expert_gate", None)
+    activation, act_params = _activation(experts)
     config = MoEConfig(
-        D, X // 2, E, top_k, _activation(experts), route,
+        D, X // 2, E, top_k, activation, route,
         shared_ffn_size=0 if shared is None else shared.down_proj.weight.shape[1],
-        shared_expert_gate=shared_gate is not None, extra={"hf_class": type(block).__name__},
+        shared_expert_gate=shared_gate is not None, extra={"hf_class": type(block).__name__}, **act_params,
     )
     layer = _build(layer_cls, config, w13, w2, router_weight)
     if bias is not None:
@@ -214,8 +240,9 @@ def _deepseek_v2_block(block: Block, layer_cls: Callable[[MoEConfig], Any]) -> A
         routed_scaling_factor=gate.routed_scaling_factor,
     )
     shared = block.shared_experts
-    config = MoEConfig(D, X // 2, E, gate.top_k, _activation(experts), router,
-                       shared_ffn_size=shared.down_proj.weight.shape[1], extra={"hf_class": type(block).__name__})
+    activation, act_params = _activation(experts)
+    config = MoEConfig(D, X // 2, E, gate.top_k, activation, router, shared_ffn_size=shared.down_proj.weight.shape[1],
+                       extra={"hf_class": type(block).__name__}, **act_params)
     layer = _build(layer_cls, config, w13, w2, gate.weight)
     _set_shared(layer, shared)
     return layer
@@ -246,7 +273,7 @@ def _llama4_block(block: Block, layer_cls: Callable[[MoEConfig], Any]) -> Any:
     router, experts = block.router, block.experts
     E, D, X = experts.gate_up_proj.shape
     config = MoEConfig(
-        D, X // 2, E, router.top_k, _activation(experts),
+        D, X // 2, E, router.top_k, _activation(experts)[0],
         RouterConfig(E, router.top_k, Scoring.SIGMOID, renormalize=False, apply_on_input=True),
         shared_ffn_size=block.shared_expert.down_proj.weight.shape[1], extra={"hf_class": type(block).__name__},
     )

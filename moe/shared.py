@@ -13,11 +13,14 @@ class SharedExpert(nn.Module):
     """A dense MLP applied to every token: ``w13_XD`` ``[X, D]`` (gate then up rows when gated), ``w2_DS``.
 
     With ``gated_output`` a ``gate_weight`` ``[1, D]`` scales the result by ``sigmoid(x . gate_weight)``.
+    ``alpha`` / ``limit``: gpt-oss's clamped GLU's parameters (``SWIGLU_OAI``), as the routed experts have them.
     """
 
-    def __init__(self, hidden_size: int, ffn_size: int, activation: Activation, gated_output: bool) -> None:
+    def __init__(self, hidden_size: int, ffn_size: int, activation: Activation, gated_output: bool,
+                 alpha: float = 1.702, limit: float = 7.0) -> None:
         super().__init__()
         self.activation = Activation(activation)
+        self.alpha, self.limit = alpha, limit
         rows = 2 * ffn_size if self.activation.gated else ffn_size
         self.w13_XD = nn.Parameter(torch.empty(rows, hidden_size))
         self.w2_DS = nn.Parameter(torch.empty(hidden_size, ffn_size))
@@ -29,7 +32,7 @@ class SharedExpert(nn.Module):
         x_TD = x_TD.to(self.w13_XD.dtype)
         # Transposed products (w @ x.T): MKL's fastest form for [out, in] weights and few rows.
         h_XT = torch.mm(self.w13_XD, x_TD.t())
-        y_TD = torch.mm(self.w2_DS, expert_activation(h_XT, self.activation, dim=0)).t()
+        y_TD = torch.mm(self.w2_DS, expert_activation(h_XT, self.activation, 0, self.alpha, self.limit)).t()
         if self.gate_weight is not None:
             y_TD = y_TD * torch.sigmoid(torch.mm(x_TD, self.gate_weight.t()))
         return y_TD

@@ -34,16 +34,15 @@ PENDING = {
     "Dots3NoteTextMoE": "per-layer config attributes (not built by the shrunk default config)",
     "Dots3NoteVisionMoE": "vision MoE (not a text decoder block)",
     "Ernie4_5_VLMoeSparseMoeBlock": "text and vision expert groups routed by modality",
-    "Glm5NextTextMoE": "experts without an act_fn (activation chosen elsewhere)",
+    "Glm5NextTextMoE": "clamped SwiGLU experts (silu(min(gate, L)) * clamp(up, -L, L)): an activation of its own",
     "HYV3MoE": "routing that none of the softmax/sigmoid patterns reproduces",
-    "HYV4MoE": "experts without an act_fn (activation chosen elsewhere)",
-    "HYV4VLMoE": "experts without an act_fn (activation chosen elsewhere)",
+    "HYV4MoE": "clamped SwiGLU experts (silu(min(gate, L)) * clamp(up, -L, L)): an activation of its own",
+    "HYV4VLMoE": "clamped SwiGLU experts (silu(min(gate, L)) * clamp(up, -L, L)): an activation of its own",
     "InklingMoE": "no config class registered for its model type",
     "Inkling2SparseMoeBlock": "soft-capped SwiGLU experts",
     "Inkling2LoopSparseMoeBlock": "soft-capped SwiGLU experts",
     "Kolibri1SparseMoeBlock": "routing that none of the softmax/sigmoid patterns reproduces",
     "LongcatFlashMoE": "zero-computation experts and a router without a weight of its own",
-    "MiniMaxM3VLSparseMoeBlock": "experts without an act_fn (activation chosen elsewhere)",
     "MuseSparkMoE": "hidden size fixed by its own config (not built by the shrunk default config)",
     "NemotronHMoE": "non-gated (up/down) experts",
     "OpenAIPrivacyFilterMLP": "gpt-oss-like experts in a transposed layout",
@@ -87,12 +86,12 @@ def test_every_block_is_read_or_refused_by_name():
           f"{len(set(found) & set(REFUSED_BLOCKS))} refused as not fitting, {len(set(found) & set(PENDING))} pending")
 
 
-def _tiny_block(cls_name: str) -> tuple[torch.nn.Module, int]:
+def _tiny_block(cls_name: str, **overrides) -> tuple[torch.nn.Module, int]:
     model_type = moe_blocks()[cls_name]
     config = CONFIG_MAPPING[model_type]()
     for composite in ("thinker_config", "text_config", "text_config"):  # Omni: thinker -> text
         config = getattr(config, composite, None) or config
-    for key, value in SHRINK.items():
+    for key, value in {**SHRINK, **overrides}.items():
         if hasattr(config, key) and not isinstance(getattr(config, key), (list, dict)):
             setattr(config, key, value)
     module = importlib.import_module(f"transformers.models.{model_type}.modeling_{model_type}")
@@ -120,6 +119,17 @@ def test_block_parity_from_its_own_config(cls_name):
         expected, got = block(x), ours(x)
     expected = expected[0] if isinstance(expected, tuple) else expected
     assert _rel_err(got, expected) <= 1e-5
+
+
+def test_clamped_glu_parameters_reach_routed_and_shared_experts():
+    """MiniMax-M3's experts and shared MLP apply gpt-oss's clamped GLU with the config's alpha and limit (a small
+    limit, so the clamps bite)."""
+    block, hidden = _tiny_block("MiniMaxM3VLSparseMoeBlock", swiglu_alpha=1.2, swiglu_limit=0.3)
+    ours = moe.MoE.from_hf(block)
+    assert (ours.config.swiglu_alpha, ours.config.swiglu_limit) == (1.2, 0.3)
+    x = torch.randn(1, 9, hidden)
+    with torch.no_grad():
+        assert _rel_err(ours(x), block(x)) <= 1e-5
 
 
 @pytest.mark.parametrize("cls_name", sorted(REFUSED_BLOCKS))
