@@ -25,6 +25,9 @@ def expert_activation(
         return F.silu(gate) * up
     if activation is Activation.GEGLU:
         return F.gelu(gate) * up
+    if activation is Activation.SWIGLU_CLAMPED:  # clamped in a copy, so silu sees the in-place form's strided
+        gate, up = h13.clone().chunk(2, dim=dim)  # layout (silu rounds differently on contiguous input)
+        return F.silu(gate.clamp_(max=limit), inplace=True).mul_(up.clamp_(min=-limit, max=limit))
     # gpt-oss: gate clamped from above, up clamped both ways, "+1" on up.
     gate = gate.clamp(max=limit)
     up = up.clamp(min=-limit, max=limit)
@@ -44,6 +47,8 @@ def expert_activation_(
         return F.silu(gate, inplace=True).mul_(up)
     if activation is Activation.GEGLU:
         return torch.ops.aten.gelu.out(gate, out=gate).mul_(up)
+    if activation is Activation.SWIGLU_CLAMPED:
+        return F.silu(gate.clamp_(max=limit), inplace=True).mul_(up.clamp_(min=-limit, max=limit))
     gate.clamp_(max=limit)
     up.clamp_(min=-limit, max=limit).add_(1)
     return gate.mul_(torch.sigmoid(gate * alpha)).mul_(up)

@@ -16,12 +16,13 @@ class Activation(str, enum.Enum):
     SWIGLU = "swiglu"  # silu(gate) * up (Mixtral, Qwen, OLMoE, DeepSeek, Llama 4)
     GEGLU = "geglu"  # gelu(gate) * up
     SWIGLU_OAI = "swiglu_oai"  # gpt-oss: clamped gate/up, gate * sigmoid(alpha * gate) * (up + 1)
+    SWIGLU_CLAMPED = "swiglu_clamped"  # GLM-5-Next, HY-V4: silu(min(gate, limit)) * clamp(up, -limit, limit)
     GELU = "gelu"  # plain 2-layer MLP: gelu(up) ; w13 holds F rows
     RELU = "relu"  # plain 2-layer MLP: relu(up)
 
     @property
     def gated(self) -> bool:
-        return self in (Activation.SWIGLU, Activation.GEGLU, Activation.SWIGLU_OAI)
+        return self in (Activation.SWIGLU, Activation.GEGLU, Activation.SWIGLU_OAI, Activation.SWIGLU_CLAMPED)
 
 
 class Quant(str, enum.Enum):
@@ -60,8 +61,9 @@ class MoEConfig:
     router: RouterConfig | None = None
     expert_bias: bool = False  # biases on both expert projections (gpt-oss)
     swiglu_alpha: float = 1.702  # gpt-oss SWIGLU_OAI only
-    swiglu_limit: float = 7.0  # gpt-oss SWIGLU_OAI only
-    shared_ffn_size: int = 0  # 0: no shared expert; else the shared (always-on) SwiGLU MLP's F
+    swiglu_limit: float = 7.0  # the clamp of SWIGLU_OAI and SWIGLU_CLAMPED
+    shared_ffn_size: int = 0  # 0: no shared expert; else the shared (always-on) gated MLP's F
+    shared_activation: Activation | None = None  # the shared expert's, where it differs from ``activation``
     shared_expert_gate: bool = False  # Qwen2-MoE: sigmoid(Linear(D, 1)) scales the shared expert
     backend: Backend = Backend.AUTO
     # Batch-invariant combine (fixed summation order, no atomics). The torch backend always combines this way.
@@ -72,6 +74,8 @@ class MoEConfig:
 
     def __post_init__(self) -> None:
         self.activation = enum_field(Activation, "activation", self.activation)
+        if self.shared_activation is not None:
+            self.shared_activation = enum_field(Activation, "shared_activation", self.shared_activation)
         self.backend = enum_field(Backend, "backend", self.backend)
         if self.quant is not None:
             self.quant = enum_field(Quant, "quant", self.quant)

@@ -50,7 +50,8 @@ _TOPK_BLOCKS: dict[str, TopKPattern] = {
     "Qwen3OmniMoeThinkerTextSparseMoeBlock": _SOFTMAX, "Qwen4ExpTextSparseMoeBlock": _SOFTMAX,
     "DeepseekV3MoE": _SIGMOID, "Glm4MoeMoE": _SIGMOID, "Glm4MoeLiteMoE": _SIGMOID, "Dots1MoE": _SIGMOID,
     "ExaoneMoeSparseMoEBlock": _SIGMOID, "MiniMaxM2SparseMoeBlock": _SIGMOID,
-    "MiniMaxM3VLSparseMoeBlock": _SIGMOID, "Lfm2MoeSparseMoeBlock": _SIGMOID,
+    "MiniMaxM3VLSparseMoeBlock": _SIGMOID, "Lfm2MoeSparseMoeBlock": _SIGMOID, "Glm5NextTextMoE": _SIGMOID,
+    "HYV4MoE": _SIGMOID, "HYV4VLMoE": _SIGMOID,
     "DeepseekV32MoE": _SIGMOID, "GlmMoeDsaMoE": _SIGMOID, "Glm4vMoeTextMoE": _SIGMOID, "KimiLinearMoE": _SIGMOID,
     "AXK2MoE": _SIGMOID, "BailingHybridMoE": _SIGMOID, "FlintSparseMoeBlock": _SIGMOID,
     "LagunaSparseMoeBlock": _SIGMOID, "MiMoV2FlashMoE": _SIGMOID, "SolarOpenMoE": _SIGMOID,
@@ -111,16 +112,32 @@ def looks_like_moe(module: nn.Module) -> bool:
 
 
 def _activation(experts: Block) -> tuple[Activation, dict]:
-    """The gated activation of a HF experts module and its parameters, from its ``act_fn``; experts without one
-    that hold ``swiglu_alpha`` and ``swiglu_limit`` apply gpt-oss's clamped GLU on halves (MiniMax-M3)."""
+    """The gated activation of a HF experts (or dense MLP) module and its parameters. Without an ``act_fn``:
+    ``swiglu_alpha`` and ``swiglu_limit`` are gpt-oss's clamped GLU on halves (MiniMax-M3), ``swiglu_limit``
+    alone a SwiGLU on clamped gate and up (GLM-5-Next, HY-V4); an ``act_fn`` with a ``swiglu_limit`` is the
+    latter too (GLM-5-Next's shared MLP)."""
     act_fn = getattr(experts, "act_fn", None)
-    if act_fn is None and hasattr(experts, "swiglu_alpha") and hasattr(experts, "swiglu_limit"):
-        return Activation.SWIGLU_OAI, {"swiglu_alpha": float(experts.swiglu_alpha),
-                                       "swiglu_limit": float(experts.swiglu_limit)}
+    limit, alpha = getattr(experts, "swiglu_limit", None), getattr(experts, "swiglu_alpha", None)
+    if act_fn is None and alpha is not None and limit is not None:
+        return Activation.SWIGLU_OAI, {"swiglu_alpha": float(alpha), "swiglu_limit": float(limit)}
+    if (act_fn is None or _act_fn_activation(act_fn, experts) is Activation.SWIGLU) and limit is not None:
+        return Activation.SWIGLU_CLAMPED, {"swiglu_limit": float(limit)}
     if act_fn is None:
         raise ValueError(f"unsupported expert activation in {type(experts).__name__}: no act_fn, and no "
-                         "swiglu_alpha/swiglu_limit of gpt-oss's clamped GLU")
+                         "swiglu_limit of a clamped GLU")
     return _act_fn_activation(act_fn, experts), {}
+
+
+def _shared_activation(shared: Block | None, routed: Activation, routed_params: dict) -> Activation | None:
+    """The shared MLP's activation where it differs from the routed experts' (HY-V4: plain SwiGLU beside clamped
+    experts); its clamp, if any, must be theirs (one ``swiglu_limit`` per layer)."""
+    if shared is None:
+        return None
+    activation, params = _activation(shared)
+    if params and params != routed_params:
+        raise ValueError(f"unsupported shared expert in {type(shared).__name__}: its activation parameters "
+                         f"({params}) differ from the routed experts' ({routed_params})")
+    return None if activation is routed else activation
 
 
 def _act_fn_activation(act_fn, experts: Block) -> Activation:
@@ -219,6 +236,7 @@ def _topk_block(block: Block, layer_cls: Callable[[MoEConfig], Any]) -> Any:
     config = MoEConfig(
         D, X // 2, E, top_k, activation, route,
         shared_ffn_size=0 if shared is None else shared.down_proj.weight.shape[1],
+        shared_activation=_shared_activation(shared, activation, act_params),
         shared_expert_gate=shared_gate is not None, extra={"hf_class": type(block).__name__}, **act_params,
     )
     layer = _build(layer_cls, config, w13, w2, router_weight)

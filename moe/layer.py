@@ -40,8 +40,8 @@ class MoE(nn.Module):
         self.router = Router(config.router, config.hidden_size)
         self.experts = Fp8Experts(config) if config.quant is not None else Experts(config)
         self.shared_expert = (
-            SharedExpert(config.hidden_size, config.shared_ffn_size, config.activation, config.shared_expert_gate,
-                         config.swiglu_alpha, config.swiglu_limit)
+            SharedExpert(config.hidden_size, config.shared_ffn_size, config.shared_activation or config.activation,
+                         config.shared_expert_gate, config.swiglu_alpha, config.swiglu_limit)
             if config.shared_ffn_size
             else None
         )

@@ -95,7 +95,7 @@ def test_swiglu_matches_emulated_reference(T, E, K, scheme):
     _check(torch.randn(T, 200, device=DEVICE), _routing(T, E, K), experts)
 
 
-@pytest.mark.parametrize("activation", ["swiglu", "geglu", "swiglu_oai", "gelu", "relu"])
+@pytest.mark.parametrize("activation", ["swiglu", "geglu", "swiglu_oai", "swiglu_clamped", "gelu", "relu"])
 def test_every_activation_with_biases(activation):
     experts = _experts(72, 40, 6, 2, "block", activation=activation, expert_bias=True, swiglu_limit=0.5)
     _check(torch.randn(33, 72, device=DEVICE), _routing(33, 6, 2), experts)

@@ -34,10 +34,7 @@ PENDING = {
     "Dots3NoteTextMoE": "per-layer config attributes (not built by the shrunk default config)",
     "Dots3NoteVisionMoE": "vision MoE (not a text decoder block)",
     "Ernie4_5_VLMoeSparseMoeBlock": "text and vision expert groups routed by modality",
-    "Glm5NextTextMoE": "clamped SwiGLU experts (silu(min(gate, L)) * clamp(up, -L, L)): an activation of its own",
     "HYV3MoE": "routing that none of the softmax/sigmoid patterns reproduces",
-    "HYV4MoE": "clamped SwiGLU experts (silu(min(gate, L)) * clamp(up, -L, L)): an activation of its own",
-    "HYV4VLMoE": "clamped SwiGLU experts (silu(min(gate, L)) * clamp(up, -L, L)): an activation of its own",
     "InklingMoE": "no config class registered for its model type",
     "Inkling2SparseMoeBlock": "soft-capped SwiGLU experts",
     "Inkling2LoopSparseMoeBlock": "soft-capped SwiGLU experts",
@@ -121,12 +118,18 @@ def test_block_parity_from_its_own_config(cls_name):
     assert _rel_err(got, expected) <= 1e-5
 
 
-def test_clamped_glu_parameters_reach_routed_and_shared_experts():
-    """MiniMax-M3's experts and shared MLP apply gpt-oss's clamped GLU with the config's alpha and limit (a small
-    limit, so the clamps bite)."""
-    block, hidden = _tiny_block("MiniMaxM3VLSparseMoeBlock", swiglu_alpha=1.2, swiglu_limit=0.3)
+@pytest.mark.parametrize(("cls_name", "overrides", "shared"), [
+    ("MiniMaxM3VLSparseMoeBlock", {"swiglu_alpha": 1.2, "swiglu_limit": 0.3}, None),  # gpt-oss's GLU, shared too
+    ("Glm5NextTextMoE", {"swiglu_limit": 0.3}, None),  # clamped SwiGLU, shared too
+    ("HYV4MoE", {"swiglu_limit": 0.3}, "swiglu"),  # clamped SwiGLU experts beside a plain SwiGLU shared MLP
+])
+def test_clamped_glu_parameters_reach_routed_and_shared_experts(cls_name, overrides, shared):
+    """The clamped GLUs with the config's parameters, in the routed experts and in the shared MLP as it has
+    them (a small limit, so the clamps bite)."""
+    block, hidden = _tiny_block(cls_name, **overrides)
     ours = moe.MoE.from_hf(block)
-    assert (ours.config.swiglu_alpha, ours.config.swiglu_limit) == (1.2, 0.3)
+    assert ours.config.swiglu_limit == 0.3
+    assert (ours.config.shared_activation and ours.config.shared_activation.value) == shared
     x = torch.randn(1, 9, hidden)
     with torch.no_grad():
         assert _rel_err(ours(x), block(x)) <= 1e-5

@@ -22,7 +22,7 @@ from moe.kernels.schedule import GemmConfig, autotuned, launch_grouped, program_
 
 # Activation name (moe.config.Activation values) -> (kernel code, gated)
 ACTIVATIONS = {"swiglu": (0, True), "geglu": (1, True), "swiglu_oai": (2, True), "gelu": (3, False),
-               "relu": (4, False)}
+               "relu": (4, False), "swiglu_clamped": (5, True)}
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -44,6 +44,10 @@ def _activate(gate, up, alpha, limit, ACT: tl.constexpr):
         out = gate * tl.sigmoid(gate * alpha) * (up + 1.0)
     elif ACT == 3:
         out = _gelu(gate)
+    elif ACT == 5:  # GLM-5-Next / HY-V4: SwiGLU with the gate clamped from above and up both ways
+        gate = tl.minimum(gate, limit)
+        up = tl.minimum(tl.maximum(up, -limit), limit)
+        out = gate * tl.sigmoid(gate) * up
     else:
         out = tl.maximum(gate, 0.0)
     return out
