@@ -63,7 +63,6 @@ class MoEConfig:
     swiglu_alpha: float = 1.702  # gpt-oss SWIGLU_OAI only
     swiglu_limit: float = 7.0  # the clamp of SWIGLU_OAI and SWIGLU_CLAMPED
     shared_ffn_size: int = 0  # 0: no shared expert; else the shared (always-on) gated MLP's F
-    shared_activation: Activation | None = None  # the shared expert's, where it differs from ``activation``
     shared_expert_gate: bool = False  # Qwen2-MoE: sigmoid(Linear(D, 1)) scales the shared expert
     backend: Backend = Backend.AUTO
     # Batch-invariant combine (fixed summation order, no atomics). The torch backend always combines this way.
@@ -71,6 +70,7 @@ class MoEConfig:
     extra: dict = field(default_factory=dict)  # free-form provenance (e.g. the HF class it came from)
     hypermoe: HyperMoEConfig | None = None  # None: off; else a HyperExpert from the unselected experts
     quant: Quant | None = None  # None: experts in the layer's dtype; else FP8 experts (quant.Fp8Experts)
+    shared_activation: Activation | None = None  # the shared expert's, where it differs from ``activation``
 
     def __post_init__(self) -> None:
         self.activation = enum_field(Activation, "activation", self.activation)

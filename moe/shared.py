@@ -13,7 +13,8 @@ class SharedExpert(nn.Module):
     """A dense MLP applied to every token: ``w13_XD`` ``[X, D]`` (gate then up rows when gated), ``w2_DS``.
 
     With ``gated_output`` a ``gate_weight`` ``[1, D]`` scales the result by ``sigmoid(x . gate_weight)``.
-    ``alpha`` / ``limit``: gpt-oss's clamped GLU's parameters (``SWIGLU_OAI``), as the routed experts have them.
+    ``alpha`` / ``limit``: the clamped GLUs' parameters (``SWIGLU_OAI``, ``SWIGLU_CLAMPED``), as the routed experts
+    have them.
     """
 
     def __init__(self, hidden_size: int, ffn_size: int, activation: Activation, gated_output: bool,

@@ -152,8 +152,9 @@ class OpenAIServer:
             raise ApiError(404, "routing statistics are off (server.routing_stats=false)")
         try:
             stats = await asyncio.to_thread(self.routing_stats.to_dict)
-        except EngineCoreError as e:
-            raise ApiError(503, str(e), headers={"Retry-After": "5"}) from None
+        except (EngineCoreError, TimeoutError) as e:  # a dead core, or one that did not answer between steps
+            raise ApiError(503, f"routing statistics unavailable: {e or 'the engine core did not answer'}",
+                           headers={"Retry-After": "5"}) from None
         return {**stats, "model": stats.get("model") or self.model_name}
 
     # -- generation ---------------------------------------------------------------------------------------------

@@ -58,8 +58,9 @@ class CoreEngineLoop:
         self._abort(list(group.unfinished))
 
     def abort_all(self) -> None:
-        with self._lock:
-            self._abort(list(self._groups))
+        with self._lock:  # not held while sending: the reader thread needs it to drain the core's messages
+            request_ids = list(self._groups)
+        self._abort(request_ids)
 
     def busy(self) -> bool:
         return bool(self._groups)

@@ -117,7 +117,7 @@ class _CoreRoutingStats:
         """Per layer and expert; empty when the core no longer answers (``/metrics`` still renders the rest)."""
         try:
             return self.core.call("routing_counts").result(self.timeout_s)
-        except EngineCoreError:
+        except (EngineCoreError, TimeoutError):
             return torch.zeros(0, 0)
 
 
