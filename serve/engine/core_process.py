@@ -106,7 +106,14 @@ class EngineCoreClient:
                                    daemon=True)
         self.process.start()
         child.close()
-        info = self._wait_ready()
+        try:
+            info = self._wait_ready()
+        except BaseException:  # nothing of a core that never came up stays behind: no process, no pipe
+            if self.process.is_alive():
+                self.process.kill()
+            self.process.join(5)
+            self._conn.close()
+            raise
         self.info = info
         self.config, self.max_model_len, self.vocab_size = info.config, info.max_model_len, info.vocab_size
         self.summary = info.summary
