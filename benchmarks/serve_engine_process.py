@@ -22,7 +22,7 @@ from pathlib import Path
 
 from benchmarks.common import machine_load
 from benchmarks.peers.startup import seconds_to_healthy
-from benchmarks.peers.vllm_serve import line, one_turn
+from benchmarks.peers.vllm_serve import compare_rates, one_turn, stop_all
 from benchmarks.serve_load import make_requests
 from benchmarks.server import free_port
 
@@ -59,33 +59,10 @@ def main() -> None:
             servers[mode] = (process, url)
             one_turn(url, requests[:2], float("inf"), None, args.seed)  # warm-up
             os.killpg(process.pid, signal.SIGSTOP)
-        for rate in (float(r) for r in args.rates.split(",")):
-            best: dict[str, dict] = {}
-            for turn in range(args.repeats):
-                for mode in (list(MODES) if turn % 2 == 0 else list(MODES)[::-1]):
-                    process, url = servers[mode]
-                    os.killpg(process.pid, signal.SIGCONT)
-                    try:
-                        stats = one_turn(url, requests, rate, None, args.seed)
-                    finally:
-                        os.killpg(process.pid, signal.SIGSTOP)
-                    print(f"rate {rate} turn {turn} {mode:7}: load {machine_load()}; {line(stats)}", flush=True)
-                    if mode not in best or stats["tok_s"] > best[mode]["tok_s"]:
-                        best[mode] = stats
-            ours, base = best["process"], best["thread"]
-            print(f"rate {rate}: best of {args.repeats}\n  process: {line(ours)}\n  thread:  {line(base)}")
-            ratios = {key: base[key] / ours[key] for key in ("ttft_p50", "ttft_p99", "tpot_p50", "itl_p99")}
-            print(f"  throughput process/thread {ours['tok_s'] / base['tok_s']:.2f}x; thread/process (above 1: the "
-                  "process split better) " + ", ".join(f"{k} {v:.2f}x" for k, v in ratios.items()), flush=True)
+        compare_rates(servers, {mode: None for mode in MODES}, requests, args.rates, args.repeats, args.seed,
+                      ("process", "thread"))
     finally:
-        for process, _ in servers.values():
-            os.killpg(process.pid, signal.SIGCONT)
-            os.killpg(process.pid, signal.SIGTERM)
-        for process, _ in servers.values():
-            try:
-                process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
+        stop_all(servers)
     print(f"load at the end {machine_load()}")
 
 

@@ -19,6 +19,7 @@ import asyncio
 import os
 import signal
 import statistics
+import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -57,6 +58,45 @@ def one_turn(url: str, requests, rate: float, model: str, seed: int) -> dict:
     return summarise(results, elapsed)
 
 
+def compare_rates(servers: dict[str, tuple[subprocess.Popen, str]], models: dict[str, str | None], requests,
+                  rates: str, repeats: int, seed: int, labels: tuple[str, str]) -> None:
+    """For each of ``rates`` (comma-separated, ``inf`` for all at once): ``repeats`` turns of the two servers
+    (``servers``: name -> (process, url), started and SIGSTOPped; the first is ours), who goes first swapping each
+    turn, the other stopped meanwhile; prints each turn, the best turn of each side by side, and the ratios
+    (throughput: first / second; latencies: second / first, so above 1 means the first is better)."""
+    first, second = servers
+    for rate in (float(r) for r in rates.split(",")):
+        best: dict[str, dict] = {}
+        for turn in range(repeats):
+            for kind in ((first, second) if turn % 2 == 0 else (second, first)):
+                process, url = servers[kind]
+                os.killpg(process.pid, signal.SIGCONT)
+                try:
+                    stats = one_turn(url, requests, rate, models[kind], seed)
+                finally:
+                    os.killpg(process.pid, signal.SIGSTOP)
+                print(f"rate {rate} turn {turn} {kind:4}: load {machine_load()}; {line(stats)}", flush=True)
+                if kind not in best or stats["tok_s"] > best[kind]["tok_s"]:
+                    best[kind] = stats
+        ours, theirs = best[first], best[second]
+        print(f"rate {rate}: best of {repeats}\n  {labels[0]}: {line(ours)}\n  {labels[1]}: {line(theirs)}")
+        ratios = {key: theirs[key] / ours[key] for key in ("ttft_p50", "ttft_p99", "tpot_p50", "itl_p99")}
+        print(f"  throughput {labels[0]}/{labels[1]} {ours['tok_s'] / theirs['tok_s']:.2f}x; {labels[1]}/{labels[0]} "
+              f"(above 1: {labels[0]} better) " + ", ".join(f"{k} {v:.2f}x" for k, v in ratios.items()), flush=True)
+
+
+def stop_all(servers: dict[str, tuple[subprocess.Popen, str]]) -> None:
+    """SIGTERM every server's process group (resumed first), waiting for each; one that does not exit is killed."""
+    for process, _ in servers.values():
+        os.killpg(process.pid, signal.SIGCONT)
+        os.killpg(process.pid, signal.SIGTERM)
+    for process, _ in servers.values():
+        try:
+            process.wait(timeout=60)
+        except Exception:  # noqa: BLE001  (still running: kill it, the benchmark is over either way)
+            os.killpg(process.pid, signal.SIGKILL)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rates", default="4,inf")
@@ -85,34 +125,9 @@ def main() -> None:
             os.killpg(process.pid, signal.SIGCONT)
             one_turn(url, requests[:2], float("inf"), model[kind], args.seed)
             os.killpg(process.pid, signal.SIGSTOP)
-        for rate in (float(r) for r in args.rates.split(",")):
-            best: dict[str, dict] = {}
-            for turn in range(args.repeats):
-                order = ("ours", "vllm") if turn % 2 == 0 else ("vllm", "ours")
-                for kind in order:
-                    process, url = servers[kind]
-                    os.killpg(process.pid, signal.SIGCONT)
-                    try:
-                        stats = one_turn(url, requests, rate, model[kind], args.seed)
-                    finally:
-                        os.killpg(process.pid, signal.SIGSTOP)
-                    print(f"rate {rate} turn {turn} {kind:4}: load {machine_load()}; {line(stats)}", flush=True)
-                    if kind not in best or stats["tok_s"] > best[kind]["tok_s"]:
-                        best[kind] = stats
-            ours, theirs = best["ours"], best["vllm"]
-            print(f"rate {rate}: best of {args.repeats}\n  ours: {line(ours)}\n  vLLM: {line(theirs)}")
-            ratios = {key: theirs[key] / ours[key] for key in ("ttft_p50", "ttft_p99", "tpot_p50", "itl_p99")}
-            print(f"  throughput ours/vLLM {ours['tok_s'] / theirs['tok_s']:.2f}x; vLLM/ours (above 1: ours "
-                  "better) " + ", ".join(f"{k} {v:.2f}x" for k, v in ratios.items()), flush=True)
+        compare_rates(servers, model, requests, args.rates, args.repeats, args.seed, ("ours", "vLLM"))
     finally:
-        for process, _ in servers.values():
-            os.killpg(process.pid, signal.SIGCONT)
-            os.killpg(process.pid, signal.SIGTERM)
-        for process, _ in servers.values():
-            try:
-                process.wait(timeout=60)
-            except Exception:  # noqa: BLE001  (still running: kill it, the benchmark is over either way)
-                os.killpg(process.pid, signal.SIGKILL)
+        stop_all(servers)
     print(f"load at the end {machine_load()}")
 
 
