@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import logging
 import multiprocessing as mp
-import os
 import signal
 import threading
 import time
@@ -66,7 +65,6 @@ class CoreInfo:
     vocab_size: int
     eos_token_ids: frozenset[int]
     summary: str
-    pid: int
 
 
 @dataclass(frozen=True)
@@ -114,7 +112,6 @@ class EngineCoreClient:
             self.process.join(5)
             self._conn.close()
             raise
-        self.info = info
         self.config, self.max_model_len, self.vocab_size = info.config, info.max_model_len, info.vocab_size
         self.summary = info.summary
         self.tokenizer = Tokenizer(info.config.tokenizer) if info.config.tokenizer else None
@@ -281,7 +278,7 @@ def _core_main(conn, build: Callable[[], CoreSetup], log_level: int) -> None:
         setup = build()
         engine = setup.engine
         conn.send(("ready", CoreInfo(engine.config, engine.max_model_len, engine.vocab_size,
-                                     frozenset(engine.stops.eos_token_ids), setup.summary, os.getpid())))
+                                     frozenset(engine.stops.eos_token_ids), setup.summary)))
     except BaseException as e:
         conn.send(("failed", _picklable(e)))
         return
