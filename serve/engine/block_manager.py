@@ -6,6 +6,10 @@ block's K/V depend on every earlier token. A dict keyed on the tuple compares th
 collision cannot alias two blocks. Freed blocks keep their key and sit in an LRU free list until reused, so a
 prompt seen again (a shared system prompt, a preempted sequence coming back) is served from the cache.
 
+With attention windows on every layer (sliding or chunked), a block that every window has passed is returned
+while its sequence still runs (``release_passed``): its table entry becomes the null block (``null_block``, the
+cache's block no sequence owns), which no kernel reads since no query sees those keys any more.
+
 Example (block_size 2): prompt ``[5, 6, 7, 8, 9]`` -> keys ``k0 = (hash(None), (5, 6))``,
 ``k1 = (hash(k0), (7, 8))``; token 9 sits in a partial block that is never shared.
 """
@@ -50,6 +54,7 @@ class BlockManager:
         self.cached: dict[tuple, int] = {}
         self.pending_copies: list[tuple[int, int]] = []  # (src, dst) block copies before the next forward
         self.stats = CacheStats()
+        self.null_block = num_blocks  # the cache's extra block (PagedPool.null_block): released table entries
 
     @property
     def num_blocks(self) -> int:
@@ -160,15 +165,27 @@ class BlockManager:
             seq.block_table.append(self._allocate())
         return True
 
+    def release_passed(self, seq: Sequence, first_key: int) -> None:
+        """Return ``seq``'s blocks that hold only keys before ``first_key``, the first one any of its later queries
+        sees in any layer (attention windows); they stay in the prefix cache, as freed blocks do."""
+        end = min(first_key // self.block_size, len(seq.block_table))
+        for i in range(seq.num_released, end):
+            self._unref(seq.block_table[i])
+            seq.block_table[i] = self.null_block
+        seq.num_released = max(seq.num_released, end)
+
+    def _unref(self, block_id: int) -> None:
+        block = self.blocks[block_id]
+        block.ref_count -= 1
+        if block.ref_count == 0:
+            self.free_ids[block_id] = None
+
     def free(self, seq: Sequence) -> None:
         """Drop ``seq``'s references; tail blocks go first into the LRU so shared prefixes are evicted last."""
-        for block_id in reversed(seq.block_table):
-            block = self.blocks[block_id]
-            block.ref_count -= 1
-            if block.ref_count == 0:
-                self.free_ids[block_id] = None
+        for block_id in reversed(seq.block_table[seq.num_released:]):
+            self._unref(block_id)
         seq.block_table = []
-        seq.num_registered = 0
+        seq.num_registered = seq.num_released = 0
 
     def take_copies(self) -> list[tuple[int, int]]:
         copies, self.pending_copies = self.pending_copies, []

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 
 from moe.kernels.cpu_gemm import block_gemm_available, skinny_gemm_available
@@ -25,6 +26,7 @@ from serve.engine.stopping import StopChecker
 from serve.engine.structured import GrammarCompiler
 from serve.engine.tokenizer import Tokenizer
 from serve.models.attention import kv_cache_class
+from serve.models.config import DecoderConfig
 from serve.models.loader import load_model
 
 
@@ -89,7 +91,7 @@ class LLMEngine:
             raise ValueError(f"num_kv_blocks ({num_blocks}) cannot hold one max_model_len ({self.max_model_len}) "
                              f"sequence ({needed} blocks of {config.block_size})")
         self.blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
-        self.scheduler = Scheduler(config, self.blocks)
+        self.scheduler = Scheduler(config, self.blocks, _first_key(mc))
         self.runner = ModelRunner(self.model, num_blocks, config.block_size, self.device, config.attention_backend,
                                   config.cuda_graphs, config.max_num_seqs, self.max_model_len)
         self.runner.capture_graphs()
@@ -305,3 +307,12 @@ class LLM:
                 if out.finished:
                     final[out.request_id] = out
         return [final[rid] for rid in ids]
+
+
+def _first_key(config: DecoderConfig) -> Callable[[int], int] | None:
+    """The first key a query at a position sees in any layer, when every layer has a window (blocks before it can
+    be returned); None when some layer attends to the whole context."""
+    if config.longest_window is None:
+        return None
+    windows = set(config.attention_windows)
+    return lambda pos: min(w.first_key(pos) for w in windows)

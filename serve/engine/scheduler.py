@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from serve.engine import fair_share
@@ -38,9 +39,15 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, config: EngineConfig, blocks: BlockManager) -> None:
+    """``first_key(pos)``: the first key a query at ``pos`` sees in any layer, for a model whose every layer has an
+    attention window (None: some layer sees everything); a running sequence's blocks before its next query's first
+    key go back to the pool before it is scheduled."""
+
+    def __init__(self, config: EngineConfig, blocks: BlockManager,
+                 first_key: Callable[[int], int] | None = None) -> None:
         self.config = config
         self.blocks = blocks
+        self.first_key = first_key
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
@@ -80,6 +87,8 @@ class Scheduler:
         while queue and budget > 0:
             seq = queue.popleft()
             n = min(seq.num_tokens - seq.num_computed, budget)
+            if self.first_key is not None:
+                self.blocks.release_passed(seq, self.first_key(seq.num_computed))
             while not self.blocks.ensure_slots(seq, n):
                 victim = max([*queue, seq], key=lambda s: s.arrival)  # the newest not yet scheduled this step
                 if victim is not seq:

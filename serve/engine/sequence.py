@@ -30,6 +30,7 @@ class Sequence:
     block_table: list[int] = field(default_factory=list)
     block_keys: list[tuple] = field(default_factory=list)  # prefix-cache keys of the full blocks so far
     num_registered: int = 0  # leading blocks of block_table already offered to the prefix cache
+    num_released: int = 0  # leading blocks returned as every layer's window passed them (null in block_table)
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: str | None = None
     stop_reason: int | str | None = None

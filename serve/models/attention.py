@@ -28,11 +28,11 @@ from dataclasses import dataclass, fields, replace
 from typing import ClassVar
 
 import torch
-import torch.nn.functional as F
 
-from serve.models.config import DecoderConfig
+from serve.models.config import FULL_ATTENTION, AttentionWindow, DecoderConfig
 from serve.models.latent_cache import LatentKVCache
 from serve.models.layers import StepAttention
+from serve.models.masked_sdpa import sdpa, window_mask
 from serve.models.mla import MLAStepAttention
 from serve.models.mla_attention import TorchMLAStep
 from serve.models.paged_pool import PagedPool
@@ -99,10 +99,13 @@ class DecodeGroup:
         tables_BM = torch.tensor([t[:width] + [0] * (width - len(t[:width])) for t in tables], dtype=torch.int64)
         return cls(start, tables_BM, torch.tensor(lens, dtype=torch.int64), block_size)  # host, as above
 
-    def mask_B11S(self) -> torch.Tensor:
-        """Additive float mask: 0 where slot s holds one of the sequence's keys, else -inf (the torch path)."""
-        slots = self.tables_BM.shape[1] * self.block_size
-        mask_BS = torch.arange(slots, device=self.lens_B.device)[None, :] >= self.lens_B[:, None]
+    def mask_B11S(self, window: AttentionWindow = FULL_ATTENTION) -> torch.Tensor:
+        """Additive float mask: 0 where slot s holds one of the keys the sequence's query sees (its window's),
+        else -inf (the torch path)."""
+        slots_S = torch.arange(self.tables_BM.shape[1] * self.block_size, device=self.lens_B.device)
+        mask_BS = slots_S[None, :] >= self.lens_B[:, None]
+        if not window.full:
+            mask_BS |= slots_S[None, :] < window.first_key(self.lens_B - 1)[:, None]
         return torch.zeros(mask_BS.shape, device=mask_BS.device).masked_fill_(mask_BS, float("-inf"))[:, None, None]
 
 
@@ -154,11 +157,11 @@ def kv_cache_class(config: DecoderConfig) -> type[PagedKVCache] | type[LatentKVC
 
 
 class TorchAttention(AttentionBackend):
-    """Plain torch on any device: the reference backend (gathered blocks + SDPA). ``uses_mask``: ``decode`` takes
-    the group's padding mask (the C kernel reads lengths instead)."""
+    """Plain torch on any device: the reference backend (gathered blocks + SDPA). ``decode`` takes what
+    ``decode_bounds`` built once per step for a decode group and window: the padding mask here, each sequence's
+    first key for the C kernel (which reads lengths)."""
 
     name = "torch"
-    uses_mask = True
     sparse_mla = True
     mla_absorb_decodes = True  # False: MLA decodes expand K/V from the latents (benchmarks/mla_decode.py)
 
@@ -168,8 +171,12 @@ class TorchAttention(AttentionBackend):
     def mla_step(self, cache: LatentKVCache, metadata: AttentionMetadata) -> MLAStepAttention:
         return TorchMLAStep(cache, metadata, self.mla_absorb_decodes)
 
+    def decode_bounds(self, group: DecodeGroup, window: AttentionWindow) -> torch.Tensor:
+        """What ``decode`` needs to know which keys each query sees: the group's padding (and window) mask."""
+        return group.mask_B11S(window)
+
     def decode(self, q_BHd: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, group: DecodeGroup,
-               mask_B11S: torch.Tensor) -> torch.Tensor:
+               mask_B11S: torch.Tensor, sinks_H: torch.Tensor | None = None) -> torch.Tensor:
         B, H, Dh = q_BHd.shape
         Hkv = k_cache.shape[0]
         blocks = group.tables_BM.view(-1)
@@ -177,21 +184,19 @@ class TorchAttention(AttentionBackend):
         k_BHkvSd = k_cache.index_select(1, blocks).view(Hkv, B, -1, Dh).transpose(0, 1)
         v_BHkvSd = v_cache.index_select(1, blocks).view(Hkv, B, -1, Dh).transpose(0, 1)
         dtype = q_BHd.dtype
-        o_BH1d = F.scaled_dot_product_attention(q_BHd[:, :, None], k_BHkvSd.to(dtype), v_BHkvSd.to(dtype),
-                                                attn_mask=mask_B11S.to(dtype), enable_gqa=True)
+        o_BH1d = sdpa(q_BHd[:, :, None], k_BHkvSd.to(dtype), v_BHkvSd.to(dtype), mask_B11S.to(dtype), sinks_H)
         return o_BH1d.view(B, H, Dh)
 
     @staticmethod
-    def prefill(q_THd: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                chunk: PrefillChunk) -> torch.Tensor:
+    def prefill(q_THd: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, chunk: PrefillChunk,
+                window: AttentionWindow = FULL_ATTENTION, sinks_H: torch.Tensor | None = None) -> torch.Tensor:
         Hkv, Dh = k_cache.shape[0], k_cache.shape[-1]
         total = chunk.num_cached + chunk.num_tokens
         k_HkvSd = k_cache.index_select(1, chunk.block_table).view(Hkv, -1, Dh)[:, :total]
         v_HkvSd = v_cache.index_select(1, chunk.block_table).view(Hkv, -1, Dh)[:, :total]
-        # query i (at position num_cached + i) sees keys 0 .. num_cached + i
-        keys_S = torch.arange(total, device=q_THd.device)
-        mask_TS = keys_S[None, :] <= (chunk.num_cached + torch.arange(chunk.num_tokens, device=q_THd.device))[:, None]
-        return attend_one(q_THd.transpose(0, 1), k_HkvSd, v_HkvSd, mask_TS)
+        # query i (at position num_cached + i) sees keys first_key(num_cached + i) .. num_cached + i
+        return attend_one(q_THd.transpose(0, 1), k_HkvSd, v_HkvSd,
+                          window_mask(chunk.num_cached, chunk.num_tokens, window, q_THd.device), sinks_H)
 
 
 class _TorchStep:
@@ -199,39 +204,42 @@ class _TorchStep:
 
     def __init__(self, backend: TorchAttention, cache: PagedKVCache, metadata: AttentionMetadata) -> None:
         self.backend, self.cache, self.metadata = backend, cache, metadata
-        self.masks: dict[int, torch.Tensor] = {}  # per decode group, built in the first layer (not per layer:
-        # SDPA would convert a boolean mask in every layer)
+        # per (decode group, window): its mask (torch) or first keys (C kernel), built in the first layer that
+        # needs it, not per layer (SDPA would convert a boolean mask in every layer)
+        self.bounds: dict[tuple[int, AttentionWindow], torch.Tensor | None] = {}
 
-    def _decode(self, i: int, q_BHd: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
+    def _decode(self, i: int, q_BHd: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                window: AttentionWindow, sinks_H: torch.Tensor | None) -> torch.Tensor:
         group = self.metadata.decodes[i]
-        if i not in self.masks and self.backend.uses_mask:
-            self.masks[i] = group.mask_B11S()
-        return self.backend.decode(q_BHd, k_cache, v_cache, group, self.masks.get(i))
+        if (i, window) not in self.bounds:
+            self.bounds[i, window] = self.backend.decode_bounds(group, window)
+        return self.backend.decode(q_BHd, k_cache, v_cache, group, self.bounds[i, window], sinks_H)
 
-    def attend(self, layer: int, q_THd: torch.Tensor, k_THd: torch.Tensor, v_THd: torch.Tensor) -> torch.Tensor:
+    def attend(self, layer: int, q_THd: torch.Tensor, k_THd: torch.Tensor, v_THd: torch.Tensor,
+               window: AttentionWindow = FULL_ATTENTION, sinks_H: torch.Tensor | None = None) -> torch.Tensor:
         meta, backend = self.metadata, self.backend
         self.cache.write(layer, meta.slot_mapping_T, k_THd, v_THd)
         k_cache, v_cache = self.cache.k[layer], self.cache.v[layer]
         if len(meta.decodes) == 1 and not meta.prefills:
-            return self._decode(0, q_THd, k_cache, v_cache)
+            return self._decode(0, q_THd, k_cache, v_cache, window, sinks_H)
         o_THd = torch.empty_like(q_THd)
         for i, group in enumerate(meta.decodes):
             rows = slice(group.start, group.start + group.tables_BM.shape[0])
-            o_THd[rows] = self._decode(i, q_THd[rows], k_cache, v_cache)
+            o_THd[rows] = self._decode(i, q_THd[rows], k_cache, v_cache, window, sinks_H)
         for chunk in meta.prefills:
             rows = slice(chunk.start, chunk.start + chunk.num_tokens)
             if chunk.num_cached == 0:  # nothing to read back: attend over the chunk's own K/V
+                mask_TS = None if window.full else window_mask(0, chunk.num_tokens, window, q_THd.device)
                 o_THd[rows] = attend_one(q_THd[rows].transpose(0, 1), k_THd[rows].transpose(0, 1),
-                                         v_THd[rows].transpose(0, 1), None)
+                                         v_THd[rows].transpose(0, 1), mask_TS, sinks_H)
             else:
-                o_THd[rows] = backend.prefill(q_THd[rows], k_cache, v_cache, chunk)
+                o_THd[rows] = backend.prefill(q_THd[rows], k_cache, v_cache, chunk, window, sinks_H)
         return o_THd
 
 
 def attend_one(q_HTd: torch.Tensor, k_HkvSd: torch.Tensor, v_HkvSd: torch.Tensor,
-               mask_TS: torch.Tensor | None) -> torch.Tensor:
+               mask_TS: torch.Tensor | None, sinks_H: torch.Tensor | None = None) -> torch.Tensor:
     """One sequence: SDPA with GQA; causal when ``mask_TS`` is None. Returns ``[T, H, Dh]``."""
     dtype = q_HTd.dtype
-    o = F.scaled_dot_product_attention(q_HTd[None], k_HkvSd[None].to(dtype), v_HkvSd[None].to(dtype),
-                                       attn_mask=mask_TS, is_causal=mask_TS is None, enable_gqa=True)
+    o = sdpa(q_HTd[None], k_HkvSd[None].to(dtype), v_HkvSd[None].to(dtype), mask_TS, sinks_H)
     return o[0].transpose(0, 1)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
+import torch
+
 from hypermoe import HyperMoEConfig
 from moe.config import Activation, Backend, MoEConfig
 from routing.config import RouterConfig, Scoring
@@ -121,12 +123,48 @@ class YarnRope:
             raise ValueError(f"rope_parameters.factor ({self.factor!r}) must be > 0")
 
 
+@dataclass(frozen=True)
+class AttentionWindow:
+    """The cached keys a query at position ``p`` attends to: all of ``0..p`` (neither field set), the last
+    ``sliding`` of them (``p - sliding < key <= p``, ``transformers``' ``sliding_window_overlay``), or those of its
+    own ``chunk`` (``key // chunk == p // chunk``, Llama 4's chunked local attention). Always one contiguous range
+    ``first_key(p) .. p``, which is what the attention kernels take."""
+
+    sliding: int = 0
+    chunk: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("sliding", "chunk"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 0:
+                raise ValueError(f"attention window {name} ({value!r}) must be a non-negative integer")
+        if self.sliding and self.chunk:
+            raise ValueError(f"attention window: sliding ({self.sliding}) and chunk ({self.chunk}) are exclusive")
+
+    @property
+    def full(self) -> bool:
+        return not (self.sliding or self.chunk)
+
+    def first_key(self, pos):
+        """The first key position ``pos`` sees (``pos`` an int or an integer tensor)."""
+        if self.sliding:
+            first = pos - self.sliding + 1
+            return first.clamp(min=0) if isinstance(first, torch.Tensor) else max(first, 0)
+        if self.chunk:
+            return pos // self.chunk * self.chunk
+        return pos * 0
+
+
+FULL_ATTENTION = AttentionWindow()
+
+
 class QKNorm(str, enum.Enum):
     """RMSNorm on queries and keys before RoPE."""
 
     NONE = "none"
     HEAD = "head"  # per head, over head_dim (Qwen3-MoE)
     FULL = "full"  # over all heads at once, weights [H*Dh] and [Hkv*Dh] (OLMoE)
+    L2 = "l2"  # per head, no weights, *after* RoPE, on roped layers only (Llama 4's use_qk_norm)
 
 
 @dataclass
@@ -140,6 +178,13 @@ class DecoderConfig:
     ``correction_bias`` (DeepSeek-V3's ``e_score_correction_bias``), grouped top-k (``num_groups``,
     ``topk_groups``), ``routed_scaling_factor`` (see ``routing.RouterConfig``). ``num_mtp_layers``: DeepSeek's
     multi-token-prediction layers stored after the last layer; recognised, not served.
+    ``attention_windows``: each layer's :class:`AttentionWindow` (empty: every layer full); ``attention_sinks``:
+    a learned per-head logit joins each softmax's denominator (gpt-oss). ``activation``, ``expert_bias``,
+    ``router_bias``, ``swiglu_alpha``/``swiglu_limit``: the routed experts' MLP (``moe.MoEConfig``'s fields);
+    ``router_on_input``: the routing weight scales the expert input (Llama 4). ``rope_interleave``: RoPE on pairs
+    ``(x0, x1), (x2, x3) ..`` instead of halves; ``nope_layers``: layers without RoPE; ``attn_temperature``:
+    ``(floor_scale, attn_scale)`` of Llama 4's temperature tuning on those layers, queries at position p scaled
+    by ``1 + attn_scale * log1p(floor((p + 1) / floor_scale))``.
     """
 
     architecture: str
@@ -180,6 +225,17 @@ class DecoderConfig:
     routed_scaling_factor: float = 1.0
     num_mtp_layers: int = 0
     rotary_dim: int = 0  # the rotated leading dims of each head (partial rotary; 0: all of head_dim)
+    attention_windows: tuple[AttentionWindow, ...] = ()
+    attention_sinks: bool = False
+    activation: Activation = Activation.SWIGLU
+    expert_bias: bool = False
+    router_bias: bool = False
+    swiglu_alpha: float = 1.702
+    swiglu_limit: float = 7.0
+    router_on_input: bool = False
+    rope_interleave: bool = False
+    nope_layers: tuple[int, ...] = ()
+    attn_temperature: tuple[float, float] | None = None
 
     def __post_init__(self) -> None:
         self.qk_norm = QKNorm(self.qk_norm)
@@ -201,6 +257,16 @@ class DecoderConfig:
             raise ValueError(f"dense_ffn_size ({self.dense_ffn_size}) must be >= 1 when there are dense layers")
         if self.rope_theta <= 0:
             raise ValueError(f"rope_theta ({self.rope_theta}) must be > 0")
+        self.activation = Activation(self.activation)
+        self.nope_layers = tuple(sorted(set(self.nope_layers)))
+        if any(not 0 <= i < self.num_layers for i in self.nope_layers):
+            raise ValueError(f"nope_layers ({self.nope_layers}) must lie in [0, {self.num_layers}) (no_rope_layers)")
+        self.attention_windows = tuple(self.attention_windows) or (FULL_ATTENTION,) * self.num_layers
+        if len(self.attention_windows) != self.num_layers:
+            raise ValueError(f"attention_windows has {len(self.attention_windows)} entries for {self.num_layers} "
+                             "layers (layer_types)")
+        if self.mla is not None and not all(w.full for w in self.attention_windows):
+            raise ValueError("attention windows (sliding_window, attention_chunk_size) are not served with MLA")
         if self.rotary_dim % 2 or not 0 <= self.rotary_dim <= self.head_dim:
             raise ValueError(f"rotary_dim ({self.rotary_dim}) must be even and at most head_dim ({self.head_dim}); "
                              "from partial_rotary_factor")
@@ -208,13 +274,25 @@ class DecoderConfig:
     def is_moe_layer(self, layer: int) -> bool:
         return layer not in self.dense_layers
 
+    def window(self, layer: int) -> AttentionWindow:
+        return self.attention_windows[layer]
+
+    @property
+    def longest_window(self) -> int | None:
+        """The most keys any layer's query sees (None: some layer sees its whole context)."""
+        if any(w.full for w in self.attention_windows):
+            return None
+        return max(w.sliding or w.chunk for w in self.attention_windows)
+
     def moe_config(self) -> MoEConfig:
         router = RouterConfig(self.num_experts, self.top_k, scoring=self.scoring, renormalize=self.norm_topk_prob,
                               correction_bias=self.correction_bias, num_groups=self.num_groups,
-                              topk_groups=self.topk_groups, routed_scaling_factor=self.routed_scaling_factor)
+                              topk_groups=self.topk_groups, routed_scaling_factor=self.routed_scaling_factor,
+                              bias=self.router_bias, apply_on_input=self.router_on_input)
         return MoEConfig(
             hidden_size=self.hidden_size, ffn_size=self.moe_ffn_size, num_experts=self.num_experts,
-            top_k=self.top_k, activation=Activation.SWIGLU, router=router, shared_ffn_size=self.shared_ffn_size,
+            top_k=self.top_k, activation=self.activation, router=router, shared_ffn_size=self.shared_ffn_size,
             shared_expert_gate=self.shared_expert_gate, extra={"architecture": self.architecture},
-            hypermoe=self.hypermoe, backend=self.moe_backend,
+            hypermoe=self.hypermoe, backend=self.moe_backend, expert_bias=self.expert_bias,
+            swiglu_alpha=self.swiglu_alpha, swiglu_limit=self.swiglu_limit,
         )

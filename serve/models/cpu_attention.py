@@ -18,10 +18,11 @@ import torch
 
 from moe.kernels.native import FLOAT, INT, LONG, PTR, load_library
 from serve.models.attention import DecodeGroup, TorchAttention
+from serve.models.config import AttentionWindow
 
 _SOURCE = Path(__file__).parent / "csrc" / "paged_attention.c"
 _SIGNATURES = {"paged_decode_attention": (
-    [PTR, PTR, PTR, LONG, LONG, LONG, LONG, LONG, LONG, PTR, LONG, PTR, FLOAT, PTR, INT], None)}
+    [PTR, PTR, PTR, LONG, LONG, LONG, LONG, LONG, LONG, PTR, LONG, PTR, PTR, PTR, FLOAT, PTR, INT], None)}
 
 
 @functools.lru_cache(maxsize=1)
@@ -34,11 +35,14 @@ def paged_decode_available(cache: torch.Tensor) -> bool:
 
 
 def paged_decode_attention(q_BHd: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                           tables_BM: torch.Tensor, lens_B: torch.Tensor) -> torch.Tensor:
-    """``softmax(q k^T / sqrt(Dh)) v`` per sequence over its first ``lens_B[b]`` cached keys.
+                           tables_BM: torch.Tensor, lens_B: torch.Tensor, starts_B: torch.Tensor | None = None,
+                           sinks_H: torch.Tensor | None = None) -> torch.Tensor:
+    """``softmax(q k^T / sqrt(Dh)) v`` per sequence over its cached keys ``starts_B[b] .. lens_B[b] - 1``
+    (``starts_B`` None: from 0); ``sinks_H``: per-head logits added to each softmax's denominator (None: none).
 
     ``q_BHd`` fp32; ``k_cache``/``v_cache`` one layer, ``[Hkv, NB, BS, Dh]`` contiguous; ``tables_BM`` int64
-    block ids (padding never read); ``lens_B`` int64, each >= 1. Returns ``[B, H, Dh]``.
+    block ids (padding never read); ``lens_B`` int64, each >= 1; ``starts_B`` int64 in ``[0, lens_B)``.
+    Returns ``[B, H, Dh]``.
     """
     B, H, Dh = q_BHd.shape
     Hkv, NB, BS, _ = k_cache.shape
@@ -46,10 +50,15 @@ def paged_decode_attention(q_BHd: torch.Tensor, k_cache: torch.Tensor, v_cache: 
     tables, lens = tables_BM.contiguous(), lens_B.contiguous()
     if not (k_cache.is_contiguous() and v_cache.is_contiguous() and tables.dtype == lens.dtype == torch.int64):
         raise ValueError("paged_decode_attention: caches must be contiguous and tables/lens int64")
+    starts = None if starts_B is None else starts_B.contiguous()
+    sinks = None if sinks_H is None else sinks_H.float().contiguous()
+    if starts is not None and starts.dtype != torch.int64:
+        raise ValueError("paged_decode_attention: starts_B must be int64")
     out = torch.empty_like(q)
     _library().paged_decode_attention(
         q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), B, H, Hkv, Dh, NB, BS, tables.data_ptr(),
-        tables.shape[1], lens.data_ptr(), Dh**-0.5, out.data_ptr(), torch.get_num_threads())
+        tables.shape[1], lens.data_ptr(), None if starts is None else starts.data_ptr(),
+        None if sinks is None else sinks.data_ptr(), Dh**-0.5, out.data_ptr(), torch.get_num_threads())
     return out
 
 
@@ -61,8 +70,12 @@ class CpuAttention(TorchAttention):
 
     name = "cpu"
     one_decode_group = True
-    uses_mask = False
+
+    def decode_bounds(self, group: DecodeGroup, window: AttentionWindow) -> torch.Tensor | None:
+        """Each sequence's first key (None: from 0)."""
+        return None if window.full else window.first_key(group.lens_B - 1)
 
     def decode(self, q_BHd: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, group: DecodeGroup,
-               mask_B11S: torch.Tensor | None = None) -> torch.Tensor:
-        return paged_decode_attention(q_BHd, k_cache, v_cache, group.tables_BM, group.lens_B).to(q_BHd.dtype)
+               starts_B: torch.Tensor | None, sinks_H: torch.Tensor | None = None) -> torch.Tensor:
+        return paged_decode_attention(q_BHd, k_cache, v_cache, group.tables_BM, group.lens_B, starts_B,
+                                      sinks_H).to(q_BHd.dtype)

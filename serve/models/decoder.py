@@ -23,7 +23,6 @@ class DecoderLayer(nn.Module):
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.self_attn: nn.Module = Attention(config, layer) if config.mla is None else MLAAttention(config, layer)
-        self.mla = config.mla is not None
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         if config.is_moe_layer(layer):
             self.mlp: nn.Module = MoE(config.moe_config())
@@ -33,10 +32,7 @@ class DecoderLayer(nn.Module):
     def forward(self, x_TD: torch.Tensor, cos_TD: torch.Tensor, sin_TD: torch.Tensor,
                 backend: StepAttention | MLAStepAttention, positions_T: torch.Tensor) -> torch.Tensor:
         h_TD = self.input_layernorm(x_TD)
-        if self.mla:
-            x_TD = x_TD + self.self_attn(h_TD, cos_TD, sin_TD, backend, positions_T)
-        else:
-            x_TD = x_TD + self.self_attn(h_TD, cos_TD, sin_TD, backend)
+        x_TD = x_TD + self.self_attn(h_TD, cos_TD, sin_TD, backend, positions_T)
         return x_TD + self.mlp(self.post_attention_layernorm(x_TD))
 
 

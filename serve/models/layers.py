@@ -15,13 +15,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from serve.models import cpu_ops
-from serve.models.config import DecoderConfig, QKNorm
+from serve.models.config import FULL_ATTENTION, AttentionWindow, DecoderConfig, QKNorm
+from serve.models.masked_sdpa import sdpa, window_mask
+from serve.models.rope import apply_rope_interleaved
 
 
 class StepAttention(Protocol):
-    """``attend(layer, q_THd, k_THkvd, v_THkvd) -> o_THd``: stores K/V as needed and attends (one step)."""
+    """``attend(layer, q_THd, k_THkvd, v_THkvd, window, sinks_H) -> o_THd``: stores K/V as needed and attends (one
+    step); each query sees the keys of its ``window`` (:class:`AttentionWindow`) up to itself, and ``sinks_H`` (None:
+    none) adds a per-head logit to each softmax's denominator."""
 
-    def attend(self, layer: int, q_THd: torch.Tensor, k_THd: torch.Tensor, v_THd: torch.Tensor) -> torch.Tensor: ...
+    def attend(self, layer: int, q_THd: torch.Tensor, k_THd: torch.Tensor, v_THd: torch.Tensor,
+               window: AttentionWindow = FULL_ATTENTION, sinks_H: torch.Tensor | None = None) -> torch.Tensor: ...
 
 
 class RMSNorm(nn.Module):
@@ -65,11 +70,17 @@ class Attention(nn.Module):
         self.clip_qkv = config.clip_qkv
         self.qkv_proj = nn.Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.attention_bias)
         self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=config.o_proj_bias)
-        self.qk_norm = config.qk_norm
         self.eps = config.rms_norm_eps
+        self.window = config.window(layer)
+        self.sinks = nn.Parameter(torch.zeros(config.num_heads)) if config.attention_sinks else None
+        self.rope = None if layer in config.nope_layers else apply_rope_interleaved if config.rope_interleave \
+            else apply_rope
+        self.qk_norm = QKNorm.NONE if config.qk_norm is QKNorm.L2 and self.rope is None else config.qk_norm
+        self.temperature = config.attn_temperature if self.rope is None else None
         # what cpu_ops.qk_norm_rope computes: per-head (or no) q/k norms, then apply_rope (NeoX halves over the
         # first cos_TD.shape[-1] dims); a layer with anything else between qkv_proj and attention takes torch
-        self.fusable = config.qk_norm is not QKNorm.FULL and config.clip_qkv is None
+        self.fusable = self.qk_norm in (QKNorm.NONE, QKNorm.HEAD) and config.clip_qkv is None \
+            and self.rope is apply_rope
         if config.qk_norm is QKNorm.HEAD:
             self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps)
             self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps)
@@ -77,15 +88,16 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(self.q_size, config.rms_norm_eps)
             self.k_norm = RMSNorm(self.kv_size, config.rms_norm_eps)
 
-    def forward(self, x_TD: torch.Tensor, cos_TD: torch.Tensor, sin_TD: torch.Tensor,
-                backend: StepAttention) -> torch.Tensor:
+    def forward(self, x_TD: torch.Tensor, cos_TD: torch.Tensor, sin_TD: torch.Tensor, backend: StepAttention,
+                positions_T: torch.Tensor | None = None) -> torch.Tensor:
         T = x_TD.shape[0]
         qkv = self.qkv_proj(x_TD)
         if self.fusable and cpu_ops.fused(qkv):  # per-head q/k norms and the rotation in one C call
             q_THd, k_THd = cpu_ops.qk_norm_rope(qkv, self.num_heads, self.num_kv_heads, self.head_dim,
                                                 *self._head_norm_weights(), self.eps, cos_TD, sin_TD)
             v_THd = qkv[:, self.q_size + self.kv_size:].reshape(T, self.num_kv_heads, self.head_dim)
-            return self.o_proj(backend.attend(self.layer, q_THd, k_THd, v_THd).reshape(T, self.q_size))
+            o_THd = backend.attend(self.layer, q_THd, k_THd, v_THd, self.window, self.sinks)
+            return self.o_proj(o_THd.reshape(T, self.q_size))
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         if self.qk_norm is QKNorm.FULL:
             q, k = self.q_norm(q), self.k_norm(k)
@@ -96,15 +108,27 @@ class Attention(nn.Module):
         v_THd = v.reshape(T, self.num_kv_heads, self.head_dim)
         if self.qk_norm is QKNorm.HEAD:
             q_THd, k_THd = self.q_norm(q_THd), self.k_norm(k_THd)
-        q_THd, k_THd = apply_rope(q_THd, cos_TD, sin_TD), apply_rope(k_THd, cos_TD, sin_TD)
-        o_THd = backend.attend(self.layer, q_THd, k_THd, v_THd)
+        if self.rope is not None:
+            q_THd, k_THd = self.rope(q_THd, cos_TD, sin_TD), self.rope(k_THd, cos_TD, sin_TD)
+        if self.qk_norm is QKNorm.L2:
+            q_THd, k_THd = _l2_norm(q_THd, self.eps), _l2_norm(k_THd, self.eps)
+        if self.temperature is not None:
+            floor_scale, attn_scale = self.temperature
+            scale_T = torch.log1p(torch.floor((positions_T.float() + 1.0) / floor_scale)) * attn_scale + 1.0
+            q_THd = (q_THd * scale_T[:, None, None]).to(q_THd.dtype)
+        o_THd = backend.attend(self.layer, q_THd, k_THd, v_THd, self.window, self.sinks)
         return self.o_proj(o_THd.reshape(T, self.q_size))
-
 
     def _head_norm_weights(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         if self.qk_norm is QKNorm.HEAD:
             return self.q_norm.weight, self.k_norm.weight
         return None, None
+
+
+def _l2_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMS normalisation without a weight, in fp32 (``transformers``' ``Llama4TextL2Norm``)."""
+    x32 = x.float()
+    return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).type_as(x)
 
 
 class DenseCausalAttention:
@@ -113,10 +137,12 @@ class DenseCausalAttention:
     def __init__(self, batch: int, seq_len: int) -> None:
         self.batch, self.seq_len = batch, seq_len
 
-    def attend(self, layer: int, q_THd: torch.Tensor, k_THd: torch.Tensor, v_THd: torch.Tensor) -> torch.Tensor:
+    def attend(self, layer: int, q_THd: torch.Tensor, k_THd: torch.Tensor, v_THd: torch.Tensor,
+               window: AttentionWindow = FULL_ATTENTION, sinks_H: torch.Tensor | None = None) -> torch.Tensor:
         B, S = self.batch, self.seq_len
         q = q_THd.view(B, S, *q_THd.shape[1:]).transpose(1, 2)
         k = k_THd.view(B, S, *k_THd.shape[1:]).transpose(1, 2)
         v = v_THd.view(B, S, *v_THd.shape[1:]).transpose(1, 2)
-        o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        mask = None if window.full and sinks_H is None else window_mask(0, S, window, q.device)
+        o = sdpa(q, k, v, mask, sinks_H)
         return o.transpose(1, 2).reshape(B * S, *q_THd.shape[1:])

@@ -33,6 +33,7 @@ from quant import Fp8Experts, quantize_fp8
 from quant.fp8 import BLOCK, FP8, dequantize_weight
 from routing import Router
 from serve.models import DecoderConfig, Family, MoEDecoder, family_for
+from serve.models.checkpoint_layouts import LAYOUTS, MXFP4_BLOCKS, MXFP4_SCALES
 from serve.models.registry import with_transformers_defaults
 from serve.models.sparse_attention import Indexer
 
@@ -47,9 +48,18 @@ QUANTIZATION_CONFIG = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme"
 
 @dataclass(frozen=True)
 class Entry:
+    """``hf_key`` fills ``param[index]``; ``layout``: a :data:`LAYOUTS` conversion on the way (empty: as stored).
+    An MXFP4 entry's key is its ``<name>_blocks`` tensor; ``<name>_scales`` is read with it."""
+
     hf_key: str
     param: str
     index: tuple = ()
+    layout: str = ""
+
+    def companion_keys(self) -> tuple[str, ...]:
+        if self.layout.startswith("mxfp4"):
+            return (self.hf_key.removesuffix(MXFP4_BLOCKS) + MXFP4_SCALES,)
+        return (self.hf_key + SCALE_SUFFIX,)
 
 
 def read_config(path: str | Path) -> tuple[dict, Family, DecoderConfig]:
@@ -60,6 +70,8 @@ def read_config(path: str | Path) -> tuple[dict, Family, DecoderConfig]:
     hf = json.loads((path / "config.json").read_text())
     hf = hf.get("text_config", hf) if "architectures" not in hf else hf
     family = family_for(hf)
+    if family.text_model is not None:  # a multimodal checkpoint: its text model's config, under its architecture
+        hf = {**hf.get("text_config", {}), "architectures": hf["architectures"]}
     hf = with_transformers_defaults(hf)
     config = family.parse(hf)
     if hf.get("hypermoe") is not None:
@@ -73,10 +85,11 @@ def read_config(path: str | Path) -> tuple[dict, Family, DecoderConfig]:
 
 
 def checkpoint_quant(hf: dict) -> Quant | None:
-    """The FP8 format ``config.json``'s ``quantization_config`` declares (None: none); ``ValueError`` naming the
-    field for formats we cannot serve."""
+    """The FP8 format ``config.json``'s ``quantization_config`` declares (None: none, or MXFP4, which is
+    dequantised at load: :mod:`serve.models.checkpoint_layouts`); ``ValueError`` naming the field for formats we
+    cannot serve."""
     qc = hf.get("quantization_config")
-    if qc is None:
+    if qc is None or qc.get("quant_method") == "mxfp4":  # gpt-oss's MXFP4 experts: dequantised at load
         return None
     # transformers' FineGrainedFP8Config defaults for keys DeepSeek-V3's config.json leaves out, and vice versa
     defaults = {"fmt": "e4m3", "activation_scheme": "dynamic", "scale_fmt": "float", "expert_dtype": "fp8"}
@@ -167,7 +180,8 @@ def tensor_map(config: DecoderConfig, family: Family, keys: set[str] = frozenset
         if config.is_moe_layer(i):
             entries += _moe_entries(config, family, i, keys)
         else:
-            entries += _mlp_entries(hf + "mlp.", ours + "mlp.", config.dense_ffn_size, ("w13_XD", "w2_DS"))
+            entries += _mlp_entries(f"{hf}{family.dense_prefix}.", ours + "mlp.", config.dense_ffn_size,
+                                    ("w13_XD", "w2_DS"))
     if config.hypermoe is not None:
         entries += _hypermoe_entries(config, family, keys)
     return entries
@@ -182,9 +196,11 @@ def _gqa_entries(config: DecoderConfig, attn: str, at: str, q: int, kv: int) -> 
         if config.attention_bias:
             entries.append(Entry(attn + name + ".bias", at + "qkv_proj.bias", (sl,)))
     entries.append(Entry(attn + "o_proj.weight", at + "o_proj.weight"))
+    if config.attention_sinks:
+        entries.append(Entry(attn + "sinks", at + "sinks"))
     if config.o_proj_bias:
         entries.append(Entry(attn + "o_proj.bias", at + "o_proj.bias"))
-    if config.qk_norm.value != "none":
+    if config.qk_norm.value in ("head", "full"):  # (Llama 4's L2 norm has no weights)
         entries += [Entry(attn + "q_norm.weight", at + "q_norm.weight"),
                     Entry(attn + "k_norm.weight", at + "k_norm.weight")]
     return entries
@@ -214,7 +230,33 @@ def _mlp_entries(hf: str, ours: str, ffn: int, names: tuple[str, str], index: tu
             Entry(hf + "down_proj.weight", ours + w2, index)]
 
 
+def _gpt_oss_moe_entries(hf: str, ours: str, keys: set[str]) -> list[Entry]:
+    """gpt-oss: ``router`` with a bias; experts ``[E, in, out]`` with gate/up interleaved and biases, or their MXFP4
+    ``_blocks`` / ``_scales`` (``[E, out, in]``) as released (:mod:`serve.models.checkpoint_layouts`)."""
+    x, e = hf + "experts.", ours + "experts."
+    if x + "gate_up_proj" + MXFP4_BLOCKS in keys:
+        gate_up, down = ("gate_up_proj" + MXFP4_BLOCKS, "mxfp4_gate_up"), ("down_proj" + MXFP4_BLOCKS, "mxfp4")
+    else:
+        gate_up, down = ("gate_up_proj", "gate_up_in_out"), ("down_proj", "in_out")
+    return [Entry(hf + "router.weight", ours + "router.weight"), Entry(hf + "router.bias", ours + "router.bias"),
+            Entry(x + gate_up[0], e + "w13_E2FD", layout=gate_up[1]), Entry(x + down[0], e + "w2_EDF", layout=down[1]),
+            Entry(x + "gate_up_proj_bias", e + "b13_E2F", layout="gate_up_bias"),
+            Entry(x + "down_proj_bias", e + "b2_ED")]
+
+
+def _llama4_moe_entries(config: DecoderConfig, hf: str, ours: str) -> list[Entry]:
+    """Llama 4: ``router``; experts ``[E, in, out]`` (gate columns, then up); a shared expert."""
+    return [Entry(hf + "router.weight", ours + "router.weight"),
+            Entry(hf + "experts.gate_up_proj", ours + "experts.w13_E2FD", layout="in_out"),
+            Entry(hf + "experts.down_proj", ours + "experts.w2_EDF", layout="in_out"),
+            *_mlp_entries(hf + "shared_expert.", ours + "shared_expert.", config.shared_ffn_size, ("w13_XD", "w2_DS"))]
+
+
 def _moe_entries(config: DecoderConfig, family: Family, layer: int, keys: set[str]) -> list[Entry]:
+    if family.expert_layout == "gpt_oss":
+        return _gpt_oss_moe_entries(f"model.layers.{layer}.mlp.", f"layers.{layer}.mlp.", keys)
+    if family.expert_layout == "llama4":
+        return _llama4_moe_entries(config, f"model.layers.{layer}.feed_forward.", f"layers.{layer}.mlp.")
     prefix, fused = _layer_layout(config, family, layer, keys)
     hf, ours = f"model.layers.{layer}.{prefix}.", f"layers.{layer}.mlp."
     F = config.moe_ffn_size
@@ -307,10 +349,17 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, hypermoe: b
         for file in _files(path):
             handle = stack.enter_context(safe_open(str(file), framework="pt", device=str(device)))
             handles.update(dict.fromkeys(handle.keys(), handle))
-        entries = tensor_map(config, family, set(handles))
+        prefix, ignored = family.text_model or ("", ())
+        entries = [dataclasses.replace(e, hf_key=prefix + e.hf_key)
+                   for e in tensor_map(config, family, {k.removeprefix(prefix) for k in handles})]
         for entry in entries:
             _load_entry(model, targets, filled, handles, entry, path)
-        used = {e.hf_key for e in entries} | {e.hf_key + SCALE_SUFFIX for e in entries}
+        used = {e.hf_key for e in entries} | {key for e in entries for key in e.companion_keys()}
+        other_models = {k for k in handles if k.startswith(ignored)} if ignored else set()
+        if other_models:
+            log.info("serving the text model of %s: skipping %d tensors of %s", config.architecture,
+                     len(other_models), ", ".join(p.rstrip(".") for p in ignored))
+        used |= other_models
         mtp = mtp_keys(config, handles)
         if mtp:
             log.info("skipping %d tensors of the multi-token-prediction layers %d..%d (num_nextn_predict_layers): "
@@ -350,18 +399,24 @@ def _load_entry(model: MoEDecoder, targets: dict, filled: dict, handles: dict, e
     if key not in handles:
         raise ValueError(f"checkpoint {path} is missing tensor {key!r}")
     target = targets[entry.param][entry.index]
-    shape = tuple(handles[key].get_slice(key).get_shape())
-    if shape != tuple(target.shape):
-        raise ValueError(f"tensor {key!r} has shape {shape}, expected {tuple(target.shape)}")
-    tensor = handles[key].get_tensor(key)
-    scale_key = key + SCALE_SUFFIX
-    scale_inv = handles[scale_key].get_tensor(scale_key) if scale_key in handles else None
-    if (tensor.dtype == FP8) != (scale_inv is not None):
-        raise ValueError(f"tensor {key!r} is {tensor.dtype} but checkpoint {path} "
-                         f"{'has no' if scale_inv is None else 'has a'} {scale_key!r}")
+    if entry.layout:  # stored otherwise: converted, then checked
+        tensor, scale_inv = _converted(entry, handles, path), None
+        shape = tuple(tensor.shape)
+        if shape != tuple(target.shape):
+            raise ValueError(f"tensor {key!r} gives shape {shape} as {entry.layout!r}, expected {tuple(target.shape)}")
+    else:
+        shape = tuple(handles[key].get_slice(key).get_shape())
+        if shape != tuple(target.shape):
+            raise ValueError(f"tensor {key!r} has shape {shape}, expected {tuple(target.shape)}")
+        tensor = handles[key].get_tensor(key)
+        scale_key = key + SCALE_SUFFIX
+        scale_inv = handles[scale_key].get_tensor(scale_key) if scale_key in handles else None
+        if (tensor.dtype == FP8) != (scale_inv is not None):
+            raise ValueError(f"tensor {key!r} is {tensor.dtype} but checkpoint {path} "
+                             f"{'has no' if scale_inv is None else 'has a'} {scale_key!r}")
     owner_name, _, name = entry.param.rpartition(".")
     owner = model.get_submodule(owner_name)
-    if isinstance(owner, Fp8Experts):
+    if isinstance(owner, Fp8Experts) and name in Fp8Experts.SCALES:  # its weights (its biases stay as they are)
         try:
             if scale_inv is None:
                 owner.load_weight(name, entry.index, tensor)
@@ -381,6 +436,20 @@ def _load_entry(model: MoEDecoder, targets: dict, filled: dict, handles: dict, e
     filled[entry.param] += target.numel()
 
 
+def _converted(entry: Entry, handles: dict, path: Path) -> torch.Tensor:
+    """The tensor of an entry with a ``layout``, in ours (an MXFP4 one dequantised from its blocks and scales)."""
+    tensors = []
+    keys = (entry.hf_key, *entry.companion_keys()) if entry.layout.startswith("mxfp4") else (entry.hf_key,)
+    for key in keys:
+        if key not in handles:
+            raise ValueError(f"checkpoint {path} is missing tensor {key!r}")
+        tensors.append(handles[key].get_tensor(key))
+    try:
+        return LAYOUTS[entry.layout][0](*tensors)
+    except (ValueError, RuntimeError) as err:
+        raise ValueError(f"tensor {entry.hf_key!r} ({entry.layout}): {err}") from None
+
+
 def save_safetensors(model: MoEDecoder, family: Family, path: str | Path, dtype: torch.dtype | None = None) -> None:
     """Write ``model.safetensors`` with the per-expert key names ``transformers`` uses for ``family``.
 
@@ -393,8 +462,11 @@ def save_safetensors(model: MoEDecoder, family: Family, path: str | Path, dtype:
         owner = model.get_submodule(owner_name)
         t = targets[entry.param].detach()[entry.index]
         if not isinstance(owner, Fp8Experts):
-            tensors[entry.hf_key] = t.to(dtype or t.dtype).contiguous()
+            to_disk = LAYOUTS[entry.layout][1] if entry.layout else (lambda x: x)
+            tensors[entry.hf_key] = to_disk(t.to(dtype or t.dtype)).contiguous()
             continue
+        if entry.layout:
+            raise ValueError(f"{owner_name}: FP8 experts of a checkpoint stored as {entry.layout!r} are not written")
         if owner.block is None:
             raise ValueError(f"{owner_name} is {owner.config.quant.value!r}: only 'fp8-block' experts have a "
                              "checkpoint format (DeepSeek-V3 weight_scale_inv)")

@@ -2,8 +2,10 @@
 on-disk names of its MoE block's tensors.
 
 The first families are "Llama attention + an MoE feed-forward"; they differ in config field names, q/k norms,
-attention biases, partial rotary, the router (softmax, or GLM-4.5's and MiniMax-M2's sigmoid with a correction
-bias), shared experts and where the MoE block's tensors live. The
+attention biases, partial rotary, attention windows (sliding, chunked), the router (softmax, or GLM-4.5's and
+MiniMax-M2's sigmoid with a correction bias), shared experts and where the MoE block's tensors live; gpt-oss adds
+attention sinks, biased experts with a clamped SwiGLU and MXFP4 weights, Llama 4 NoPE layers, L2 q/k norms and a
+router scaling the expert input. The
 DeepSeek-V3 ones (DeepSeek-V3/R1/V3.1, Kimi K2, GLM-4.7-Flash, Mistral 4) have multi-head latent attention, a
 sigmoid (or softmax) group-limited router with DeepSeek's correction bias, shared experts and leading dense layers;
 DeepSeek-V3.2 and GLM-5 add DeepSeek Sparse Attention's lightning indexer (``MLAConfig.indexer``), whose fields
@@ -12,13 +14,15 @@ other architectures' configs are refused for.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
 
+from moe.config import Activation
 from routing.config import Scoring
-from serve.models.config import DecoderConfig, IndexerConfig, MLAConfig, QKNorm, RopeScaling, YarnRope
+from serve.models.config import AttentionWindow, DecoderConfig, IndexerConfig, MLAConfig, QKNorm, RopeScaling, YarnRope
 from serve.models.mla import deepseek_softmax_scale
 
 _MISSING = object()
@@ -32,6 +36,11 @@ class Family:
     5 saves Mixtral's under the legacy ``block_sparse_moe``; a raw fused dump uses ``mlp``).
     ``expert_names``: the per-expert (gate, up, down) projection names; ``shared_prefix``: the shared expert's
     name inside the MoE block; ``correction_bias_name``: the router's selection bias inside it.
+    ``expert_layout``: ``"gated"`` (gate rows then up rows, per expert or fused), ``"gpt_oss"`` (a ``router``
+    with a bias; fused ``[E, in, out]`` experts with gate/up interleaved and biases, or MXFP4) or ``"llama4"`` (a
+    ``router``; fused ``[E, in, out]`` experts, gate columns then up). ``dense_prefix``: a dense layer's MLP.
+    ``text_model``: ``(key prefix, ignored key prefixes)`` of a multimodal checkpoint whose text model is served
+    (its config is ``config.json``'s ``text_config``); None: a text checkpoint.
     """
 
     parse: Callable[[dict], DecoderConfig]
@@ -39,6 +48,9 @@ class Family:
     expert_names: tuple[str, str, str]
     shared_prefix: str = "shared_expert"
     correction_bias_name: str = "gate.e_score_correction_bias"
+    expert_layout: str = "gated"
+    dense_prefix: str = "mlp"
+    text_model: tuple[str, tuple[str, ...]] | None = None
 
 
 def _get(hf: dict, *keys: str, default: Any = _MISSING) -> Any:
@@ -78,12 +90,39 @@ def _yarn(hf: dict, rope: dict) -> YarnRope:
                     bool(rope.get("truncate", True)))
 
 
-def _common(hf: dict, eps: float, theta: float) -> dict:
+_WINDOW_KINDS = ("full_attention", "sliding_attention", "chunked_attention")
+
+
+def _attention_windows(hf: dict, windows: str) -> tuple[AttentionWindow, ...]:
+    """Each layer's window, as the family's ``transformers`` model applies them. ``windows``: ``"none"`` (the
+    model ignores ``sliding_window``: GLM-4.5, MiniMax-M2, OLMoE), ``"all"`` (every layer slides by
+    ``sliding_window`` when set and ``use_sliding_window`` is not false: Mixtral, Qwen3-MoE), ``"layer_types"``
+    (``layer_types`` says, per layer: Qwen2-MoE, gpt-oss; ``chunked_attention`` is Llama 4's
+    ``attention_chunk_size``)."""
+    layers = _get(hf, "num_hidden_layers")
+    sliding = int(hf.get("sliding_window") or 0) if hf.get("use_sliding_window", True) else 0
+    if windows == "none" or (windows == "all" and not sliding):
+        return (AttentionWindow(),) * layers
+    if windows == "all":
+        return (AttentionWindow(sliding=sliding),) * layers
+    types = hf.get("layer_types") or ["full_attention"] * layers
+    if len(types) != layers or set(types) - set(_WINDOW_KINDS):
+        raise ValueError(f"layer_types ({types!r}) must list one of {', '.join(_WINDOW_KINDS)} for each of {layers} "
+                         "layers")
+    if "sliding_attention" in types and not sliding:
+        raise ValueError(f"layer_types has sliding_attention layers but sliding_window is {hf.get('sliding_window')!r}")
+    chunk = int(hf.get("attention_chunk_size") or 0)
+    if "chunked_attention" in types and not chunk:
+        raise ValueError("layer_types has chunked_attention layers but attention_chunk_size is "
+                         f"{hf.get('attention_chunk_size')!r}")
+    kinds = {"full_attention": AttentionWindow(), "sliding_attention": AttentionWindow(sliding=sliding),
+             "chunked_attention": AttentionWindow(chunk=chunk)}
+    return tuple(kinds[t] for t in types)
+
+
+def _common(hf: dict, eps: float, theta: float, windows: str = "none") -> dict:
     heads = _get(hf, "num_attention_heads")
     max_pos = _get(hf, "max_position_embeddings")
-    window = hf.get("sliding_window") if hf.get("use_sliding_window", True) else None
-    if window:  # attention equals full attention while the context fits the window
-        max_pos = min(max_pos, int(window))
     eos = hf.get("eos_token_id")
     return dict(
         architecture=hf["architectures"][0],
@@ -99,6 +138,7 @@ def _common(hf: dict, eps: float, theta: float) -> dict:
         tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
         eos_token_ids=tuple(eos if isinstance(eos, list) else [] if eos is None else [eos]),
         bos_token_id=hf.get("bos_token_id"),
+        attention_windows=_attention_windows(hf, windows),
     )
 
 
@@ -117,7 +157,7 @@ def _qwen_dense_layers(hf: dict) -> tuple[int, ...]:
 def parse_mixtral(hf: dict) -> DecoderConfig:
     _check_act(hf)
     return DecoderConfig(
-        **_common(hf, eps=1e-5, theta=1e6), num_experts=_get(hf, "num_local_experts", "num_experts"),
+        **_common(hf, eps=1e-5, theta=1e6, windows="all"), num_experts=_get(hf, "num_local_experts", "num_experts"),
         top_k=_get(hf, "num_experts_per_tok"), moe_ffn_size=_get(hf, "intermediate_size"), norm_topk_prob=True,
     )
 
@@ -126,7 +166,7 @@ def parse_qwen3_moe(hf: dict) -> DecoderConfig:
     _check_act(hf)
     bias = bool(hf.get("attention_bias", False))
     return DecoderConfig(
-        **_common(hf, eps=1e-6, theta=10000.0), num_experts=_get(hf, "num_experts", "num_local_experts"),
+        **_common(hf, eps=1e-6, theta=10000.0, windows="all"), num_experts=_get(hf, "num_experts", "num_local_experts"),
         top_k=_get(hf, "num_experts_per_tok"), moe_ffn_size=_get(hf, "moe_intermediate_size"),
         norm_topk_prob=bool(hf.get("norm_topk_prob", False)), dense_ffn_size=_get(hf, "intermediate_size"),
         dense_layers=_qwen_dense_layers(hf), qk_norm=QKNorm.HEAD, attention_bias=bias, o_proj_bias=bias,
@@ -137,7 +177,8 @@ def parse_qwen2_moe(hf: dict) -> DecoderConfig:
     _check_act(hf)
     shared = _get(hf, "shared_expert_intermediate_size", default=0)
     return DecoderConfig(
-        **_common(hf, eps=1e-6, theta=10000.0), num_experts=_get(hf, "num_experts", "num_local_experts"),
+        **_common(hf, eps=1e-6, theta=10000.0, windows="layer_types"),
+        num_experts=_get(hf, "num_experts", "num_local_experts"),
         top_k=_get(hf, "num_experts_per_tok"), moe_ffn_size=_get(hf, "moe_intermediate_size"),
         norm_topk_prob=bool(hf.get("norm_topk_prob", False)), dense_ffn_size=_get(hf, "intermediate_size"),
         dense_layers=_qwen_dense_layers(hf), shared_ffn_size=shared, shared_expert_gate=shared > 0,
@@ -314,6 +355,54 @@ def parse_minimax_m2(hf: dict) -> DecoderConfig:
     )
 
 
+def parse_gpt_oss(hf: dict) -> DecoderConfig:
+    """gpt-oss: GQA with q/k/v/o biases and attention sinks, sliding-window and full layers alternating
+    (``layer_types``), YaRN; every layer MoE: top-k on the router's logits (with a bias), softmax over the k, experts
+    with biases and the clamped ``(up + 1) * gate * sigmoid(alpha * gate)`` (``Activation.SWIGLU_OAI``)."""
+    _refuse_sparse_attention(hf)
+    bias = bool(hf.get("attention_bias", True))
+    return DecoderConfig(
+        **_common(hf, eps=1e-5, theta=150000.0, windows="layer_types"), num_experts=_get(hf, "num_local_experts"),
+        top_k=_get(hf, "num_experts_per_tok"), moe_ffn_size=_get(hf, "intermediate_size"),
+        attention_bias=bias, o_proj_bias=bias, attention_sinks=True, scoring=Scoring.SOFTMAX_TOPK,
+        router_bias=True, activation=Activation.SWIGLU_OAI, expert_bias=True,
+        swiglu_alpha=float(_get(hf, "swiglu_alpha", default=1.702)),
+        swiglu_limit=float(_get(hf, "swiglu_limit", default=7.0)),
+    )
+
+
+def parse_llama4(hf: dict) -> DecoderConfig:
+    """Llama 4 text: chunked local attention on the roped layers (``layer_types``), NoPE layers
+    (``no_rope_layers[i] == 0``) with temperature tuning, L2-normed q/k after RoPE on roped layers, RoPE on
+    interleaved pairs (llama3 scaling); MoE layers (``moe_layers``) route top-k by sigmoid scores that scale the
+    expert input, beside a shared expert; the other layers a dense MLP of ``intermediate_size_mlp``."""
+    _check_act(hf)
+    _refuse_sparse_attention(hf)
+    layers = _get(hf, "num_hidden_layers")
+    no_rope = hf.get("no_rope_layers") or [int((i + 1) % _get(hf, "no_rope_layer_interval", default=4) != 0)
+                                            for i in range(layers)]
+    if len(no_rope) != layers:
+        raise ValueError(f"no_rope_layers ({no_rope!r}) must have one entry for each of {layers} layers")
+    step = _get(hf, "interleave_moe_layer_step", default=1)
+    moe_layers = set(hf["moe_layers"] if hf.get("moe_layers") is not None else range(step - 1, layers, step))
+    if hf.get("layer_types") is None:  # as transformers derives it: the roped layers chunked
+        chunked = hf.get("attention_chunk_size") is not None
+        hf = {**hf, "layer_types": ["chunked_attention" if rope and chunked else "full_attention" for rope in no_rope]}
+    common = _common(hf, eps=1e-5, theta=500000.0, windows="layer_types")
+    bias = bool(hf.get("attention_bias", False))
+    return DecoderConfig(
+        **common, num_experts=_get(hf, "num_local_experts"), top_k=_get(hf, "num_experts_per_tok"),
+        moe_ffn_size=_get(hf, "intermediate_size"), norm_topk_prob=False, shared_ffn_size=_get(hf, "intermediate_size"),
+        dense_ffn_size=_get(hf, "intermediate_size_mlp"), dense_layers=tuple(i for i in range(layers)
+                                                                             if i not in moe_layers),
+        qk_norm=QKNorm.L2 if hf.get("use_qk_norm", True) else QKNorm.NONE, attention_bias=bias, o_proj_bias=bias,
+        scoring=Scoring.SIGMOID, router_on_input=True, rope_interleave=True,
+        nope_layers=tuple(i for i, rope in enumerate(no_rope) if not rope),
+        attn_temperature=(float(_get(hf, "floor_scale", default=8192)), float(_get(hf, "attn_scale", default=0.1)))
+        if hf.get("attn_temperature_tuning", True) else None,
+    )
+
+
 def _dsa_dense_layers(hf: dict) -> tuple[int, ...]:
     """``mlp_layer_types`` (``transformers`` writes it), else DeepSeek's ``first_k_dense_replace`` (default 3)."""
     layers = _get(hf, "num_hidden_layers")
@@ -341,6 +430,7 @@ def parse_mistral4(hf: dict) -> DecoderConfig:
 
 _HF_NAMES = ("gate_proj", "up_proj", "down_proj")
 
+_LLAMA4 = Family(parse_llama4, ("feed_forward",), _HF_NAMES, expert_layout="llama4", dense_prefix="feed_forward")
 ARCHITECTURES: MappingProxyType[str, Family] = MappingProxyType({
     "MixtralForCausalLM": Family(parse_mixtral, ("block_sparse_moe", "mlp"), ("w1", "w3", "w2")),
     "Qwen3MoeForCausalLM": Family(parse_qwen3_moe, ("mlp",), _HF_NAMES),
@@ -354,6 +444,10 @@ ARCHITECTURES: MappingProxyType[str, Family] = MappingProxyType({
     "Mistral4ForCausalLM": Family(parse_mistral4, ("mlp",), _HF_NAMES, "shared_experts"),
     "DeepseekV32ForCausalLM": Family(parse_deepseek_v32, ("mlp",), _HF_NAMES, "shared_experts"),
     "GlmMoeDsaForCausalLM": Family(parse_glm_moe_dsa, ("mlp",), _HF_NAMES, "shared_experts"),
+    "GptOssForCausalLM": Family(parse_gpt_oss, ("mlp",), _HF_NAMES, expert_layout="gpt_oss"),
+    "Llama4ForCausalLM": _LLAMA4,
+    "Llama4ForConditionalGeneration": dataclasses.replace(
+        _LLAMA4, text_model=("language_model.", ("vision_model.", "multi_modal_projector."))),
 })
 
 
@@ -361,12 +455,13 @@ def with_transformers_defaults(hf: dict) -> dict:
     """``config.json`` completed as ``transformers`` reads it: a field it leaves out takes the value the family's
     config class gives it, built from this same ``config.json`` (so derived fields such as ``layer_types`` agree).
     A config ``transformers`` cannot build is returned as it is; its own fields are then checked by ``parse``."""
-    from transformers import AutoConfig  # not at import: transformers is slow to import
+    from huggingface_hub.errors import StrictDataclassError  # (as transformers: not at import)
+    from transformers import AutoConfig
 
     try:
         fields = {k: v for k, v in hf.items() if k != "model_type"}
         full = AutoConfig.for_model(hf.get("model_type", ""), **fields).to_dict()
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, StrictDataclassError):  # (the last: a field transformers validates)
         return hf
     return {**full, **hf}
 

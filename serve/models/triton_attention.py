@@ -9,10 +9,11 @@ consecutive query tokens of one sequence (a decode is a tile of one token), desc
 ``(first row in the step, query tokens, position of the first query, row of tables_RM)``. The kernel's grid is
 ``(N, Hkv)``: a program loads its tile's tokens times the G query heads of its kv head as one ``[BLOCK_M, Dh]``
 query block (row ``m`` is token ``m // G``, head ``m % G``; BLOCK_M = next_pow2(block_q * G), at least 16), so
-each key and value is read once per tile for the whole group, then walks the keys ``0 .. pos + tokens - 1`` in
-``BLOCK_N`` chunks with an online softmax. Each key looks up its own block (``tables_RM[seq, key // BS]``), so
-BS need not divide or equal BLOCK_N; a query at position ``p`` masks keys past ``p``. Example, ``block_q=4``: two
-decodes with 5 and 1 keys, then a chunk of 6 tokens with 3 cached, at rows 2..7::
+each key and value is read once per tile for the whole group, then walks the keys ``first .. pos + tokens - 1``
+(``first``: 0, or the tile's first query's window start) in ``BLOCK_N`` chunks with an online softmax. Each key
+looks up its own block (``tables_RM[seq, key // BS]``), so BS need not divide or equal BLOCK_N; a query at
+position ``p`` masks keys past ``p`` and before its window's first key. Example, ``block_q=4``: two decodes
+with 5 and 1 keys, then a chunk of 6 tokens with 3 cached, at rows 2..7::
 
     tiles_N4 = [[0, 1, 4, 0], [1, 1, 0, 1], [2, 4, 3, 2], [6, 2, 7, 2]]
 
@@ -41,6 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from serve.models.attention import AttentionBackend, AttentionMetadata, DecodeGroup, PagedKVCache, PrefillChunk
+from serve.models.config import FULL_ATTENTION, AttentionWindow
 from serve.models.latent_cache import LatentKVCache
 from serve.models.mla import MLAWeights, absorb_queries, unabsorb_output
 from serve.models.sparse_attention import IndexerQuery
@@ -142,11 +144,13 @@ class _TritonStep:
     def __init__(self, cache: PagedKVCache, metadata: TritonMetadata) -> None:
         self.cache, self.metadata = cache, metadata
 
-    def attend(self, layer: int, q_THd: torch.Tensor, k_THd: torch.Tensor, v_THd: torch.Tensor) -> torch.Tensor:
+    def attend(self, layer: int, q_THd: torch.Tensor, k_THd: torch.Tensor, v_THd: torch.Tensor,
+               window: AttentionWindow = FULL_ATTENTION, sinks_H: torch.Tensor | None = None) -> torch.Tensor:
         meta = self.metadata
         k_cache, v_cache = self.cache.k[layer], self.cache.v[layer]
         store_kv(k_THd, v_THd, k_cache, v_cache, meta.slot_mapping_T)
-        return paged_attention(q_THd, k_cache, v_cache, meta.tiles_N4, meta.tables_RM, meta.block_q)
+        return paged_attention(q_THd, k_cache, v_cache, meta.tiles_N4, meta.tables_RM, meta.block_q,
+                               window=window, sinks_H=sinks_H)
 
 
 def store_kv(k_THd: torch.Tensor, v_THd: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -171,9 +175,12 @@ def store_kv(k_THd: torch.Tensor, v_THd: torch.Tensor, k_cache: torch.Tensor, v_
 
 
 def paged_attention(q_THd: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, tiles_N4: torch.Tensor,
-                    tables_RM: torch.Tensor, block_q: int, scale: float | None = None) -> torch.Tensor:
+                    tables_RM: torch.Tensor, block_q: int, scale: float | None = None,
+                    window: AttentionWindow = FULL_ATTENTION, sinks_H: torch.Tensor | None = None) -> torch.Tensor:
     """Causal attention of the step's queries over their sequences' cached keys, tile by tile (module docstring);
-    scores times ``scale`` (default ``Dh ** -0.5``).
+    scores times ``scale`` (default ``Dh ** -0.5``). ``window``: a query at ``p`` sees keys ``window.first_key(p)
+    .. p`` (the walk starts at the tile's first query's first key); ``sinks_H``: per-head logits in each softmax's
+    denominator (gpt-oss), which start the online softmax as a key with no value.
 
     ``q_THd`` fp32/fp16/bf16; caches ``[Hkv, NB + 1, BS, Dh]`` contiguous (K/V already stored); ``tiles_N4``
     int32 ``(row, tokens <= block_q, pos, seq)``; ``tables_RM`` int32/int64. Returns ``[T, H, Dh]`` in q's dtype
@@ -192,11 +199,12 @@ def paged_attention(q_THd: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     G = H // Hkv
     BLOCK_M, BLOCK_D = max(16, triton.next_power_of_2(block_q * G)), max(16, triton.next_power_of_2(Dh))
     scale_log2 = (Dh**-0.5 if scale is None else scale) * 1.4426950408889634  # the kernel exponentiates base 2
+    sinks = q if sinks_H is None else sinks_H.float().contiguous()  # (an unread pointer without sinks)
     if tiles_N4.shape[0]:
         _attention_kernel[(tiles_N4.shape[0], Hkv)](
-            q, k_cache, v_cache, o_THd, tiles_N4, tables_RM, q.stride(0), q.stride(1), o_THd.stride(0),
-            o_THd.stride(1), tables_RM.stride(0), k_cache.stride(0), scale_log2,
-            G, Dh, BS, BLOCK_M, BLOCK_D, BLOCK_N, "ieee" if q.dtype == torch.float32 else "tf32",
+            q, k_cache, v_cache, o_THd, tiles_N4, tables_RM, sinks, q.stride(0), q.stride(1), o_THd.stride(0),
+            o_THd.stride(1), tables_RM.stride(0), k_cache.stride(0), scale_log2, window.sliding, window.chunk,
+            sinks_H is not None, G, Dh, BS, BLOCK_M, BLOCK_D, BLOCK_N, "ieee" if q.dtype == torch.float32 else "tf32",
             num_warps=4 if BLOCK_M * BLOCK_D <= 64 * 128 else 8)
     return o_THd
 
@@ -220,10 +228,11 @@ if triton is not None:
             tl.store(v_cache_ptr + dst, v.to(v_cache_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _attention_kernel(q_ptr, k_cache_ptr, v_cache_ptr, o_ptr, tiles_ptr, tables_ptr, stride_qt, stride_qh,
-                          stride_ot, stride_oh, stride_table, stride_cache_h, scale_log2,
-                          G: tl.constexpr, Dh: tl.constexpr, BS: tl.constexpr, BLOCK_M: tl.constexpr,
-                          BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    def _attention_kernel(q_ptr, k_cache_ptr, v_cache_ptr, o_ptr, tiles_ptr, tables_ptr, sinks_ptr, stride_qt,
+                          stride_qh, stride_ot, stride_oh, stride_table, stride_cache_h, scale_log2,
+                          SLIDING: tl.constexpr, CHUNK: tl.constexpr, HAS_SINKS: tl.constexpr, G: tl.constexpr,
+                          Dh: tl.constexpr, BS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+                          BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
         tile, kv_head = tl.program_id(0), tl.program_id(1)
         # 1. the tile: rows row0 .. row0 + num_q of the step, at positions pos0 .., reading table row seq
         row0 = tl.load(tiles_ptr + tile * 4)
@@ -236,14 +245,26 @@ if triton is not None:
         row_mask = (token_M < num_q)[:, None] & (d < Dh)[None, :]
         q_MD = tl.load(q_ptr + (row0 + token_M)[:, None] * stride_qt + head_M[:, None] * stride_qh + d[None, :],
                        mask=row_mask, other=0.0)
-        pos_M = pos0 + token_M  # padding rows get positions too: key 0 is always unmasked, so no row is all -inf
-        # 2. online softmax over keys 0 .. pos0 + num_q - 1 (the bound is read here, not passed by the host)
-        max_M = tl.full([BLOCK_M], float("-inf"), tl.float32)
-        sum_M = tl.zeros([BLOCK_M], tl.float32)
+        # padding rows take the tile's first position: they see its first query's keys, so no row is all -inf
+        pos_M = pos0 + tl.where(token_M < num_q, token_M, 0)
+        if SLIDING:  # each row's first key (the window is one contiguous range ending at the row's position)
+            first_M = tl.maximum(pos_M - SLIDING + 1, 0)
+        elif CHUNK:
+            first_M = pos_M // CHUNK * CHUNK
+        else:
+            first_M = pos_M * 0
+        # 2. online softmax over keys first_M[0] .. pos0 + num_q - 1 (the bounds are read here, not passed by the
+        # host); a sink is a first key with no value: max = sink, sum = 1
+        if HAS_SINKS:
+            max_M = tl.load(sinks_ptr + head_M).to(tl.float32) * 1.4426950408889634
+            sum_M = tl.full([BLOCK_M], 1.0, tl.float32)
+        else:
+            max_M = tl.full([BLOCK_M], float("-inf"), tl.float32)
+            sum_M = tl.zeros([BLOCK_M], tl.float32)
         acc_MD = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
         num_keys = pos0 + num_q
         cache_h = kv_head.to(tl.int64) * stride_cache_h
-        for start in range(0, num_keys, BLOCK_N):
+        for start in range(tl.min(first_M, 0), num_keys, BLOCK_N):
             key_N = start + tl.arange(0, BLOCK_N)
             block_N = tl.load(tables_ptr + seq * stride_table + key_N // BS, mask=key_N < num_keys, other=0)
             slot_N = block_N.to(tl.int64) * BS + key_N % BS
@@ -252,10 +273,13 @@ if triton is not None:
             k_ND = tl.load(k_cache_ptr + offs_ND, mask=kv_mask, other=0.0).to(q_MD.dtype)
             v_ND = tl.load(v_cache_ptr + offs_ND, mask=kv_mask, other=0.0).to(q_MD.dtype)
             s_MN = tl.dot(q_MD, tl.trans(k_ND), input_precision=DOT_PRECISION) * scale_log2
-            s_MN = tl.where(key_N[None, :] <= pos_M[:, None], s_MN, float("-inf"))
+            seen_MN = (key_N[None, :] <= pos_M[:, None]) & (key_N[None, :] >= first_M[:, None])
+            s_MN = tl.where(seen_MN, s_MN, float("-inf"))
             new_max_M = tl.maximum(max_M, tl.max(s_MN, 1))
-            p_MN = tl.exp2(s_MN - new_max_M[:, None])
-            alpha_M = tl.exp2(max_M - new_max_M)
+            # a row none of whose keys came yet (its window starts later) keeps max -inf: exponentiate against 0
+            safe_max_M = tl.where(new_max_M == float("-inf"), 0.0, new_max_M)
+            p_MN = tl.exp2(s_MN - safe_max_M[:, None])
+            alpha_M = tl.exp2(max_M - safe_max_M)
             sum_M = sum_M * alpha_M + tl.sum(p_MN, 1)
             acc_MD = acc_MD * alpha_M[:, None] + tl.dot(p_MN.to(v_ND.dtype), v_ND, input_precision=DOT_PRECISION)
             max_M = new_max_M

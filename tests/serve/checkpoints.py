@@ -33,10 +33,32 @@ def hf_config(family: str):
         return tf.MiniMaxM2Config(**COMMON, intermediate_size=48, num_local_experts=8, num_experts_per_tok=2,
                                   rope_parameters={"rope_type": "default", "rope_theta": 1e4,
                                                    "partial_rotary_factor": 0.5})
+    # windows far below the test prompts' lengths (up to 60 + 32 tokens), not multiples of the block size (8)
+    if family == "mixtral_sliding":  # every layer slides
+        return tf.MixtralConfig(**COMMON, intermediate_size=48, num_local_experts=8, num_experts_per_tok=2,
+                                sliding_window=13)
+    if family == "qwen2_moe_sliding":  # layer 0 slides (layer_types from use_sliding_window, max_window_layers)
+        return tf.Qwen2MoeConfig(**COMMON, intermediate_size=80, moe_intermediate_size=48, num_experts=8,
+                                 num_experts_per_tok=2, shared_expert_intermediate_size=56, use_sliding_window=True,
+                                 sliding_window=11, max_window_layers=1)
+    if family == "gpt_oss":  # sliding layer 0 and full layer 1, sinks, biases, YaRN, the clamped SwiGLU with biases
+        return tf.GptOssConfig(**COMMON, intermediate_size=48, num_local_experts=8, num_experts_per_tok=2,
+                               sliding_window=12, swiglu_limit=1.5,
+                               rope_parameters={"rope_type": "yarn", "rope_theta": 150000.0, "factor": 8.0,
+                                                "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False,
+                                                "original_max_position_embeddings": 32})
+    if family == "llama4":  # layers 0, 2 roped + chunked (16) dense; layer 1 NoPE, full, temperature-tuned, MoE
+        return tf.Llama4TextConfig(**{**COMMON, "num_hidden_layers": 3}, intermediate_size=48, intermediate_size_mlp=80,
+                                   num_local_experts=4, num_experts_per_tok=1, attention_chunk_size=16,
+                                   no_rope_layers=[1, 0, 1], interleave_moe_layer_step=2, floor_scale=8, attn_scale=0.1,
+                                   rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+                                                    "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                                    "original_max_position_embeddings": 32})
     raise KeyError(family)
 
 
-FAMILIES = ["mixtral", "qwen3_moe", "qwen3_moe_sparse_step", "olmoe", "qwen2_moe", "glm4_moe", "minimax_m2"]
+FAMILIES = ["mixtral", "qwen3_moe", "qwen3_moe_sparse_step", "olmoe", "qwen2_moe", "glm4_moe", "minimax_m2",
+            "mixtral_sliding", "qwen2_moe_sliding", "gpt_oss", "llama4"]
 
 # multi-head latent attention (serve.models.mla): tiny DeepSeek-V3-shaped configs with awkward, distinct sizes
 MLA = dict(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,

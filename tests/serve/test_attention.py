@@ -8,6 +8,7 @@ import torch
 from serve.engine.model_runner import split_by_length
 from serve.models import DecoderConfig
 from serve.models.attention import DecodeGroup, PagedKVCache, PrefillChunk, TorchAttention
+from serve.models.config import AttentionWindow
 from serve.models.cpu_attention import CpuAttention, paged_decode_available
 from serve.models.layers import DenseCausalAttention
 
@@ -84,3 +85,64 @@ def test_c_decode_kernel_reads_only_each_sequences_keys(poison_empty, dh):
         values = v[:, tables[b]].reshape(Hkv, -1, dh)[:, :n].repeat_interleave(heads // Hkv, 0)
         p = torch.softmax((q[b][:, None] * keys).sum(-1) / dh**0.5, dim=-1)
         torch.testing.assert_close(out[b], (p[..., None] * values).sum(1), rtol=1e-5, atol=1e-5)
+
+
+def _naive(q_HD, keys_SHkvD, values_SHkvD, pos, window, sinks_H):
+    """One query at ``pos`` over keys ``0..pos`` of its sequence, by the definitions: the window's keys only, the
+    sink a logit with no value in the softmax."""
+    seen = [j for j in range(pos + 1) if window.full or (window.sliding and j > pos - window.sliding)
+            or (window.chunk and j // window.chunk == pos // window.chunk)]
+    G = q_HD.shape[0] // keys_SHkvD.shape[1]
+    out = []
+    for h in range(q_HD.shape[0]):
+        logits = torch.stack([q_HD[h] @ keys_SHkvD[j, h // G] / q_HD.shape[1] ** 0.5 for j in seen])
+        if sinks_H is not None:
+            logits = torch.cat([logits, sinks_H[h:h + 1]])
+        p = torch.softmax(logits, 0)[:len(seen)]
+        out.append(sum(p[i] * values_SHkvD[j, h // G] for i, j in enumerate(seen)))
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("window", [AttentionWindow(sliding=5), AttentionWindow(chunk=4), AttentionWindow()],
+                         ids=["sliding5", "chunk4", "full"])
+@pytest.mark.parametrize("sinks", [False, True], ids=["no-sinks", "sinks"])
+@pytest.mark.parametrize("c_decode", [False, True], ids=["torch", "c-kernel"])
+def test_windows_and_sinks_match_their_definition(c_decode, window, sinks):
+    """Prefill chunks (with and without a cached prefix) and decodes of sequences shorter and longer than the
+    window, through both CPU backends, against a per-query reference written from the definitions."""
+    if c_decode and not paged_decode_available(torch.zeros(1)):
+        pytest.skip("no C compiler / AVX2 for the paged decode kernel")
+    torch.manual_seed(1)
+    n = 17
+    q, k, v = torch.randn(n, H, DH), torch.randn(n, HKV, DH), torch.randn(n, HKV, DH)
+    sinks_H = torch.randn(H) * 2 if sinks else None
+    ref = torch.stack([_naive(q[p], k, v, p, window, sinks_H) for p in range(n)])
+    cache = PagedKVCache(_config(), num_blocks=16, block_size=BS, dtype=torch.float32)
+    backend = CpuAttention() if c_decode else TorchAttention()
+    table = torch.randperm(15)[: -(-n // BS)].tolist()  # block 15: the other sequence's
+
+    def slots(start, end):
+        return torch.tensor([table[p // BS] * BS + p % BS for p in range(start, end)])
+
+    for start, end in ((0, 7), (7, 13)):  # a chunk with no prefix, then one over it
+        meta = backend.metadata(slots(start, end), [], [PrefillChunk(0, end - start, start, torch.tensor(table))])
+        out = backend.step(cache, meta).attend(0, q[start:end], k[start:end], v[start:end], window, sinks_H)
+        torch.testing.assert_close(out, ref[start:end], rtol=1e-5, atol=1e-5)
+    for p in range(13, n):  # decodes, the last ones past every window, beside a one-key sequence
+        other = 15  # a block of its own, out of the table
+        group = DecodeGroup.build(0, [table, [other]], [p + 1, 1], BS)
+        q2, k2, v2 = (torch.stack([x[p], x[0] * 0.5]) for x in (q, k, v))
+        meta = backend.metadata(torch.cat([slots(p, p + 1), torch.tensor([other * BS])]), [group], [])
+        out = backend.step(cache, meta).attend(0, q2, k2, v2, window, sinks_H)
+        torch.testing.assert_close(out[0], ref[p], rtol=1e-5, atol=1e-5)
+        lone = _naive(q[0] * 0.5, k[:1] * 0.5, v[:1] * 0.5, 0, window, sinks_H)
+        torch.testing.assert_close(out[1], lone, rtol=1e-5, atol=1e-5)
+
+
+def test_dense_attention_applies_windows_and_sinks():
+    torch.manual_seed(2)
+    n, window, sinks_H = 9, AttentionWindow(sliding=3), torch.randn(H)
+    q, k, v = torch.randn(n, H, DH), torch.randn(n, HKV, DH), torch.randn(n, HKV, DH)
+    out = DenseCausalAttention(1, n).attend(0, q, k, v, window, sinks_H)
+    ref = torch.stack([_naive(q[p], k, v, p, window, sinks_H) for p in range(n)])
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)

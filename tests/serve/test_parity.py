@@ -63,6 +63,38 @@ def test_greedy_matches_under_preemption(checkpoint):
     assert llm.engine.blocks.num_free_blocks == 24
 
 
+@pytest.mark.parametrize("family", ["mixtral_sliding", "mixtral"])
+def test_blocks_every_window_passed_are_returned_while_running(family, tmp_path):
+    """Every layer slides by 13 keys: a running sequence holds the blocks of its last ~13 keys (plus the block
+    being filled), not of its whole context, so six ~100-token sequences fit 24 blocks of 8 without preemption,
+    still token-identical to ``generate`` and the prefix cache still serving the shared prompt; the same sequences
+    under full attention (plain Mixtral) do not fit."""
+    model = hf_model(family)
+    path = save(model, tmp_path)
+    expected = _reference(model, _prompts())
+    llm = LLM(path, block_size=8, num_kv_blocks=24, max_model_len=128, max_num_batched_tokens=32, max_num_seqs=6)
+    engine, peak = llm.engine, 0
+    for run in range(2):  # the second run: the shared prompt's blocks from the prefix cache
+        hits_before = engine.blocks.stats.hit_tokens
+        for i, prompt in enumerate(_prompts()):
+            engine.add_request(f"{run}-{i}", prompt, GREEDY)
+        outputs = {}
+        while engine.has_unfinished_requests():
+            outputs.update((o.request_id, o) for o in engine.step() if o.finished)
+            held = [len(s.block_table) - s.num_released for s in engine.scheduler.running]
+            peak = max([peak, *held])
+        assert [outputs[f"{run}-{i}"].token_ids for i in range(6)] == expected
+        assert engine.blocks.num_free_blocks == 24
+    if family == "mixtral":
+        assert engine.scheduler.num_preemptions > 0 and peak > 5
+        return
+    assert engine.scheduler.num_preemptions == 0
+    # held after a step: keys first_key(start) .. start + 31 of its last chunk, 12 + 32 keys, at most 7 blocks of 8
+    # (a ~100-token sequence under full attention: 12 blocks)
+    assert peak <= 7
+    assert engine.blocks.stats.hit_tokens - hits_before >= 40  # a returned block is still a cached prefix
+
+
 def test_sharded_checkpoint(tmp_path):
     model = hf_model("qwen3_moe", seed=3)
     path = save(model, tmp_path, max_shard_size="60KB")

@@ -23,6 +23,7 @@ from serve.models.attention import (  # noqa: E402
     PrefillChunk,
     TorchAttention,
 )
+from serve.models.config import FULL_ATTENTION, AttentionWindow  # noqa: E402
 from serve.models.triton_attention import TritonAttention, store_kv, triton_attention_available  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -62,9 +63,10 @@ class _Caches:
         slots = torch.tensor(self.slots(seq, 0, n), dtype=torch.long, device=DEVICE)
         tri[:, :, slots] = ref[:, :, slots].to(self.dtype)
 
-    def step(self, decodes, chunks, backend, pad=0, width=None, run=None):
+    def step(self, decodes, chunks, backend, pad=0, width=None, run=None, window=FULL_ATTENTION, sinks=None):
         """``decodes``: ``(seq, keys incl. the new one)``; ``chunks``: ``(seq, num_cached, num_tokens)``; ``pad``
-        rows decode into the null slot reading only the null block. Returns (triton out, reference out)."""
+        rows decode into the null slot reading only the null block; ``window`` / ``sinks``: every query's.
+        Returns (triton out, reference out)."""
         tables = [self.tables[s] for s, _ in decodes] + [[self.ref.null_block]] * pad
         lens = [n for _, n in decodes] + [1] * pad
         groups = [DecodeGroup.build(0, tables, lens, self.BS, width=width)] if lens else []
@@ -82,8 +84,8 @@ class _Caches:
         slot_mapping_T = torch.tensor(slots)
         meta = backend.metadata(slot_mapping_T, groups, prefills).to(DEVICE)
         ref_meta = AttentionMetadata(slot_mapping_T, groups, prefills).to(DEVICE)
-        ref = TorchAttention().step(self.ref, ref_meta).attend(LAYER, q.float(), k.float(), v.float())
-        out = (run or (lambda m: backend.step(self.tri, m)))(meta).attend(LAYER, q, k, v)
+        ref = TorchAttention().step(self.ref, ref_meta).attend(LAYER, q.float(), k.float(), v.float(), window, sinks)
+        out = (run or (lambda m: backend.step(self.tri, m)))(meta).attend(LAYER, q, k, v, window, sinks)
         ref_view, tri_view = self.views()
         written = torch.tensor([s for s in slots if s != self.ref.null_slot], dtype=torch.long, device=DEVICE)
         assert torch.equal(tri_view[:, :, written], ref_view[:, :, written].to(self.dtype))  # the store kernel
@@ -158,6 +160,28 @@ def test_mixed_step_matches_torch(H, Hkv, Dh, BS, dtype, block_q):
     prefills = [(len(decode_lens) + i, c, n) for i, (c, n) in enumerate(chunks)]
     out, ref, _ = caches.step(decodes, prefills, TritonAttention(block_q=block_q), pad=1)
     _check(out, ref, dtype, f"mixed H={H} Hkv={Hkv} Dh={Dh} BS={BS} {dtype} block_q={block_q}")
+
+
+@pytest.mark.parametrize("window", [AttentionWindow(sliding=6), AttentionWindow(chunk=8), FULL_ATTENTION],
+                         ids=["sliding6", "chunk8", "full"])
+@pytest.mark.parametrize("sinks", [False, True], ids=["no-sinks", "sinks"])
+def test_windows_and_sinks_match_torch(window, sinks):
+    """Sliding (transformers' ``p - W < key <= p``) and chunked windows, with and without gpt-oss's sinks:
+    decodes shorter and longer than the window, chunks starting inside and past it, tiles of 4 queries whose rows
+    start their windows at different keys (so a row can see no key of the first iterations)."""
+    dtype, BS = torch.float32, 4
+    decode_lens = [1, 5, 6, 7, 19, 40]
+    chunks = [(0, 11), (3, 9), (13, 6), (30, 1)]
+    caches = _Caches(4, 2, 16, BS, dtype, decode_lens + [c + n for c, n in chunks])
+    for seq, n in enumerate(decode_lens):
+        caches.cache(seq, n - 1)
+    for i, (cached, _) in enumerate(chunks):
+        caches.cache(len(decode_lens) + i, cached)
+    sinks_H = torch.randn(4, device=DEVICE) * 2 if sinks else None
+    prefills = [(len(decode_lens) + i, c, n) for i, (c, n) in enumerate(chunks)]
+    out, ref, _ = caches.step(list(enumerate(decode_lens)), prefills, TritonAttention(block_q=4), pad=1,
+                              window=window, sinks=sinks_H)
+    _check(out, ref, dtype, f"window {window} sinks={sinks}")
 
 
 def test_long_context_decode_and_prefill():

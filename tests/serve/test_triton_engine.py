@@ -14,9 +14,10 @@ pytestmark = pytest.mark.skipif(not triton_attention_available(torch.zeros(1)),
                                 reason="needs Triton on CUDA or its interpreter (TRITON_INTERPRET=1)")
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    return save(hf_model("qwen2_moe"), tmp_path_factory.mktemp("qwen2_moe"))
+@pytest.fixture(scope="module", params=["qwen2_moe", "gpt_oss"])
+def checkpoint(request, tmp_path_factory):
+    """gpt-oss: a sliding window of 12 and attention sinks through the kernel, prompts longer than the window."""
+    return save(hf_model(request.param), tmp_path_factory.mktemp(request.param))
 
 
 def test_triton_attention_serves_the_same_tokens_as_torch(checkpoint):
