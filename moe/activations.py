@@ -12,15 +12,21 @@ from moe.config import Activation, MoEConfig
 
 
 def expert_activation(
-    h13: torch.Tensor, activation: Activation, dim: int = -1, alpha: float = 1.702, limit: float = 7.0
+    h13: torch.Tensor, activation: Activation, dim: int = -1, alpha: float = 1.702, limit: float = 7.0,
+    softcaps: tuple[float, float] = (4.0, 25.0),
 ) -> torch.Tensor:
     """``[.., 2F]`` (gated) or ``[.., F]`` along ``dim`` -> ``[.., F]``.
 
-    ``dim`` lets the CPU path work on transposed blocks (``h_2FM``) without a copy.
+    ``dim`` lets the CPU path work on transposed blocks (``h_2FM``) without a copy. ``softcaps``: the gate's and
+    up's of ``SWIGLU_SOFTCAPPED``.
     """
     if not activation.gated:
+        if activation is Activation.RELU2:
+            return F.relu(h13).square()
         return F.gelu(h13) if activation is Activation.GELU else F.relu(h13)
     gate, up = h13.chunk(2, dim=dim)
+    if activation is Activation.SWIGLU_SOFTCAPPED:
+        return _softcapped_swiglu(gate, up, *softcaps)
     if activation is Activation.SWIGLU:
         return F.silu(gate) * up
     if activation is Activation.GEGLU:
@@ -35,14 +41,19 @@ def expert_activation(
 
 
 def expert_activation_(
-    h13_RX: torch.Tensor, activation: Activation, alpha: float = 1.702, limit: float = 7.0
+    h13_RX: torch.Tensor, activation: Activation, alpha: float = 1.702, limit: float = 7.0,
+    softcaps: tuple[float, float] = (4.0, 25.0),
 ) -> torch.Tensor:
     """:func:`expert_activation` along the last dim computed in place: overwrites ``h13_RX`` and returns a view of
     it (gated: the gate half, row stride 2F), so a large block needs no new ``[R, F]`` buffers. Same values as
     the out-of-place form (the same elementwise ops, rounded the same way)."""
     if not activation.gated:
+        if activation is Activation.RELU2:
+            return F.relu_(h13_RX).square_()
         return torch.ops.aten.gelu.out(h13_RX, out=h13_RX) if activation is Activation.GELU else F.relu_(h13_RX)
     gate, up = h13_RX.chunk(2, dim=-1)
+    if activation is Activation.SWIGLU_SOFTCAPPED:  # needs the raw gate twice: out of place, copied back
+        return gate.copy_(_softcapped_swiglu(gate, up, *softcaps))
     if activation is Activation.SWIGLU:
         return F.silu(gate, inplace=True).mul_(up)
     if activation is Activation.GEGLU:
@@ -54,9 +65,17 @@ def expert_activation_(
     return gate.mul_(torch.sigmoid(gate * alpha)).mul_(up)
 
 
+def _softcapped_swiglu(gate: torch.Tensor, up: torch.Tensor, gate_softcap: float, up_softcap: float) -> torch.Tensor:
+    """Inkling 2's GLU: the sigmoid sees the raw gate, the softcaps (``c tanh(x / c)``) bound the linear gate
+    factor and ``up``."""
+    capped_gate = torch.tanh(gate / gate_softcap) * gate_softcap
+    return capped_gate * torch.sigmoid(gate) * (torch.tanh(up / up_softcap) * up_softcap)
+
+
 @dataclass(frozen=True)
 class ActivationSpec:
-    """An expert activation and its parameters (gpt-oss's ``alpha`` and ``limit``), passed around as one value.
+    """An expert activation and its parameters (gpt-oss's ``alpha`` and ``limit``, Inkling 2's ``softcaps``),
+    passed around as one value.
 
     ``spec(h13, dim)`` is :func:`expert_activation`; ``spec.in_place(h13_RX)`` is :func:`expert_activation_`.
     """
@@ -64,13 +83,15 @@ class ActivationSpec:
     activation: Activation = Activation.SWIGLU
     alpha: float = 1.702
     limit: float = 7.0
+    softcaps: tuple[float, float] = (4.0, 25.0)
 
     @classmethod
     def of(cls, config: MoEConfig) -> ActivationSpec:
-        return cls(config.activation, config.swiglu_alpha, config.swiglu_limit)
+        return cls(config.activation, config.swiglu_alpha, config.swiglu_limit,
+                   (config.swiglu_gate_softcap, config.swiglu_up_softcap))
 
     def __call__(self, h13: torch.Tensor, dim: int = -1) -> torch.Tensor:
-        return expert_activation(h13, self.activation, dim, self.alpha, self.limit)
+        return expert_activation(h13, self.activation, dim, self.alpha, self.limit, self.softcaps)
 
     def in_place(self, h13_RX: torch.Tensor) -> torch.Tensor:
-        return expert_activation_(h13_RX, self.activation, self.alpha, self.limit)
+        return expert_activation_(h13_RX, self.activation, self.alpha, self.limit, self.softcaps)

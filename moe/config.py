@@ -19,10 +19,19 @@ class Activation(str, enum.Enum):
     SWIGLU_CLAMPED = "swiglu_clamped"  # GLM-5-Next, HY-V4: silu(min(gate, limit)) * clamp(up, -limit, limit)
     GELU = "gelu"  # plain 2-layer MLP: gelu(up) ; w13 holds F rows
     RELU = "relu"  # plain 2-layer MLP: relu(up)
+    RELU2 = "relu2"  # plain 2-layer MLP: relu(up) ** 2 (Nemotron-H)
+    # Inkling 2: softcap(gate, gate_softcap) * sigmoid(gate) * softcap(up, up_softcap), softcap(x, c) = c tanh(x / c)
+    SWIGLU_SOFTCAPPED = "swiglu_softcapped"
 
     @property
     def gated(self) -> bool:
-        return self in (Activation.SWIGLU, Activation.GEGLU, Activation.SWIGLU_OAI, Activation.SWIGLU_CLAMPED)
+        return self in (Activation.SWIGLU, Activation.GEGLU, Activation.SWIGLU_OAI, Activation.SWIGLU_CLAMPED,
+                        Activation.SWIGLU_SOFTCAPPED)
+
+    @property
+    def torch_only(self) -> bool:
+        """Computed by the torch backend only: the Triton (and FP8 Triton) kernels have no epilogue for it."""
+        return self in (Activation.RELU2, Activation.SWIGLU_SOFTCAPPED)
 
 
 class Quant(str, enum.Enum):
@@ -71,6 +80,9 @@ class MoEConfig:
     hypermoe: HyperMoEConfig | None = None  # None: off; else a HyperExpert from the unselected experts
     quant: Quant | None = None  # None: experts in the layer's dtype; else FP8 experts (quant.Fp8Experts)
     shared_activation: Activation | None = None  # the shared expert's, where it differs from ``activation``
+    swiglu_gate_softcap: float = 4.0  # SWIGLU_SOFTCAPPED only: the softcap of the gate's linear factor
+    swiglu_up_softcap: float = 25.0  # SWIGLU_SOFTCAPPED only: the softcap of up
+    output_norm_eps: float | None = None  # an RMSNorm (weight ``MoE.output_norm``) on the block's output (A.X-K1)
 
     def __post_init__(self) -> None:
         self.activation = enum_field(Activation, "activation", self.activation)
@@ -85,6 +97,10 @@ class MoEConfig:
                 raise ValueError(f"{name} ({value!r}) must be a positive integer")
         if self.top_k > self.num_experts:
             raise ValueError(f"top_k ({self.top_k}) must be <= num_experts ({self.num_experts})")
+        if self.output_norm_eps is not None and not self.output_norm_eps > 0:
+            raise ValueError(f"output_norm_eps ({self.output_norm_eps!r}) must be > 0 or None")
+        if min(self.swiglu_gate_softcap, self.swiglu_up_softcap) <= 0:
+            raise ValueError(f"softcaps ({self.swiglu_gate_softcap}, {self.swiglu_up_softcap}) must be > 0")
         if self.shared_ffn_size < 0:
             raise ValueError(f"shared_ffn_size ({self.shared_ffn_size}) must be >= 0")
         if self.shared_expert_gate and not self.shared_ffn_size:

@@ -41,12 +41,16 @@ class MoE(nn.Module):
         self.experts = Fp8Experts(config) if config.quant is not None else Experts(config)
         self.shared_expert = (
             SharedExpert(config.hidden_size, config.shared_ffn_size, config.shared_activation or config.activation,
-                         config.shared_expert_gate, config.swiglu_alpha, config.swiglu_limit)
+                         config.shared_expert_gate, config.swiglu_alpha, config.swiglu_limit,
+                         (config.swiglu_gate_softcap, config.swiglu_up_softcap))
             if config.shared_ffn_size
             else None
         )
         self.dispatcher = dispatcher if dispatcher is not None else LocalDispatcher(config.num_experts)
-        self.backend = resolve_backend(config.backend)
+        if config.backend is Backend.TRITON and config.activation.torch_only:
+            raise ValueError(f"activation {config.activation.value!r} has no Triton kernel epilogue: use "
+                             "backend='torch' (or 'auto', which picks it)")
+        self.backend = resolve_backend(config.backend, config.activation.torch_only)
         if self.backend is Backend.TRITON:
             check_supported(config)
         # HyperMoE (config.hypermoe): a HyperExpert from the unselected experts; pass a shared `hypernetwork`
@@ -58,6 +62,9 @@ class MoE(nn.Module):
             if config.hypermoe is not None
             else None
         )
+        # RMSNorm on the block's output, routed and shared experts summed (A.X-K1's post_mlp_layernorm)
+        self.output_norm = nn.Parameter(torch.ones(config.hidden_size)) if config.output_norm_eps is not None \
+            else None
         # Observer of every routing decision (routing.stats.RoutingStats.attach sets it); None costs nothing.
         self.on_routing: Callable[[Routing], None] | None = None
 
@@ -90,6 +97,10 @@ class MoE(nn.Module):
             y_TD = y_TD + self.shared_expert(x_TD)
         if self.hypermoe is not None:
             y_TD = y_TD + self.hypermoe(x_TD, routing.ids_TK)
+        if self.output_norm is not None:  # in fp32, then the weight in the input's dtype (as transformers' RMSNorm)
+            y32 = y_TD.float()
+            y32 = y32 * torch.rsqrt(y32.pow(2).mean(-1, keepdim=True) + self.config.output_norm_eps)
+            y_TD = self.output_norm * y32.to(x.dtype)
         return y_TD.to(x.dtype).reshape(x.shape), routing
 
     @classmethod
@@ -103,13 +114,14 @@ class MoE(nn.Module):
         return moe_from_deepspeed(ds_moe, cls)
 
 
-def resolve_backend(requested: Backend) -> Backend:
-    """Pick the backend once, from the config and a capability probe (never inside ``forward``)."""
+def resolve_backend(requested: Backend, torch_only: bool = False) -> Backend:
+    """Pick the backend once, from the config and a capability probe (never inside ``forward``). ``torch_only``:
+    the experts' activation has no Triton epilogue, so ``auto`` picks torch."""
     has_triton = importlib.util.find_spec("triton") is not None
     if requested is Backend.TRITON:
         if not has_triton:
             raise ImportError("backend='triton' needs triton: pip install triton")
         return Backend.TRITON
-    if requested is Backend.AUTO and has_triton and torch.cuda.is_available():
+    if requested is Backend.AUTO and has_triton and torch.cuda.is_available() and not torch_only:
         return Backend.TRITON
     return Backend.TORCH

@@ -13,16 +13,18 @@ from moe.layer import MoE
 
 
 class TupleOutputMoE(nn.Module):
-    """Wraps ``MoE`` for HF blocks that return ``(hidden, router_tensor)`` (gpt-oss: weights; Llama 4: logits)."""
+    """Wraps ``MoE`` for HF blocks that return ``(hidden, router_tensor)`` (gpt-oss: weights; Llama 4: logits;
+    OpenAI's privacy filter: weights / k, ``weight_scale``)."""
 
-    def __init__(self, moe: MoE, second: str) -> None:
+    def __init__(self, moe: MoE, second: str, weight_scale: float = 1.0) -> None:
         super().__init__()
         self.moe = moe
         self.second = second
+        self.weight_scale = weight_scale
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         y, routing = self.moe.forward_with_routing(x)
-        extra = routing.logits_TE if self.second == "logits" else routing.weights_TK
+        extra = routing.logits_TE if self.second == "logits" else routing.weights_TK * self.weight_scale
         return y, extra.to(x.dtype)
 
 
@@ -49,14 +51,15 @@ def patch_hf(model: nn.Module) -> int:
         parent = model.get_submodule(parent_name) if parent_name else model
         block = getattr(parent, child)
         layer = MoE.from_hf(block)
-        replacement = TupleOutputMoE(layer, "logits" if _is_llama4(block) else "weights") \
+        scale = 1.0 / layer.config.top_k if type(block).__name__ == "OpenAIPrivacyFilterMLP" else 1.0
+        replacement = TupleOutputMoE(layer, "logits" if _is_llama4(block) else "weights", scale) \
             if cls_returns_tuple(block) else layer
         setattr(parent, child, replacement)
     return len(targets)
 
 
 def cls_returns_tuple(block: nn.Module) -> bool:
-    return type(block).__name__ in ("GptOssMLP", "Llama4TextMoe")
+    return type(block).__name__ in ("GptOssMLP", "Llama4TextMoe", "OpenAIPrivacyFilterMLP")
 
 
 def _is_llama4(block: nn.Module) -> bool:

@@ -50,6 +50,7 @@ def reference_expert(
     alpha: float = 1.702,
     limit: float = 7.0,
     input_quant: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    softcaps: tuple[float, float] = (4.0, 25.0),
 ) -> torch.Tensor:
     """One expert MLP in fp32: ``x [M, D] -> [M, D]``; ``w13`` has ``R = 2F`` (gated) or ``F`` rows.
 
@@ -57,7 +58,7 @@ def reference_expert(
     GEMM: the FP8-emulated reference of kernels that quantise activations."""
     quantize = input_quant or (lambda t: t)
     h = F.linear(quantize(x_MD.float()), w13_RD.float(), None if b13_R is None else b13_R.float())
-    a = expert_activation(h, Activation(activation), alpha=alpha, limit=limit)
+    a = expert_activation(h, Activation(activation), alpha=alpha, limit=limit, softcaps=softcaps)
     return F.linear(quantize(a), w2_DF.float(), None if b2_D is None else b2_D.float())
 
 
@@ -74,11 +75,12 @@ def reference_moe(
     alpha: float = 1.702,
     limit: float = 7.0,
     input_quant: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    softcaps: tuple[float, float] = (4.0, 25.0),
 ) -> torch.Tensor:
     """Routed experts only (no router, no shared expert): ``y_TD = sum_k w_tk * expert_{id_tk}(x_t)``.
 
     With ``apply_on_input`` the weight scales the expert's input instead (Llama 4). Returns fp32.
-    ``input_quant``: see :func:`reference_expert`.
+    ``input_quant``, ``softcaps``: see :func:`reference_expert`.
     """
     activation = Activation(activation)
     x32_TD = x_TD.float()
@@ -92,6 +94,7 @@ def reference_moe(
         y_MD = reference_expert(
             x_MD, w13_ERD[e], w2_EDF[e], activation,
             None if b13_ER is None else b13_ER[e], None if b2_ED is None else b2_ED[e], alpha, limit, input_quant,
+            softcaps,
         )
         y_TD.index_add_(0, token_idx, y_MD if apply_on_input else y_MD * w_M1)
     return y_TD
@@ -107,6 +110,7 @@ def reference_moe_layer(layer: Any, x: torch.Tensor) -> torch.Tensor:
     y_TD = reference_moe(
         x_TD, routing.weights_TK, routing.ids_TK, ex.w13_E2FD, ex.w2_EDF, cfg.activation,
         ex.b13_E2F, ex.b2_ED, routing.apply_on_input, cfg.swiglu_alpha, cfg.swiglu_limit,
+        softcaps=(cfg.swiglu_gate_softcap, cfg.swiglu_up_softcap),
     )
     if layer.shared_expert is not None:
         y_TD = y_TD + layer.shared_expert(x_TD.float()).float()

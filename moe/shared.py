@@ -14,14 +14,14 @@ class SharedExpert(nn.Module):
 
     With ``gated_output`` a ``gate_weight`` ``[1, D]`` scales the result by ``sigmoid(x . gate_weight)``.
     ``alpha`` / ``limit``: the clamped GLUs' parameters (``SWIGLU_OAI``, ``SWIGLU_CLAMPED``), as the routed experts
-    have them.
+    have them; ``softcaps`` those of ``SWIGLU_SOFTCAPPED``.
     """
 
     def __init__(self, hidden_size: int, ffn_size: int, activation: Activation, gated_output: bool,
-                 alpha: float = 1.702, limit: float = 7.0) -> None:
+                 alpha: float = 1.702, limit: float = 7.0, softcaps: tuple[float, float] = (4.0, 25.0)) -> None:
         super().__init__()
         self.activation = Activation(activation)
-        self.alpha, self.limit = alpha, limit
+        self.alpha, self.limit, self.softcaps = alpha, limit, softcaps
         rows = 2 * ffn_size if self.activation.gated else ffn_size
         self.w13_XD = nn.Parameter(torch.empty(rows, hidden_size))
         self.w2_DS = nn.Parameter(torch.empty(hidden_size, ffn_size))
@@ -33,7 +33,8 @@ class SharedExpert(nn.Module):
         x_TD = x_TD.to(self.w13_XD.dtype)
         # Transposed products (w @ x.T): MKL's fastest form for [out, in] weights and few rows.
         h_XT = torch.mm(self.w13_XD, x_TD.t())
-        y_TD = torch.mm(self.w2_DS, expert_activation(h_XT, self.activation, 0, self.alpha, self.limit)).t()
+        y_TD = torch.mm(self.w2_DS, expert_activation(h_XT, self.activation, 0, self.alpha, self.limit,
+                                                           self.softcaps)).t()
         if self.gate_weight is not None:
             y_TD = y_TD * torch.sigmoid(torch.mm(x_TD, self.gate_weight.t()))
         return y_TD

@@ -14,6 +14,7 @@ class Scoring(str, enum.Enum):
     SOFTMAX = "softmax"  # softmax over all experts, then top-k (Mixtral, Qwen-MoE, OLMoE, DeepSeek-V2)
     SIGMOID = "sigmoid"  # independent sigmoid per expert (DeepSeek-V3, Llama 4)
     SOFTMAX_TOPK = "softmax_topk"  # top-k on logits, softmax over the k chosen (gpt-oss)
+    SQRT_SOFTPLUS = "sqrt_softplus"  # independent sqrt(softplus(logit)) per expert (DeepSeek-V4)
 
 
 class GroupScore(str, enum.Enum):
@@ -35,6 +36,7 @@ class RouterConfig:
     - ``routed_scaling_factor``: multiplies the final weights.
     - ``apply_on_input``: the weight scales the expert *input* instead of its output (Llama 4).
     - ``bias``: the router linear layer has a bias (gpt-oss).
+    - ``bias_on_logits``: the correction bias is added to the *logits*, not the scores, to select (Kolibri-1).
     """
 
     num_experts: int
@@ -48,6 +50,7 @@ class RouterConfig:
     routed_scaling_factor: float = 1.0
     apply_on_input: bool = False
     bias: bool = False
+    bias_on_logits: bool = False
 
     def __post_init__(self) -> None:
         self.scoring = enum_field(Scoring, "scoring", self.scoring)
@@ -70,6 +73,8 @@ class RouterConfig:
             )
         if self.num_groups > 1 and self.group_score is GroupScore.TOP2_SUM and experts_per_group < 2:
             raise ValueError(f"group_score top2_sum needs >= 2 experts per group, got {experts_per_group}")
+        if self.bias_on_logits and not self.correction_bias:
+            raise ValueError("bias_on_logits (True) needs a correction bias (correction_bias=True)")
         if self.routed_scaling_factor <= 0:
             raise ValueError(f"routed_scaling_factor ({self.routed_scaling_factor}) must be > 0")
 

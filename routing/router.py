@@ -65,14 +65,15 @@ def route(
         return _finish(torch.softmax(top_logits_TK, dim=-1), config), ids_TK
 
     # Logits order the experts exactly as their scores do, without the ties of a saturated sigmoid (1.0) or
-    # an underflowed softmax (0.0); only a bias or a top-2 group sum needs the scores themselves.
-    order_preserved = correction_bias_E is None and (
+    # an underflowed softmax (0.0); only a bias or a top-2 group sum needs the scores themselves (unless the
+    # family adds its bias to the logits: then the logits are what it selects on).
+    select_on_logits = config.bias_on_logits or (correction_bias_E is None and (
         config.num_groups == 1 or config.group_score is GroupScore.MAX
-    )
+    ))
     scores_TE = None
-    if not (order_preserved and config.renormalize):  # else the scores of all E experts are never read
-        scores_TE = torch.softmax(logits_TE, dim=-1) if config.scoring is Scoring.SOFTMAX else torch.sigmoid(logits_TE)
-    choice_TE = logits_TE if order_preserved else _computed(scores_TE)
+    if not (select_on_logits and config.renormalize):  # else the scores of all E experts are never read
+        scores_TE = _scores(logits_TE, config.scoring)
+    choice_TE = logits_TE if select_on_logits else _computed(scores_TE)
     if correction_bias_E is not None:
         choice_TE = choice_TE + correction_bias_E
     if config.num_groups > 1:
@@ -80,16 +81,31 @@ def route(
     ids_TK = torch.topk(choice_TE, k, dim=-1).indices
 
     if config.renormalize:
-        chosen_logits_TK = logits_TE.gather(1, ids_TK)
-        if config.scoring is Scoring.SOFTMAX:
-            weights_TK = torch.softmax(chosen_logits_TK, dim=-1)
-        else:
-            # s_i / sum_j s_j for s = sigmoid(l), computed as a softmax of logsigmoid so that scores that
-            # underflow to 0 (very negative logits) still give their true proportions instead of 0/0.
-            weights_TK = torch.softmax(F.logsigmoid(chosen_logits_TK), dim=-1)
+        weights_TK = _renormalized(logits_TE.gather(1, ids_TK), config.scoring)
     else:
         weights_TK = _computed(scores_TE).gather(1, ids_TK)
     return _finish(weights_TK, config), ids_TK
+
+
+def _scores(logits_TE: torch.Tensor, scoring: Scoring) -> torch.Tensor:
+    """Every expert's score (softmax over the experts, or one independent score per expert)."""
+    if scoring is Scoring.SOFTMAX:
+        return torch.softmax(logits_TE, dim=-1)
+    if scoring is Scoring.SQRT_SOFTPLUS:
+        return F.softplus(logits_TE).sqrt()
+    return torch.sigmoid(logits_TE)
+
+
+def _renormalized(chosen_logits_TK: torch.Tensor, scoring: Scoring) -> torch.Tensor:
+    """The k chosen experts' scores divided by their sum, from their logits."""
+    if scoring is Scoring.SOFTMAX:
+        return torch.softmax(chosen_logits_TK, dim=-1)
+    if scoring is Scoring.SQRT_SOFTPLUS:  # + 1e-20 as DeepSeek-V4: scores that all underflow give 0, not 0/0
+        scores_TK = F.softplus(chosen_logits_TK).sqrt()
+        return scores_TK / (scores_TK.sum(dim=-1, keepdim=True) + 1e-20)
+    # s_i / sum_j s_j for s = sigmoid(l), computed as a softmax of logsigmoid so that scores that
+    # underflow to 0 (very negative logits) still give their true proportions instead of 0/0.
+    return torch.softmax(F.logsigmoid(chosen_logits_TK), dim=-1)
 
 
 def _computed(scores_TE: torch.Tensor | None) -> torch.Tensor:

@@ -14,6 +14,7 @@ import re
 import pytest
 import torch
 import transformers
+from transformers.integrations.heterogeneity.configuration_utils import AmbiguousGlobalPerLayerAttributeError
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 import moe
@@ -21,37 +22,26 @@ from moe.hf import REFUSED_BLOCKS, supported_blocks
 from tests.test_hf_parity import _rel_err
 
 # Top-k blocks not read yet, and what each needs (their routing or expert layout is not one of moe.hf's patterns).
-PENDING = {
-    "AriaTextMoELayer": "grouped-GEMM experts (AriaGroupedExpertsGemm) in their own layout",
-    "AXK1MoE": "routing that none of the softmax/sigmoid patterns reproduces",
-    "BeamMoE": "routing that none of the softmax/sigmoid patterns reproduces",
-    "Cohere2MoeSparseMoeBlock": "routing that none of the softmax/sigmoid patterns reproduces",
-    "DbrxFFN": "DBRX experts (separate w1/v1/w2 [E*F, D] tensors) and its router module",
-    "DeepseekV4SparseMoeBlock": "hash routing of the first layers (token-id lookup)",
-    "DiffusionGemmaEncoderTextLayer": "experts on the decoder layer beside a dense MLP (Gemma 4 style)",
-    "DiffusionGemmaDecoderTextLayer": "experts on the decoder layer beside a dense MLP (Gemma 4 style)",
-    "Gemma4TextDecoderLayer": "experts on the decoder layer beside a dense MLP, with their own router norm",
-    "Dots3NoteTextMoE": "per-layer config attributes (not built by the shrunk default config)",
-    "Dots3NoteVisionMoE": "vision MoE (not a text decoder block)",
-    "Ernie4_5_VLMoeSparseMoeBlock": "text and vision expert groups routed by modality",
-    "HYV3MoE": "routing that none of the softmax/sigmoid patterns reproduces",
-    "InklingMoE": "no config class registered for its model type",
-    "Inkling2SparseMoeBlock": "soft-capped SwiGLU experts",
-    "Inkling2LoopSparseMoeBlock": "soft-capped SwiGLU experts",
-    "Kolibri1SparseMoeBlock": "routing that none of the softmax/sigmoid patterns reproduces",
-    "LongcatFlashMoE": "zero-computation experts and a router without a weight of its own",
-    "MuseSparkMoE": "hidden size fixed by its own config (not built by the shrunk default config)",
-    "NemotronHMoE": "non-gated (up/down) experts",
-    "OpenAIPrivacyFilterMLP": "gpt-oss-like experts in a transposed layout",
-    "Qwen3OmniMoeTalkerTextSparseMoeBlock": "talker config without the shared-expert size field",
-    "ZayaSparseMoeBlock": "router without a weight of its own (ZayaRouter)",
-}
+PENDING: dict[str, str] = {}
 
 SHRINK = dict(vocab_size=96, hidden_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
               head_dim=12, intermediate_size=64, moe_intermediate_size=40, num_experts=8, num_local_experts=8,
               n_routed_experts=8, num_experts_per_tok=2, first_k_dense_replace=0, decoder_sparse_step=1, n_group=2,
               topk_group=1, moe_num_experts=8, moe_k=2, moe_topk=2, expert_intermediate_size=40,
               shared_expert_intermediate_size=56, n_shared_experts=1, num_shared_experts=1, moe_num_shared_experts=1)
+
+# Blocks that the shrunk default config does not build as they are: the sub-config a block is built from
+# (``path``, instead of thinker -> text), a nested config shrunk too (``nested``), values set after SHRINK
+# whether the config declares them or not (``set``), the layer index to build (``layer``: a top-k or sparse one).
+BUILD = {
+    # the talker block reads a shared-expert size that its config class does not declare (checkpoints pass it)
+    "Qwen3OmniMoeTalkerTextSparseMoeBlock": dict(path=("talker_config", "text_config"),
+                                                 set=dict(shared_expert_intermediate_size=56)),
+    "DbrxFFN": dict(nested="ffn_config", set=dict(moe_top_k=2, ffn_hidden_size=40)),
+    "DeepseekV4SparseMoeBlock": dict(layer=3),  # layers 0-2 are hash-routed (refused: test below)
+    "Dots3NoteVisionMoE": dict(path=("vision_config",), layer=25,  # the first sparse vision layer (4 experts)
+                               set=dict(num_hidden_layers=42)),
+}
 
 
 @functools.cache
@@ -83,20 +73,35 @@ def test_every_block_is_read_or_refused_by_name():
           f"{len(set(found) & set(REFUSED_BLOCKS))} refused as not fitting, {len(set(found) & set(PENDING))} pending")
 
 
-def _tiny_block(cls_name: str, **overrides) -> tuple[torch.nn.Module, int]:
-    model_type = moe_blocks()[cls_name]
-    config = CONFIG_MAPPING[model_type]()
-    for composite in ("thinker_config", "text_config", "text_config"):  # Omni: thinker -> text
-        config = getattr(config, composite, None) or config
-    for key, value in {**SHRINK, **overrides}.items():
-        if hasattr(config, key) and not isinstance(getattr(config, key), (list, dict)):
+def _shrink(config, values: dict) -> None:
+    """Set the scalar attributes the config has; per-layer ones (a heterogeneous config's) are left as they are."""
+    for key, value in values.items():
+        try:
+            current = getattr(config, key)
+        except (AttributeError, AmbiguousGlobalPerLayerAttributeError):
+            continue
+        if not isinstance(current, (list, dict)):
             setattr(config, key, value)
+
+
+def _tiny_block(cls_name: str, layer: int | None = None, **overrides) -> tuple[torch.nn.Module, int]:
+    """The block built from its family's default config, shrunk (``overrides`` on top of SHRINK), with decisive
+    random weights; ``layer``: the layer index for blocks that take one (else ``BUILD``'s, else 0)."""
+    model_type = moe_blocks()[cls_name]
+    build = BUILD.get(cls_name, {})
+    config = CONFIG_MAPPING[model_type]()
+    for composite in build.get("path", ("thinker_config", "text_config", "text_config")):  # Omni: thinker -> text
+        config = getattr(config, composite, None) or config
+    for target in (config, getattr(config, build["nested"])) if "nested" in build else (config,):
+        _shrink(target, {**SHRINK, **overrides})
+        for key, value in build.get("set", {}).items():
+            setattr(target, key, value)
     module = importlib.import_module(f"transformers.models.{model_type}.modeling_{model_type}")
     torch.manual_seed(0)
     try:
         block = getattr(module, cls_name)(config)
     except TypeError:  # blocks that take a layer index
-        block = getattr(module, cls_name)(config, 0)
+        block = getattr(module, cls_name)(config, build.get("layer", 0) if layer is None else layer)
     with torch.no_grad():
         for _, p in block.named_parameters():
             p.normal_(0.0, 0.15)  # decisive routing, distinct experts; biases (correction or expert) non-zero
@@ -154,3 +159,34 @@ def test_doge_model_is_refused_not_skipped():
         pytest.skip("this Doge config builds no DogeCDMoE")
     with pytest.raises(ValueError, match="DogeCDMoE"):
         moe.patch_hf(model)
+
+
+
+@pytest.mark.parametrize(("cls_name", "layer", "overrides", "reason"), [
+    ("DeepseekV4SparseMoeBlock", 0, {}, "hash routing"),  # its first layers pick experts by token id
+    ("NemotronHMoE", 0, {"moe_latent_size": 24}, "latent space"),  # experts between latent projections
+])
+def test_blocks_of_read_families_that_do_not_fit_are_refused(cls_name, layer, overrides, reason):
+    """A read family whose config makes a block not fit: patch_hf refuses that block by name, with the reason."""
+    block, _ = _tiny_block(cls_name, layer=layer, **overrides)
+    with pytest.raises(ValueError, match=re.escape(cls_name) + ".*" + reason):
+        moe.MoE.from_hf(block)
+    holder = torch.nn.Module()
+    holder.mlp = block
+    with pytest.raises(ValueError, match=re.escape(cls_name) + ".*" + reason):
+        moe.patch_hf(holder)
+
+
+def test_privacy_filter_block_keeps_its_tuple_output():
+    """OpenAI's privacy filter returns ``(hidden, router_scores / k)`` and its layer unpacks both: ``patch_hf``
+    wraps it so that both outputs match."""
+    block, hidden = _tiny_block("OpenAIPrivacyFilterMLP")
+    holder = torch.nn.Module()
+    holder.mlp = block
+    x = torch.randn(2, 7, hidden)
+    with torch.no_grad():
+        expected_hidden, expected_scores = block(x)
+        assert moe.patch_hf(holder) == 1
+        got_hidden, got_scores = holder.mlp(x)
+    assert _rel_err(got_hidden, expected_hidden) <= 1e-5
+    torch.testing.assert_close(got_scores, expected_scores, rtol=1e-5, atol=1e-6)

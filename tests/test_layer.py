@@ -60,6 +60,31 @@ def test_every_activation_with_biases_and_shared_expert(activation):
     _check(_randomise(MoE(cfg)), torch.randn(3, 11, 40))
 
 
+def test_relu2_and_softcapped_swiglu_match_their_definitions():
+    """The two activations by their formulas (the reference shares moe.activations, so check them directly),
+    out of place, in place, and with the config's softcaps reaching the experts."""
+    from moe.activations import ActivationSpec
+
+    h = 4 * torch.randn(7, 10)
+    gate, up = h.chunk(2, dim=-1)
+    softcap = lambda x, c: c * torch.tanh(x / c)  # noqa: E731
+    expected = {Activation.RELU2: torch.relu(h) ** 2,
+                Activation.SWIGLU_SOFTCAPPED: softcap(gate, 2.0) * torch.sigmoid(gate) * softcap(up, 3.0)}
+    for activation, want in expected.items():
+        spec = ActivationSpec.of(MoEConfig(10, 5, 4, 2, activation=activation, swiglu_gate_softcap=2.0,
+                                           swiglu_up_softcap=3.0))
+        torch.testing.assert_close(spec(h), want)
+        torch.testing.assert_close(spec.in_place(h.clone()), want)
+
+
+@pytest.mark.parametrize("activation", [a for a in Activation if a.torch_only])
+def test_torch_only_activations_refuse_triton_and_auto_picks_torch(activation):
+    cfg = dict(hidden_size=16, ffn_size=8, num_experts=4, top_k=2, activation=activation)
+    with pytest.raises(ValueError, match=f"{activation.value}.*no Triton"):
+        MoE(MoEConfig(**cfg, backend="triton"))
+    assert MoE(MoEConfig(**cfg, backend="auto")).backend.value == "torch"
+
+
 def test_expert_with_zero_tokens():
     layer = _randomise(MoE(MoEConfig(32, 16, 8, 2)))
     with torch.no_grad():
@@ -95,6 +120,7 @@ def test_bf16_input_keeps_dtype():
         (dict(hidden_size=0, ffn_size=8, num_experts=4, top_k=2), r"hidden_size \(0\)"),
         (dict(hidden_size=8, ffn_size=8, num_experts=4, top_k=2, shared_expert_gate=True), "shared_expert_gate"),
         (dict(hidden_size=8, ffn_size=8, num_experts=4, top_k=2, router=RouterConfig(8, 2)), "num_experts"),
+        (dict(hidden_size=8, ffn_size=8, num_experts=4, top_k=2, swiglu_up_softcap=0.0), "softcaps"),
     ],
 )
 def test_bad_config_raises_naming_field(kwargs, message):

@@ -81,6 +81,34 @@ def test_softmax_after_topk_equals_gpt_oss_definition():
     torch.testing.assert_close(w, top.softmax(-1))
 
 
+@pytest.mark.parametrize("renormalize", [True, False])
+def test_sqrt_softplus_scores_match_deepseek_v4_definition(renormalize):
+    logits = 3 * torch.randn(17, 8)
+    bias = torch.randn(8)
+    cfg = RouterConfig(8, 3, scoring=Scoring.SQRT_SOFTPLUS, correction_bias=True, renormalize=renormalize,
+                       routed_scaling_factor=1.5)
+    w, ids = route(logits, cfg, bias)
+    scores = torch.nn.functional.softplus(logits).sqrt()
+    assert torch.equal(ids.sort().values, (scores + bias).topk(3).indices.sort().values)
+    chosen = scores.gather(1, ids)
+    expected = chosen / chosen.sum(-1, keepdim=True) if renormalize else chosen
+    torch.testing.assert_close(w, 1.5 * expected)
+
+
+def test_bias_on_logits_selects_on_shifted_logits_and_weights_by_the_scores():
+    # Kolibri-1 picks by logit + bias: 0.5 + 0.9 > 0.2 + 1.0; by sigmoid + bias it would be expert 0 instead
+    # (sigmoid(0.2) + 1.0 = 1.55 > sigmoid(0.5) + 0.9 = 1.52). The weight is the chosen expert's sigmoid.
+    logits = torch.tensor([[0.2, -2.0, 0.5, -3.0]])
+    bias = torch.tensor([1.0, 0.0, 0.9, 0.0])
+    on_logits = RouterConfig(4, 1, scoring=Scoring.SIGMOID, correction_bias=True, bias_on_logits=True,
+                             renormalize=False)
+    w, ids = route(logits, on_logits, bias)
+    assert ids.tolist() == [[2]]
+    torch.testing.assert_close(w, torch.sigmoid(logits[:, 2:3]))
+    on_scores = RouterConfig(4, 1, scoring=Scoring.SIGMOID, correction_bias=True, renormalize=False)
+    assert route(logits, on_scores, bias)[1].tolist() == [[0]]
+
+
 @pytest.mark.parametrize(
     "kwargs, field",
     [
@@ -90,6 +118,7 @@ def test_softmax_after_topk_equals_gpt_oss_definition():
         (dict(num_experts=8, top_k=5, num_groups=4, topk_groups=2), "top_k"),
         (dict(num_experts=8, top_k=2, scoring="cosine"), "scoring.*cosine"),
         (dict(num_experts=8, top_k=2, routed_scaling_factor=0.0), "routed_scaling_factor"),
+        (dict(num_experts=8, top_k=2, bias_on_logits=True), "bias_on_logits"),
     ],
 )
 def test_bad_router_config_names_field(kwargs, field):
