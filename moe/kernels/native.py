@@ -12,6 +12,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -39,8 +40,9 @@ def build_library(source_path: Path, flags: tuple[str, ...] = FLAGS) -> ctypes.C
     if compiler is None or not source_path.exists():
         return None
     source = source_path.read_bytes()
-    # the headers next to it too: an edited header must rebuild every library that includes it
-    headers = b"".join(h.read_bytes() for h in sorted(source_path.parent.glob("*.h")))
+    # the headers next to it too, and the sources it includes: an edited one must rebuild every library using it
+    included = {source_path.parent / name.decode() for name in re.findall(rb'#include "([^"]+)"', source)}
+    headers = b"".join(h.read_bytes() for h in sorted({*source_path.parent.glob("*.h"), *included}))
     digest = hashlib.sha256(source + headers + " ".join(flags).encode()).hexdigest()[:16]
     cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "moe-serve"
     target = cache / f"{source_path.stem}-{digest}.so"

@@ -31,6 +31,8 @@ def client_of(seq: Sequence) -> object:
 
 def admission_order(waiting: Iterable[Sequence], running: Iterable[Sequence]) -> Iterator[Sequence]:
     """``waiting`` in the order to admit them (rule 1); lazy, but takes its snapshot of ``waiting`` at once."""
+    if not waiting:  # most decode steps: nothing to order (and no counting of the running batch)
+        return iter(())
     counts = Counter(client_of(s) for s in running)
     queues: dict[object, deque[tuple[int, Sequence]]] = {}
     for position, seq in enumerate(waiting):
@@ -53,6 +55,8 @@ def victims(waiting: Iterable[Sequence], running: list[Sequence], max_num_seqs: 
             waits: Callable[[Sequence], bool]) -> list[Sequence]:
     """Running sequences to preempt so that waiting clients get a seat (rule 2); ``waits(seq)``: ``seq`` cannot be
     admitted yet (it waits for its prefix source)."""
+    if not waiting:
+        return []
     counts = Counter(client_of(s) for s in running)
     if not counts or max(counts.values()) < 2:
         return []

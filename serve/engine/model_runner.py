@@ -22,6 +22,8 @@ from serve.engine.sequence import Sequence
 from serve.models import MoEDecoder
 from serve.models.attention import AttentionMetadata, DecodeGroup, PrefillChunk, kv_cache_class
 from serve.models.attention_backends import select_attention_backend
+from serve.models.cpu_attention import CpuAttention
+from serve.models.cpu_decode import FusedDecode, unsupported
 
 log = logging.getLogger("moe-serve")
 
@@ -69,6 +71,9 @@ class ModelRunner:
         max_len = max_model_len or model.config.max_position_embeddings
         self.max_blocks = -(-max_len // block_size)  # block-table width of a graph's decode step
         self._moe_layers = [m for m in model.modules() if hasattr(m, "on_routing")]
+        # decode-only steps in one C call where it computes this model (the CPU backend's models: fp32, CPU)
+        self.fused = FusedDecode(model, self.cache) if isinstance(self.attention, CpuAttention) and \
+            unsupported(model, self.cache) is None else None
         self.graphs: DecodeGraphs | None = None
         if cuda_graphs and (self.device.type == "cuda" or graph_factory is not None):
             self.graphs = DecodeGraphs(self._forward, self.pad_decode, graph_batch_sizes(max_num_seqs),
@@ -89,7 +94,7 @@ class ModelRunner:
             seq = seqs[i]
             start, end = seq.num_computed, seq.num_computed + n
             table = seq.block_table
-            table_M = torch.tensor(table[:-(-end // bs)])  # host tensors, as every one of prepare's
+            table_M = _host_int64(table[:-(-end // bs)])  # host tensors, as every one of prepare's
             prefills.append(PrefillChunk(len(ids), n, start, table_M))
             ids += seq.token_ids[start:end]
             positions.append(np.arange(start, end))
@@ -107,8 +112,9 @@ class ModelRunner:
                   for a, b in zip(bounds, bounds[1:], strict=False)]
         # host tensors: forward moves the whole step to the device at once (non-blocking)
         meta = self.attention.metadata(torch.from_numpy(np.concatenate(slots)), groups, prefills)
-        return StepInputs(torch.tensor(ids), torch.from_numpy(np.concatenate(positions)), meta,  # host, as above
-                          torch.tensor(last_rows, dtype=torch.long), sampled_ids)  # host, as above
+        # (torch.tensor from a list costs ~10x numpy's array + from_numpy at these sizes)
+        return StepInputs(_host_int64(ids), torch.from_numpy(np.concatenate(positions)), meta, _host_int64(last_rows),
+                          sampled_ids)
 
     def _decodes(self, seqs: list[Sequence]) -> tuple[list[int], np.ndarray, np.ndarray, np.ndarray, list[bool]]:
         """The one-token sequences of a step as arrays (token ids, positions ``[B]``, slots ``[B]``, block tables
@@ -165,7 +171,14 @@ class ModelRunner:
             self.graphs.capture_all(example)
 
     def _forward(self, inputs: StepInputs) -> torch.Tensor:
-        step = self._step(self.cache, inputs.attention)
+        meta = inputs.attention
+        if self.fused is not None and not self.fused.current():  # the model changed (expert parallelism sharded it)
+            self.fused = FusedDecode(self.model, self.cache) if unsupported(self.model, self.cache) is None else None
+        if self.fused is not None and not meta.prefills and len(meta.decodes) == 1:
+            group = meta.decodes[0]
+            return self.fused(inputs.input_ids_T, inputs.positions_T, meta.slot_mapping_T, group.tables_BM,
+                              group.lens_B, inputs.last_rows)
+        step = self._step(self.cache, meta)
         with counting_only(inputs.valid_T):  # routing statistics skip the padding rows
             hidden_TD = self.model(inputs.input_ids_T, inputs.positions_T, step)
         return self.model.logits(hidden_TD[inputs.last_rows])
@@ -174,6 +187,10 @@ class ModelRunner:
         """Who watches the MoE layers' routing (``on_routing``): a graph captured before a change would keep
         calling the old observers, so a change means a new capture."""
         return tuple(id(layer.on_routing) for layer in self._moe_layers)
+
+
+def _host_int64(values: list[int]) -> torch.Tensor:
+    return torch.from_numpy(np.array(values, dtype=np.int64))
 
 
 def split_by_length(lens: list[int], min_saving: int = 1536) -> list[int]:
