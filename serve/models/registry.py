@@ -73,12 +73,15 @@ def _rope(hf: dict, default_theta: float) -> dict:
     if kind == "yarn":
         return dict(rope_theta=theta, yarn=_yarn(hf, rope))
     if kind in ("linear", "llama3"):
-        scaling = RopeScaling(kind, float(_get(rope, "factor")), float(rope.get("low_freq_factor", 1.0)),
-                              float(rope.get("high_freq_factor", 4.0)),
-                              int(rope.get("original_max_position_embeddings") or 8192))
-        return dict(rope_theta=theta, rope_scaling=scaling)
+        return dict(rope_theta=theta, rope_scaling=_rope_scaling(kind, rope))
     raise ValueError(f"rope_parameters.rope_type ({kind!r}) is not supported; supported: default, linear, llama3, "
                      "yarn")
+
+
+def _rope_scaling(kind: str, rope: dict) -> RopeScaling:
+    original = int(rope.get("original_max_position_embeddings") or 8192)
+    return RopeScaling(kind, float(_get(rope, "factor")), float(rope.get("low_freq_factor", 1.0)),
+                       float(rope.get("high_freq_factor", 4.0)), original)
 
 
 def _yarn(hf: dict, rope: dict) -> YarnRope:
@@ -197,9 +200,12 @@ def parse_olmoe(hf: dict) -> DecoderConfig:
     )
 
 
-def _mla_rope(hf: dict, rope_dim: int, head_dim: int) -> tuple[float, YarnRope | None, float | None]:
-    """(rope_theta, YaRN or None, factor for the softmax mscale) from ``rope_parameters`` / ``rope_scaling``;
-    ``head_dim`` x ``partial_rotary_factor`` must be the rotary part (``transformers``' rotary dims)."""
+def _mla_rope(hf: dict, rope_dim: int, head_dim: int) -> tuple[float, YarnRope | None, RopeScaling | None,
+                                                                float | None]:
+    """(rope_theta, YaRN or None, linear / llama3 scaling or None, factor for the softmax mscale) from
+    ``rope_parameters`` / ``rope_scaling``; ``head_dim`` x ``partial_rotary_factor`` must be the rotary part
+    (``transformers``' rotary dims). As ``transformers``' ``yarn_apply_mscale``, any non-default type scales the
+    softmax by DeepSeek's mscale when ``mscale_all_dim`` is set."""
     rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
     kind = rope.get("rope_type", rope.get("type", "default"))
     theta = float(rope.get("rope_theta", hf.get("rope_theta", 10000.0)))
@@ -208,10 +214,13 @@ def _mla_rope(hf: dict, rope_dim: int, head_dim: int) -> tuple[float, YarnRope |
         raise ValueError(f"rope_parameters.partial_rotary_factor ({partial}) gives {int(head_dim * partial)} rotary "
                          f"dims of head_dim {head_dim}; MLA needs qk_rope_head_dim ({rope_dim})")
     if kind == "default":
-        return theta, None, None
-    if kind != "yarn":
-        raise ValueError(f"rope_parameters.rope_type ({kind!r}) is not supported; MLA models take 'default' or 'yarn'")
-    return theta, _yarn(hf, rope), rope.get("factor")
+        return theta, None, None, None
+    if kind == "yarn":
+        return theta, _yarn(hf, rope), None, rope.get("factor")
+    if kind in ("linear", "llama3"):
+        return theta, None, _rope_scaling(kind, rope), rope.get("factor")
+    raise ValueError(f"rope_parameters.rope_type ({kind!r}) is not supported; supported: default, linear, llama3, "
+                     "yarn")
 
 
 _INDEXER_KEYS = ("index_topk", "index_n_heads", "index_head_dim")
@@ -255,7 +264,7 @@ def _deepseek_like(hf: dict, dense_layers: tuple[int, ...], scoring: Scoring, co
     if indexer is None:
         _refuse_sparse_attention(hf)
     nope, rope_dim, v = _get(hf, "qk_nope_head_dim"), _get(hf, "qk_rope_head_dim"), _get(hf, "v_head_dim")
-    theta, yarn, mscale_factor = _mla_rope(hf, rope_dim, mla_head_dim)
+    theta, yarn, scaling, mscale_factor = _mla_rope(hf, rope_dim, mla_head_dim)
     rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
     mla = MLAConfig(
         kv_lora_rank=_get(hf, "kv_lora_rank"), qk_nope_head_dim=nope, qk_rope_head_dim=rope_dim, v_head_dim=v,
@@ -266,7 +275,8 @@ def _deepseek_like(hf: dict, dense_layers: tuple[int, ...], scoring: Scoring, co
         llama4_max_positions=int(rope.get("original_max_position_embeddings") or 1), indexer=indexer)
     common = _common({**hf, "rope_parameters": None, "rope_scaling": None, "rope_theta": theta}, eps=1e-6, theta=theta)
     heads = common["num_heads"]
-    common.update(num_kv_heads=heads, head_dim=rope_dim, yarn=yarn)  # K and V come per head from the latent
+    common.update(num_kv_heads=heads, head_dim=rope_dim, yarn=yarn, rope_scaling=scaling)  # K, V per head from the
+    # latent
     experts = _get(hf, "n_routed_experts", "num_local_experts")
     moe_ffn = _get(hf, "moe_intermediate_size")
     return DecoderConfig(

@@ -161,7 +161,8 @@ DSA = {"index_topk": 8, "index_n_heads": 4, "index_head_dim": 16}
     ({"topk_method": "group_limited_greedy"}, r"^topk_method \('group_limited_greedy'\) is not supported"),
     ({"moe_layer_freq": 2}, r"^moe_layer_freq \(2\) is not supported"),
     ({"hidden_act": "gelu"}, r"^hidden_act \('gelu'\) is not supported"),
-    ({"rope_parameters": {"rope_type": "llama3", "rope_theta": 1e4}}, r"^rope_parameters\.rope_type \('llama3'\)"),
+    ({"rope_parameters": {"rope_type": "dynamic", "rope_theta": 1e4, "factor": 2.0}},
+     r"^rope_parameters\.rope_type \('dynamic'\)"),
     ({"rope_parameters": {"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5}},
      r"^rope_parameters\.partial_rotary_factor \(0\.5\)"),
 ])

@@ -164,10 +164,13 @@ def test_missing_config_fields_take_transformers_defaults(tmp_path):
      "original_max_position_embeddings": 32},
     {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 32},
 ], ids=lambda r: r["rope_type"])
-def test_rope_scaling_matches_transformers(rope, tmp_path):
-    """Linear, Llama 3 and YaRN scaling on a Llama-attention family (Qwen3-MoE: q/k norms), prompts past the
-    original context."""
-    model = hf_model("qwen3_moe", rope_parameters=rope)
+@pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3"])
+def test_rope_scaling_matches_transformers(rope, family, tmp_path):
+    """Linear, Llama 3 and YaRN scaling on a Llama-attention family (Qwen3-MoE: q/k norms) and on an MLA one
+    (DeepSeek-V3, with ``mscale_all_dim`` scaling its softmax as transformers' ``yarn_apply_mscale`` does for every
+    non-default type), prompts past the original context."""
+    rope = {**rope, "mscale_all_dim": 0.7} if family == "deepseek_v3" else rope
+    model = hf_model(family, rope_parameters=rope)
     assert model.config.rope_parameters["rope_type"] == rope["rope_type"]
     path = save(model, tmp_path / rope["rope_type"])
     prompts = _prompts()[:5]
