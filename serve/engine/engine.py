@@ -27,6 +27,7 @@ from serve.engine.structured import GrammarCompiler
 from serve.engine.tokenizer import Tokenizer
 from serve.models.attention import kv_cache_class
 from serve.models.config import DecoderConfig
+from serve.models.cpu_attention import paged_decode_available
 from serve.models.loader import load_model
 
 
@@ -192,8 +193,10 @@ class LLMEngine:
         calls made (a cold first request waited 3.9 s against 67 ms steady). The prefix cache is off meanwhile
         (nothing of it stays cached) and the step statistics are reset. Seconds taken."""
         start = time.perf_counter()
-        if self.device.type == "cpu":  # the MoE GEMM and greedy libraries; a decode step builds attention's
+        if self.device.type == "cpu":  # the MoE GEMM, greedy and paged-attention libraries (the fused decode
+            # step's is built with the runner, and its decodes then skip the attention kernel's own library)
             skinny_gemm_available(), block_gemm_available(), greedy.warm_up()
+            paged_decode_available(self.runner.cache.pool)
         caching, self.blocks.enable_prefix_caching = self.blocks.enable_prefix_caching, False
         try:
             prompt = [0] * max(1, min(64, self.max_model_len - 3))

@@ -461,7 +461,7 @@ def save_safetensors(model: MoEDecoder, family: Family, path: str | Path, dtype:
         owner_name, _, name = entry.param.rpartition(".")
         owner = model.get_submodule(owner_name)
         t = targets[entry.param].detach()[entry.index]
-        if not isinstance(owner, Fp8Experts):
+        if not (isinstance(owner, Fp8Experts) and name in Fp8Experts.SCALES):  # (FP8 experts' biases: as they are)
             to_disk = LAYOUTS[entry.layout][1] if entry.layout else (lambda x: x)
             tensors[entry.hf_key] = to_disk(t.to(dtype or t.dtype)).contiguous()
             continue

@@ -107,3 +107,13 @@ def test_layer_types_become_windows_and_bad_ones_are_refused(tmp_path):
         (tmp_path / field / "model.safetensors").symlink_to(tmp_path / "ok" / "model.safetensors")
         with pytest.raises(ValueError, match=message):
             load_model(tmp_path / field)
+
+
+def test_fp8_experts_of_a_converted_layout_are_not_written(tmp_path):
+    """gpt-oss's FP8 experts have no checkpoint format of ours to go back to: a clear error, not a wrong file."""
+    path = tmp_path / "hf"
+    save(hf_model("gpt_oss"), path)
+    out = tmp_path / "fp8"
+    out.mkdir()
+    with pytest.raises(ValueError, match="stored as 'gate_up_in_out' are not written"):
+        save_safetensors(load_model(path, quantization="fp8-block"), ARCHITECTURES["GptOssForCausalLM"], out)

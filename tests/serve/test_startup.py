@@ -10,7 +10,7 @@ from moe.kernels import cpu_gemm
 from serve import LLM, SamplingParams
 from serve.launch.schema import to_config
 from serve.launch.serving import startup_summary
-from serve.models import cpu_attention
+from serve.models import cpu_attention, cpu_decode
 from tests.serve.test_configs import composed
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0.0)
@@ -36,14 +36,15 @@ def test_warm_up_builds_the_kernels_before_the_first_request(tmp_path, monkeypat
         pytest.skip("no C compiler or no AVX2 here: the torch paths need no build")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     llm = LLM()
-    for loader in (cpu_gemm._library, cpu_gemm._block_library, cpu_attention._library):
+    loaders = (cpu_gemm._library, cpu_gemm._block_library, cpu_attention._library, cpu_decode._library)
+    for loader in loaders:
         loader.cache_clear()
     try:
         llm.engine.warm_up()
         built = sorted(p.name.split("-")[0] for p in (tmp_path / "moe-serve").glob("*.so"))
-        assert built == ["block_gemm", "paged_attention", "skinny_gemm"]
+        assert built == ["block_gemm", "decode_step", "paged_attention", "skinny_gemm"]
     finally:
-        for loader in (cpu_gemm._library, cpu_gemm._block_library, cpu_attention._library):
+        for loader in loaders:
             loader.cache_clear()  # the next use loads the per-user cache's copy again
 
 
