@@ -112,9 +112,12 @@ class FusedDecode:
 
     def _modules(self) -> tuple:
         """What the step read its addresses from: a layer whose experts, dispatcher or weights were replaced since
-        (expert parallelism shards the model after the engine is built) makes this step stale."""
-        return tuple((id(m), id(m.experts), id(m.dispatcher), m.experts.w13_E2FD.data_ptr())
-                     for _, m in self.moe_layers)
+        (expert parallelism shards the model after the engine is built), or a model or cache moved (its embedding,
+        first projection or pool elsewhere), makes this step stale."""
+        moved = (self.model.embed_tokens.weight.data_ptr(), self.model.layers[0].self_attn.qkv_proj.weight.data_ptr(),
+                 self.cache.pool.data_ptr())
+        return moved + tuple((id(m), id(m.experts), id(m.dispatcher), m.experts.w13_E2FD.data_ptr())
+                             for _, m in self.moe_layers)
 
     def current(self) -> bool:
         return self._modules() == self._built_on
