@@ -325,7 +325,7 @@ def decode_step_time(llm: LLM, batch: int, timer, context: int = 256) -> tuple[f
 def decode_times(run: Run, options: dict, timer, times: dict, reads: dict) -> None:
     batches, graphs = run.args.decode_batches, options.get("cuda_graphs", False)
     llm = LLM(mixtral_checkpoint(run), dtype="bfloat16", max_num_seqs=max(batches), max_model_len=1024,
-              num_kv_blocks=max(batches) * 64 + 64, **options)
+              num_kv_blocks=max(batches) * 64 + 64, async_scheduling=False, **options)  # steps timed by hand
     kv_per_token = PagedKVCache.bytes_per_block(llm.engine.model.config, 1, torch.bfloat16)
     for b in batches:
         times[graphs, b], context = decode_step_time(llm, b, timer)

@@ -9,6 +9,10 @@ are copied once into our fused layout. The layer class comes in as an argument: 
 
 from __future__ import annotations
 
+import functools
+import importlib.util
+import pathlib
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import SimpleNamespace
@@ -83,7 +87,8 @@ _TOPK_BLOCKS: dict[str, TopKPattern | Callable[[Any], TopKPattern]] = {
     "Step3p7SparseMoeBlock": _SIGMOID, "AfmoeSparseMoeBlock": _SIGMOID, "BeamMoE": _SIGMOID,
     "HYV3MoE": _SIGMOID, "Dots3NoteTextMoE": _SIGMOID, "Dots3NoteVisionMoE": _SIGMOID,
     "NemotronHMoE": _SIGMOID,  # non-gated relu^2 experts and shared MLP
-    "Kolibri1SparseMoeBlock": _SIGMOID_LOGIT_BIAS,
+    "MiniCPM5MoeMoE": _SIGMOID,  # DeepSeek-V3's, router in fp32
+    "Kolibri1SparseMoeBlock": _SIGMOID_LOGIT_BIAS, "Kolibri1_1SparseMoeBlock": _SIGMOID_LOGIT_BIAS,
     "DeepseekV4SparseMoeBlock": _score_fn_pattern,  # its top-k layers (the hash-routed ones are refused)
     "Inkling2SparseMoeBlock": _score_fn_pattern, "Inkling2LoopSparseMoeBlock": _score_fn_pattern,  # softcapped GLU
     "Cohere2MoeSparseMoeBlock": _cohere2_pattern,  # + a shared expert summed or averaged with the routed ones
@@ -111,6 +116,8 @@ REFUSED_BLOCKS: dict[str, str] = {
                                       "different norms of the residual",
     "DiffusionGemmaDecoderTextLayer": "experts on the decoder layer beside a dense MLP, router and experts fed "
                                       "different norms of the residual",
+    "ErgoMoE": "a per-expert RMSNorm on each routed expert's output before the weighted sum (post_expert_norm), "
+               "and an RMSNorm on the shared expert's output",
 }
 
 
@@ -137,7 +144,22 @@ def moe_from_hf(block: Block, layer_cls: type[Layer]) -> Layer:
 
 
 def supported_blocks() -> list[str]:
-    return sorted(_BUILDERS)
+    """The block classes ``moe_from_hf`` reads that the installed ``transformers`` defines (the table also names
+    families of newer releases)."""
+    return sorted(set(_BUILDERS) & _installed_transformers_classes())
+
+
+@functools.cache  # the installed transformers does not change while the process runs
+def _installed_transformers_classes() -> frozenset[str]:
+    """The top-level class names of the installed ``transformers``' modeling files, read as text: importing every
+    model module would take seconds."""
+    spec = importlib.util.find_spec("transformers")
+    if spec is None or not spec.submodule_search_locations:
+        return frozenset()
+    models = pathlib.Path(spec.submodule_search_locations[0]) / "models"
+    class_name = re.compile(r"^class (\w+)\b", re.M)
+    return frozenset(name for path in models.glob("*/modeling_*.py")
+                     for name in class_name.findall(path.read_text(encoding="utf-8")))
 
 
 def unsupported_reason(block: Block) -> str:

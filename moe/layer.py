@@ -97,9 +97,11 @@ class MoE(nn.Module):
             y_TD = y_TD + self.shared_expert(x_TD)
         if self.hypermoe is not None:
             y_TD = y_TD + self.hypermoe(x_TD, routing.ids_TK)
-        if self.output_norm is not None:  # in fp32, then the weight in the input's dtype (as transformers' RMSNorm)
+        eps = self.config.output_norm_eps
+        if self.output_norm is not None and eps is not None:  # in fp32, then the weight in the input's dtype (as
+            # transformers' RMSNorm); the weight exists exactly when the eps is set
             y32 = y_TD.float()
-            y32 = y32 * torch.rsqrt(y32.pow(2).mean(-1, keepdim=True) + self.config.output_norm_eps)
+            y32 = y32 * torch.rsqrt(y32.pow(2).mean(-1, keepdim=True) + eps)
             y_TD = self.output_norm * y32.to(x.dtype)
         return y_TD.to(x.dtype).reshape(x.shape), routing
 

@@ -10,7 +10,9 @@ the peer build's ``libggml``. Why not llama.cpp itself: its eval of T tokens run
 too, and no subtraction of those is honest; this is the MoE graph alone, in the same library, but assembled by us,
 not by llama.cpp's model code. Per T: both sides get the same random weights and tokens; ``--iters`` forwards per
 turn, best and median; turns alternate ``--repeats`` times; the best counts. Printed: load average, microseconds
-per forward, the ratio (ggml / ours: above 1 means ours is faster) and the largest difference of the outputs.
+per forward, the ratio (ggml / ours: above 1 means ours is faster) and the largest difference of the outputs;
+then the hardware limit: the expert weights a forward must read (the experts its tokens select, fp32) over the
+machine's read bandwidth (a one-pass sum over 512 MiB, the same threads), and the share of it each side reaches.
 """
 
 from __future__ import annotations
@@ -51,6 +53,25 @@ def time_ours(layer: MoE, x_TD: torch.Tensor, iters: int) -> tuple[float, float]
         times.append(time.perf_counter() - t0)
     times.sort()
     return times[0], times[len(times) // 2]
+
+
+def read_bandwidth(threads: int, mib: int = 512) -> float:
+    """Bytes per second one pass over a buffer far larger than the caches reads (best of 5 sums)."""
+    buf = torch.ones(mib * 2**18)
+    best = float("inf")
+    for _ in range(5):
+        t0 = time.perf_counter()
+        buf.sum()
+        best = min(best, time.perf_counter() - t0)
+    return buf.numel() * 4 / best
+
+
+def weight_bytes(layer: MoE, x_TD: torch.Tensor) -> int:
+    """The fp32 bytes a forward of ``x_TD`` must read: the router and every expert its tokens select."""
+    K = layer.router.config.top_k
+    chosen = (x_TD @ layer.router.weight.detach().t()).topk(K, dim=-1).indices.unique().numel()
+    per_expert = layer.experts.w13_E2FD[0].numel() + layer.experts.w2_EDF[0].numel()
+    return 4 * (layer.router.weight.numel() + chosen * per_expert)
 
 
 def write_weights(layer: MoE, x_TD: torch.Tensor, path: Path) -> None:
@@ -98,11 +119,18 @@ def main() -> None:
             expected_TD = layer(x_TD)
         got_TD = torch.frombuffer(bytearray((tmp / "out.f32").read_bytes()), dtype=torch.float32).view(T, D)
         diff = (got_TD - expected_TD).abs().max().item() / expected_TD.abs().max().item()
-        rows.append((T, best["ours"], best["ggml"], diff))
+        rows.append((T, best["ours"], best["ggml"], diff, weight_bytes(layer, x_TD)))
     print(f"\nbest of {args.repeats} turns (us per forward), load {machine_load()}:")
-    for T, ours, ggml, diff in rows:
+    for T, ours, ggml, diff, _ in rows:
         print(f"  T={T:4d}: ours {1e6 * ours:9.1f}, ggml {1e6 * ggml:9.1f}, ggml/ours {ggml / ours:5.2f}x; "
               f"max |diff| / max |ours| = {diff:.1e}")
+    bandwidth = read_bandwidth(args.threads)
+    print(f"\nhardware limit: read bandwidth {bandwidth / 1e9:.1f} GB/s ({args.threads} thread(s)), load "
+          f"{machine_load()}; the weights each forward reads, at that rate:")
+    for T, ours, ggml, _, nbytes in rows:
+        floor = nbytes / bandwidth
+        print(f"  T={T:4d}: {nbytes / 2**20:6.1f} MiB, floor {1e6 * floor:8.1f} us; ours at {100 * floor / ours:4.0f}% "
+              f"of the limit, ggml at {100 * floor / ggml:4.0f}%")
 
 
 if __name__ == "__main__":

@@ -42,7 +42,10 @@ def moe_decode(x_TD: torch.Tensor, router_weight_ED: torch.Tensor, w13_EXD: torc
     y_TD = torch.empty(T, D)  # on the host, with the fp32 CPU rows
     ids_TK = torch.empty(T, top_k, dtype=torch.int32)  # host, as above
     weights_TK, logits_TE = torch.empty(T, top_k), torch.empty(T, E)  # host, as above
-    _library().moe_decode(x.data_ptr(), T, D, router_w.data_ptr(), E, top_k, int(renormalize), w13.data_ptr(),
+    lib = _library()
+    if lib is None:
+        raise RuntimeError("moe_decode: no C compiler or no AVX2 CPU (check moe_decode_available() first)")
+    lib.moe_decode(x.data_ptr(), T, D, router_w.data_ptr(), E, top_k, int(renormalize), w13.data_ptr(),
                           w2.data_ptr(), X // 2, y_TD.data_ptr(), ids_TK.data_ptr(), weights_TK.data_ptr(),
                           logits_TE.data_ptr(), torch.get_num_threads())
     return y_TD, ids_TK, weights_TK, logits_TE

@@ -34,6 +34,10 @@ class EngineConfig:
     ``quantization``: routed-expert weights in FP8, ``"fp8-block"`` (128x128 block scales) or ``"fp8-channel"``
     (per-row scales); a high-precision checkpoint is quantised while loading. None serves the checkpoint as it is
     (FP8 experts when its ``config.json`` has an FP8 ``quantization_config``).
+    ``async_scheduling``: plan step N+1 and finish step N's outputs while step N's forward pass runs on a worker
+    thread (:mod:`serve.engine.overlap`); None: on for the CPU when the intra-op threads leave a core for the host
+    work (with none left the C step's threads would share it), off on CUDA, whose kernels already run ahead of
+    the host.
     """
 
     model: str | None = None
@@ -54,6 +58,7 @@ class EngineConfig:
     seed: int = 0
     hypermoe: bool | None = None
     quantization: str | None = None
+    async_scheduling: bool | None = None
 
     def __post_init__(self) -> None:
         self.model = str(DEFAULT_MODEL if self.model is None else self.model)
@@ -66,6 +71,8 @@ class EngineConfig:
         if self.attention_backend not in ATTENTION_BACKENDS:
             raise ValueError(f"attention_backend ({self.attention_backend!r}) is not one of: "
                              f"{', '.join(ATTENTION_BACKENDS)}")
+        if self.async_scheduling is not None and not isinstance(self.async_scheduling, bool):
+            raise ValueError(f"async_scheduling ({self.async_scheduling!r}) must be true, false or None")
         if not _is_device(self.device):
             raise ValueError(f"device ({self.device!r}) is not one of: auto, cpu, cuda, cuda:N")
         if not (isinstance(self.gpu_memory_utilization, (int, float)) and 0 < self.gpu_memory_utilization <= 1):

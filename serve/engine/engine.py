@@ -7,9 +7,13 @@ paged KV cache -> sample -> append tokens, check stops, retire finished sequence
 from __future__ import annotations
 
 import itertools
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, fields
+
+import numpy as np
+import torch
 
 from moe.kernels.cpu_gemm import block_gemm_available, skinny_gemm_available
 from serve.engine import greedy
@@ -18,7 +22,8 @@ from serve.engine.config import EngineConfig
 from serve.engine.device import kv_cache_blocks, resolve_device
 from serve.engine.model_runner import ModelRunner
 from serve.engine.outputs import RequestOutput, RequestTimes
-from serve.engine.sampler import Sampler
+from serve.engine.overlap import LaunchedStep, PlannedStep, fill_pending, pending_token
+from serve.engine.sampler import Sampler, SampleResult
 from serve.engine.sampling_params import SamplingParams
 from serve.engine.scheduler import Scheduler
 from serve.engine.sequence import Sequence
@@ -92,7 +97,7 @@ class LLMEngine:
             raise ValueError(f"num_kv_blocks ({num_blocks}) cannot hold one max_model_len ({self.max_model_len}) "
                              f"sequence ({needed} blocks of {config.block_size})")
         self.blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
-        self.scheduler = Scheduler(config, self.blocks, _first_key(mc))
+        self.scheduler = Scheduler(config, self.blocks, _first_key(mc), self.max_model_len)
         self.runner = ModelRunner(self.model, num_blocks, config.block_size, self.device, config.attention_backend,
                                   config.cuda_graphs, config.max_num_seqs, self.max_model_len)
         self.runner.capture_graphs()
@@ -103,6 +108,8 @@ class LLMEngine:
             if self.tokenizer is not None else None
         self.requests: dict[str, Sequence] = {}
         self.stats = StepStats()
+        self.overlap = config.async_scheduling if config.async_scheduling is not None else _core_left(self.device)
+        self._in_flight: LaunchedStep | None = None  # overlapped: the step whose forward pass runs now
         self._arrivals = itertools.count()
 
     # -- requests -----------------------------------------------------------------------------------------------
@@ -171,6 +178,8 @@ class LLMEngine:
         seq = self.requests.pop(request_id, None)
         if seq is None:
             return None
+        if seq.has_pending_token:  # aborted while a step computes its next token: that token is dropped
+            seq.token_ids.pop()
         self.scheduler.finish(seq, "abort")
         return self._output(seq, [])
 
@@ -210,47 +219,97 @@ class LLMEngine:
 
     # -- the loop -----------------------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """Run one iteration; returns an output for every request that produced a token (or finished)."""
+        """Run one iteration; returns an output for every request that produced a token (or finished).
+
+        Overlapped (``async_scheduling``): the step launched by the previous call computes while this one plans the
+        next (:mod:`serve.engine.overlap`); its tokens are returned here, the next step is left computing.
+        """
+        current = self._in_flight
+        if current is None:
+            current = self._launch(self._plan(), None)
+            if current is None:
+                return []
+            self._account(current.step)
+        upcoming = self._plan() if self.overlap else None
+        result, tokens_S = self._sample(current)
+        self._in_flight = self._launch(upcoming, tokens_S)
+        outputs = self._postprocess(current.step, result)
+        if self._in_flight is not None:
+            self._account(self._in_flight.step)
+        return outputs
+
+    def _plan(self) -> PlannedStep | None:
         t0 = time.perf_counter()
         batch = self.scheduler.schedule()
         t1 = time.perf_counter()
+        self.stats.schedule_s += t1 - t0
         if not batch.seqs:
-            self.stats.schedule_s += t1 - t0
-            return []
+            return None
         inputs = self.runner.prepare(batch.seqs, batch.num_new_tokens)
-        t2 = time.perf_counter()
-        logits = self.runner.forward(inputs, self.blocks.take_copies())
-        t3 = time.perf_counter()
-        result = self.sampler(logits, [batch.seqs[i] for i in inputs.sampled])
-        t4 = time.perf_counter()
-        outputs = self._postprocess(batch.seqs, batch.num_new_tokens, inputs.sampled, result)
-        t5 = time.perf_counter()
-        st = self.stats
-        st.steps += 1
-        st.schedule_s, st.prepare_s, st.model_s = st.schedule_s + t1 - t0, st.prepare_s + t2 - t1, st.model_s + t3 - t2
-        st.sample_s, st.postprocess_s = st.sample_s + t4 - t3, st.postprocess_s + t5 - t4
-        return outputs
+        self.stats.prepare_s += time.perf_counter() - t1
+        return PlannedStep(batch.seqs, batch.num_new_tokens, inputs, self.blocks.take_copies())
 
-    def _postprocess(self, seqs, num_new_tokens, sampled, result) -> list[RequestOutput]:
-        for seq, n in zip(seqs, num_new_tokens, strict=True):
+    def _launch(self, step: PlannedStep | None, tokens_S: np.ndarray | None) -> LaunchedStep | None:
+        """Start ``step``'s forward pass, its pending input ids filled with ``tokens_S``, the previous step's
+        sampled tokens (overlapped, a fused decode step computes on its own thread; see ``ModelRunner.launch``)."""
+        if step is None:
+            return None
+        if tokens_S is not None:
+            fill_pending(step.inputs.input_ids_T, tokens_S)
+        return LaunchedStep(step, self.runner.launch(step.inputs, step.copies, self.overlap))
+
+    def _account(self, step: PlannedStep) -> None:
+        """A launched step's tokens count as computed (its full blocks enter the prefix cache), and each sequence
+        that samples gets its pending token, so the next plan sees it one token on."""
+        for seq, n in zip(step.seqs, step.num_new_tokens, strict=True):
+            if seq.is_finished:  # stopped on the previous step's token, or aborted: its row here is wasted
+                continue
             if seq.num_computed < seq.num_prompt_tokens:
                 self.stats.prompt_tokens += min(n, seq.num_prompt_tokens - seq.num_computed)
             seq.num_computed += n
             self.blocks.register_full_blocks(seq)
+        for row, i in enumerate(step.inputs.sampled):
+            if not step.seqs[i].is_finished:
+                step.seqs[i].token_ids.append(pending_token(row))
+
+    def _sample(self, launched: LaunchedStep) -> tuple[list[tuple[Sequence, int, dict | None]], np.ndarray]:
+        """Wait for a launched step's logits and sample its live sequences: their pending tokens are replaced by
+        the sampled ones. Returns ``(sequence, token, logprobs)`` per live sequence and the tokens by sampled row
+        (0 for a sequence finished meanwhile), for the next step's pending input ids."""
+        step = launched.step
+        logits_SV, model_s = launched.wait()
+        t0 = time.perf_counter()
+        rows = [r for r, i in enumerate(step.inputs.sampled) if not step.seqs[i].is_finished]
+        seqs = [step.seqs[step.inputs.sampled[r]] for r in rows]
+        for seq in seqs:
+            seq.token_ids.pop()  # its pending token: the sampler sees the tokens so far
+        if len(rows) < logits_SV.shape[0]:
+            logits_SV = logits_SV[rows]
+        result = self.sampler(logits_SV, seqs) if seqs else SampleResult([], [])
+        tokens_S = np.zeros(len(step.inputs.sampled), dtype=np.int64)
+        tokens_S[rows] = result.token_ids
+        for seq, token in zip(seqs, result.token_ids, strict=True):
+            seq.token_ids.append(token)
+        self.stats.model_s += model_s
+        self.stats.sample_s += time.perf_counter() - t0
+        return list(zip(seqs, result.token_ids, result.logprobs, strict=True)), tokens_S
+
+    def _postprocess(self, step: PlannedStep, sampled) -> list[RequestOutput]:
+        t0 = time.perf_counter()
         outputs = []
         now = time.monotonic()  # one timestamp for the tokens of this step (after the sampler's host sync)
-        for j, i in enumerate(sampled):
-            seq, token = seqs[i], result.token_ids[j]
-            seq.token_ids.append(token)
+        for seq, token, logprobs in sampled:
             seq.times.on_token(now)
-            if result.logprobs[j] is not None:
-                seq.logprobs.append(result.logprobs[j])
+            if logprobs is not None:
+                seq.logprobs.append(logprobs)
             self.stats.output_tokens += 1
             reason = self.stops.check(seq)
             if reason is not None:
                 self.scheduler.finish(seq, reason)
                 del self.requests[seq.request_id]
             outputs.append(self._output(seq, [token]))
+        self.stats.steps += 1
+        self.stats.postprocess_s += time.perf_counter() - t0
         return outputs
 
     def _output(self, seq: Sequence, new: list[int]) -> RequestOutput:
@@ -310,6 +369,13 @@ class LLM:
                 if out.finished:
                     final[out.request_id] = out
         return [final[rid] for rid in ids]
+
+
+def _core_left(device: torch.device) -> bool:
+    """Whether overlapped steps pay by default: on the CPU with a core left beside the intra-op threads for the
+    engine thread's host work. Without one, the C step's OpenMP team loses a core to the host work and stalls at
+    every barrier (2 threads on 2 cores: half the throughput of one step at a time)."""
+    return device.type == "cpu" and torch.get_num_threads() < len(os.sched_getaffinity(0))
 
 
 def _first_key(config: DecoderConfig) -> Callable[[int], int] | None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 
 import numpy as np
 import torch
@@ -156,6 +157,20 @@ class ModelRunner:
             return self.graphs.forward(inputs, size)
         return self._forward(inputs.to(self.device))
 
+    @torch.inference_mode()
+    def launch(self, inputs: StepInputs, copies: list[tuple[int, int]], overlap: bool = False):
+        """Start the step; ``wait()`` on the result gives ``(logits, seconds computed)``. With ``overlap``, a step
+        the fused C decode computes runs on its worker thread and this returns at once (the caller waits for it
+        before launching another); every other step is computed here, as ``forward``."""
+        group = self._fused_group(inputs) if overlap and self.graphs is None else None
+        if group is None:
+            start = time.perf_counter()
+            logits = self.forward(inputs, copies)
+            return Computed(logits, time.perf_counter() - start)
+        self.cache.copy_blocks(copies)
+        return self.fused.launch(inputs.input_ids_T, inputs.positions_T, inputs.attention.slot_mapping_T,
+                                 group.tables_BM, group.lens_B, inputs.last_rows)
+
     def capture_graphs(self) -> None:
         """Capture every decode graph now (the engine calls it at start, as vLLM does, so that no request waits
         for a capture); a no-op without ``cuda_graphs``."""
@@ -170,12 +185,17 @@ class ModelRunner:
         with torch.inference_mode():
             self.graphs.capture_all(example)
 
-    def _forward(self, inputs: StepInputs) -> torch.Tensor:
-        meta = inputs.attention
+    def _fused_group(self, inputs: StepInputs) -> DecodeGroup | None:
+        """The decode group of a step the fused C decode computes (decodes only, one group); None otherwise."""
         if self.fused is not None and not self.fused.current():  # the model changed (expert parallelism sharded it)
             self.fused = FusedDecode(self.model, self.cache) if unsupported(self.model, self.cache) is None else None
-        if self.fused is not None and not meta.prefills and len(meta.decodes) == 1:
-            group = meta.decodes[0]
+        meta = inputs.attention
+        return meta.decodes[0] if self.fused is not None and not meta.prefills and len(meta.decodes) == 1 else None
+
+    def _forward(self, inputs: StepInputs) -> torch.Tensor:
+        meta = inputs.attention
+        group = self._fused_group(inputs)
+        if group is not None:
             return self.fused(inputs.input_ids_T, inputs.positions_T, meta.slot_mapping_T, group.tables_BM,
                               group.lens_B, inputs.last_rows)
         step = self._step(self.cache, meta)
@@ -187,6 +207,16 @@ class ModelRunner:
         """Who watches the MoE layers' routing (``on_routing``): a graph captured before a change would keep
         calling the old observers, so a change means a new capture."""
         return tuple(id(layer.on_routing) for layer in self._moe_layers)
+
+
+class Computed:
+    """A step computed where it was launched: ``wait()`` gives ``(logits, seconds)`` at once."""
+
+    def __init__(self, logits: torch.Tensor, seconds: float) -> None:
+        self.logits, self.seconds = logits, seconds
+
+    def wait(self) -> tuple[torch.Tensor, float]:
+        return self.logits, self.seconds
 
 
 def _host_int64(values: list[int]) -> torch.Tensor:

@@ -44,10 +44,11 @@ class Scheduler:
     key go back to the pool before it is scheduled."""
 
     def __init__(self, config: EngineConfig, blocks: BlockManager,
-                 first_key: Callable[[int], int] | None = None) -> None:
+                 first_key: Callable[[int], int] | None = None, max_model_len: int | None = None) -> None:
         self.config = config
         self.blocks = blocks
         self.first_key = first_key
+        self.max_model_len = max_model_len or config.max_model_len
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
@@ -81,7 +82,7 @@ class Scheduler:
         return out
 
     def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:
-        decoding = [s for s in self.running if s.num_tokens - s.num_computed == 1]
+        decoding = [s for s in self.running if s.num_tokens - s.num_computed == 1 and not self._ends_pending(s)]
         prefilling = [s for s in self.running if s.num_tokens - s.num_computed > 1]
         queue = deque(decoding + prefilling)
         while queue and budget > 0:
@@ -106,7 +107,7 @@ class Scheduler:
         for seq in fair_share.admission_order(self.waiting, self.running):
             if budget <= 0 or len(self.running) >= self.config.max_num_seqs:
                 break
-            if _awaits_prefix_source(seq):
+            if _awaits_prefix_source(seq) or seq.has_pending_token:  # preempted while its next token computes
                 continue
             hits = self.blocks.match_prefix(seq)
             n = min(seq.num_tokens - self.blocks.cached_tokens(seq, hits), budget)
@@ -127,6 +128,14 @@ class Scheduler:
             out.seqs.append(seq)
             out.num_new_tokens.append(n)
             budget -= n
+
+    def _ends_pending(self, seq: Sequence) -> bool:
+        """Whether the token a launched step computes for ``seq`` (overlapped steps: :mod:`serve.engine.overlap`)
+        will be its last by length, so it needs no further step."""
+        if not seq.has_pending_token:
+            return False
+        return seq.num_output_tokens >= seq.params.max_tokens or (
+            self.max_model_len is not None and seq.num_tokens >= self.max_model_len)
 
     def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
         self.running.remove(seq)

@@ -66,5 +66,10 @@ class Sequence:
         return self.num_tokens - self.num_prompt_tokens
 
     @property
+    def has_pending_token(self) -> bool:
+        """Its last token is a placeholder for one a launched step is computing (:mod:`serve.engine.overlap`)."""
+        return self.token_ids[-1] < 0
+
+    @property
     def is_finished(self) -> bool:
         return self.status is SequenceStatus.FINISHED

@@ -62,6 +62,7 @@ class EngineSchema:
     max_queued_requests: int = EngineConfig.max_queued_requests
     enable_prefix_caching: bool = EngineConfig.enable_prefix_caching
     seed: int = EngineConfig.seed
+    async_scheduling: bool | None = None  # None: on for the CPU when a core is left for the host work
 
 
 @dataclass

@@ -33,8 +33,11 @@ from serve.models.config import QKNorm
 from serve.models.decoder import MoEDecoder
 
 _SOURCE = Path(__file__).parent / "csrc" / "decode_step.c"
-_SIGNATURES = {"decode_step": ([PTR, FLOAT, PTR, PTR, PTR, PTR, PTR, PTR, PTR, PTR, LONG, PTR, PTR, PTR, PTR, PTR,
-                                LONG, PTR, PTR, PTR, PTR, PTR, INT], None)}
+_STEP_ARGS = [PTR, FLOAT, PTR, PTR, PTR, PTR, PTR, PTR, PTR, PTR, LONG, PTR, PTR, PTR, PTR, PTR, LONG, PTR, PTR, PTR,
+              PTR, PTR, INT]
+_SIGNATURES = {"decode_step": (_STEP_ARGS, None), "decode_worker_new": ([], PTR),
+               "decode_worker_launch": ([PTR, *_STEP_ARGS], None), "decode_worker_wait": ([PTR], ctypes.c_double),
+               "decode_worker_free": ([PTR], None)}
 LAYER_PTRS = 9  # IN_NORM, QKV, Q_NORM, K_NORM, O_PROJ, POST_NORM, ROUTER, W13, W2 (the C enum)
 
 
@@ -109,6 +112,7 @@ class FusedDecode:
                                               model.rope_cos, model.rope_sin, cache.pool)]
         self.eps = c.rms_norm_eps
         self._built_on = self._modules()
+        self._worker = None  # the C worker thread of launch(), started on its first step
 
     def _modules(self) -> tuple:
         """What the step read its addresses from: a layer whose experts, dispatcher or weights were replaced since
@@ -124,22 +128,72 @@ class FusedDecode:
 
     def __call__(self, ids_B: torch.Tensor, positions_B: torch.Tensor, slots_B: torch.Tensor,
                  tables_BM: torch.Tensor, lens_B: torch.Tensor, sample_rows_S: torch.Tensor) -> torch.Tensor:
+        step = self._step(ids_B, positions_B, slots_B, tables_BM, lens_B, sample_rows_S)
+        _library().decode_step(*step.args)
+        return step.finish()
+
+    def launch(self, ids_B: torch.Tensor, positions_B: torch.Tensor, slots_B: torch.Tensor, tables_BM: torch.Tensor,
+               lens_B: torch.Tensor, sample_rows_S: torch.Tensor) -> LaunchedDecode:
+        """The same step on this step's C worker thread, returning at once; ``wait()`` on the result gives
+        ``(logits_SV, seconds computed)``. One step at a time: wait for it before launching the next."""
+        if self._worker is None:
+            self._worker = _library().decode_worker_new()
+            if not self._worker:
+                raise RuntimeError("fused decode: could not start its worker thread")
+        step = self._step(ids_B, positions_B, slots_B, tables_BM, lens_B, sample_rows_S)
+        _library().decode_worker_launch(self._worker, *step.args)
+        return LaunchedDecode(step, self._worker)
+
+    def _step(self, ids_B, positions_B, slots_B, tables_BM, lens_B, sample_rows_S) -> _DecodeCall:
         B, M = tables_BM.shape
         S, L = sample_rows_S.shape[0], self.model.config.num_layers
         self.shape[11] = M
-        args = [t.contiguous() for t in (ids_B, positions_B, slots_B, tables_BM, lens_B, sample_rows_S)]
+        inputs = [t.contiguous() for t in (ids_B, positions_B, slots_B, tables_BM, lens_B, sample_rows_S)]
         logits_SV = torch.empty(S, self.model.config.vocab_size)  # on the host, with the fp32 CPU model
         ids_LBK = torch.empty(L, B, self.K, dtype=torch.int32)  # host, as above
         weights_LBK, logits_LBE = torch.empty(L, B, self.K), torch.empty(L, B, self.E)  # host, as above
         embed, norm, lm_head, cos, sin, pool = self.globals
-        _library().decode_step(
-            self.shape.data_ptr(), self.eps, self.layers, self.ffn.data_ptr(), embed, norm, lm_head, cos, sin, pool,
-            B, *(a.data_ptr() for a in args[:5]), S, args[5].data_ptr(), logits_SV.data_ptr(), ids_LBK.data_ptr(),
-            weights_LBK.data_ptr(), logits_LBE.data_ptr(), torch.get_num_threads())
-        for i, layer in self.moe_layers:  # the routing statistics see every decision, as on the torch path
+        args = (self.shape.data_ptr(), self.eps, self.layers, self.ffn.data_ptr(), embed, norm, lm_head, cos, sin, pool,
+                B, *(a.data_ptr() for a in inputs[:5]), S, inputs[5].data_ptr(), logits_SV.data_ptr(),
+                ids_LBK.data_ptr(), weights_LBK.data_ptr(), logits_LBE.data_ptr(), torch.get_num_threads())
+        return _DecodeCall(self, args, inputs, logits_SV, ids_LBK, weights_LBK, logits_LBE)
+
+    def __del__(self) -> None:
+        if getattr(self, "_worker", None):
+            _library().decode_worker_free(self._worker)
+
+
+class _DecodeCall:
+    """One step's C arguments and the tensors behind them (held until the step is done)."""
+
+    def __init__(self, fused: FusedDecode, args: tuple, *tensors: torch.Tensor) -> None:
+        self.fused, self.args = fused, args
+        self.inputs, self.logits_SV, self.ids_LBK, self.weights_LBK, self.logits_LBE = tensors
+
+    def finish(self) -> torch.Tensor:
+        """After the C step: the routing observers see every decision, as on the torch path; the logits."""
+        for i, layer in self.fused.moe_layers:
             if layer.on_routing is not None:
-                layer.on_routing(Routing(weights_LBK[i], ids_LBK[i], logits_LBE[i], False))
-        return logits_SV
+                layer.on_routing(Routing(self.weights_LBK[i], self.ids_LBK[i], self.logits_LBE[i], False))
+        return self.logits_SV
+
+
+class LaunchedDecode:
+    """A fused step computing on its worker thread."""
+
+    def __init__(self, step: _DecodeCall, worker) -> None:
+        self.step, self.worker = step, worker
+        self.seconds: float | None = None
+
+    def wait(self) -> tuple[torch.Tensor, float]:
+        if self.seconds is None:
+            self.seconds = _library().decode_worker_wait(self.worker)  # ctypes releases the GIL while it blocks
+            self.step.finish()
+        return self.step.logits_SV, self.seconds
+
+    def __del__(self) -> None:
+        if self.seconds is None:  # dropped unawaited: its buffers must outlive the C step writing them
+            _library().decode_worker_wait(self.worker)
 
 
 def _address(t: torch.Tensor) -> int:

@@ -31,7 +31,7 @@ PRESETS = {
 }
 # The user-facing config: a change here is a change to every deployment's command lines. Update deliberately.
 SURFACE = [
-    "engine.attention_backend", "engine.block_size", "engine.cuda_graphs", "engine.device",
+    "engine.async_scheduling", "engine.attention_backend", "engine.block_size", "engine.cuda_graphs", "engine.device",
     "engine.enable_prefix_caching", "engine.gpu_memory_utilization", "engine.kv_cache_bytes",
     "engine.max_num_batched_tokens", "engine.max_num_seqs", "engine.max_queued_requests", "engine.num_kv_blocks",
     "engine.seed",

@@ -82,3 +82,5 @@ void decode_step(const int64_t *shape, float eps, const float *const *layers, co
     free(rows);
     free(x);
 }
+// decode_worker_launch / _wait: the same step on a thread of its own, for the engine to overlap with it
+#include "decode_worker.c"
