@@ -116,7 +116,9 @@ def compare(args, requests, pad_id: int) -> None:
 def overhead_at_batch(llm: LLM, requests, batch: int) -> tuple[float, float, int]:
     """Host overhead and mean step time over steps with exactly ``batch`` running, decoding sequences. Overhead:
     the share of the steps' wall time in which no forward pass or sampling ran (scheduling, input layout, stop
-    checks and outputs, and the Python loop around them)."""
+    checks and outputs, and the Python loop around them). With overlapped steps (``async_scheduling``, the CPU
+    default with a core to spare) the forward time is what the C step measured on its own thread, so host work
+    done meanwhile does not count: only what the forward waited for."""
     engine, stats = llm.engine, llm.engine.stats
     for i, (prompt, _) in enumerate(requests[:batch]):
         engine.add_request(f"o{i}", prompt[:64], SamplingParams(max_tokens=96, temperature=0.0, ignore_eos=True))

@@ -12,7 +12,7 @@ not by llama.cpp's model code. Per T: both sides get the same random weights and
 turn, best and median; turns alternate ``--repeats`` times; the best counts. Printed: load average, microseconds
 per forward, the ratio (ggml / ours: above 1 means ours is faster) and the largest difference of the outputs;
 then the hardware limit: the expert weights a forward must read (the experts its tokens select, fp32) over the
-machine's read bandwidth (a one-pass sum over 512 MiB, the same threads), and the share of it each side reaches.
+read rate of a warm buffer of that size (the same threads), and the share of it each side reaches.
 """
 
 from __future__ import annotations
@@ -55,14 +55,18 @@ def time_ours(layer: MoE, x_TD: torch.Tensor, iters: int) -> tuple[float, float]
     return times[0], times[len(times) // 2]
 
 
-def read_bandwidth(threads: int, mib: int = 512) -> float:
-    """Bytes per second one pass over a buffer far larger than the caches reads (best of 5 sums)."""
-    buf = torch.ones(mib * 2**18)
+def read_bandwidth(nbytes: int, passes: int = 20) -> float:
+    """Bytes per second that reading a warm buffer of ``nbytes`` reaches (the best pass of torch's sum and of its
+    matrix-vector product): the rate of whatever level of the memory holds a working set of that size, as the
+    layer's weights are held between its forwards (a large L3 holds them all on some machines)."""
+    buf = torch.ones(max(1024, nbytes // 4 // 1024 * 1024))
+    rows, ones = buf.view(-1, 1024), torch.ones(1024)
     best = float("inf")
-    for _ in range(5):
-        t0 = time.perf_counter()
-        buf.sum()
-        best = min(best, time.perf_counter() - t0)
+    for read in (buf.sum, lambda: torch.mv(rows, ones)):
+        for _ in range(passes):
+            t0 = time.perf_counter()
+            read()
+            best = min(best, time.perf_counter() - t0)
     return buf.numel() * 4 / best
 
 
@@ -124,14 +128,13 @@ def main() -> None:
     for T, ours, ggml, diff, _ in rows:
         print(f"  T={T:4d}: ours {1e6 * ours:9.1f}, ggml {1e6 * ggml:9.1f}, ggml/ours {ggml / ours:5.2f}x; "
               f"max |diff| / max |ours| = {diff:.1e}")
-    bandwidth = read_bandwidth(args.threads)
-    print(f"\nhardware limit: read bandwidth {bandwidth / 1e9:.1f} GB/s ({args.threads} thread(s)), load "
-          f"{machine_load()}; the weights each forward reads, at that rate:")
+    print(f"\nhardware limit ({args.threads} thread(s)): the fp32 weights each forward reads, over the read rate of a "
+          f"warm buffer that size; load {machine_load()}")
     for T, ours, ggml, _, nbytes in rows:
+        bandwidth = read_bandwidth(nbytes)
         floor = nbytes / bandwidth
-        print(f"  T={T:4d}: {nbytes / 2**20:6.1f} MiB, floor {1e6 * floor:8.1f} us; ours at {100 * floor / ours:4.0f}% "
-              f"of the limit, ggml at {100 * floor / ggml:4.0f}%")
-
+        print(f"  T={T:4d}: {nbytes / 2**20:6.1f} MiB at {bandwidth / 1e9:5.1f} GB/s, floor {1e6 * floor:8.1f} us; "
+              f"ours at {100 * floor / ours:4.0f}% of the limit, ggml at {100 * floor / ggml:4.0f}%")
 
 if __name__ == "__main__":
     main()

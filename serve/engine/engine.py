@@ -1,7 +1,9 @@
 """``LLMEngine`` (``add_request`` / ``step`` / ``abort``, for the server) and the offline ``LLM``.
 
 One ``step()``: schedule (decodes first, chunked prefills under the token budget) -> one forward pass over the
-paged KV cache -> sample -> append tokens, check stops, retire finished sequences and free their blocks.
+paged KV cache -> sample -> append tokens, check stops, retire finished sequences and free their blocks. With
+overlapped steps (``async_scheduling``: :mod:`serve.engine.overlap`) the next step is scheduled and laid out
+before this one's tokens are sampled, and launched before its stops are checked.
 """
 
 from __future__ import annotations
