@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.common import machine_load
 from serve import LLM, SamplingParams
 from serve.engine.config import DEFAULT_MODEL
 
@@ -45,7 +46,8 @@ def make_requests(tokenizer, n: int, seed: int, vocab_size: int | None = None, m
 
 def engine_options(args) -> dict:
     """The engine options of the command line (what every engine of the run gets)."""
-    options = {"attention_backend": args.attention_backend, "dtype": args.dtype}
+    options = {"attention_backend": args.attention_backend, "dtype": args.dtype,
+               "async_scheduling": {"auto": None, "on": True, "off": False}[args.async_scheduling]}
     if args.quantization:
         options["quantization"] = args.quantization
     return options
@@ -113,27 +115,32 @@ def compare(args, requests, pad_id: int) -> None:
     print(f"throughput ratio (engine / best transformers): {best['engine'] / hf_best:.2f}x  (target >= 3x)")
 
 
-def overhead_at_batch(llm: LLM, requests, batch: int) -> tuple[float, float, int]:
+def overhead_at_batch(llm: LLM, requests, batch: int) -> tuple[float, float, float, int]:
     """Host overhead and mean step time over steps with exactly ``batch`` running, decoding sequences. Overhead:
     the share of the steps' wall time in which no forward pass or sampling ran (scheduling, input layout, stop
     checks and outputs, and the Python loop around them). With overlapped steps (``async_scheduling``, the CPU
     default with a core to spare) the forward time is what the C step measured on its own thread, so host work
-    done meanwhile does not count: only what the forward waited for."""
+    done meanwhile does not count: only what the forward waited for. Also returned: the share in which no forward
+    pass ran (the sampling too counted as idle)."""
     engine, stats = llm.engine, llm.engine.stats
     for i, (prompt, _) in enumerate(requests[:batch]):
         engine.add_request(f"o{i}", prompt[:64], SamplingParams(max_tokens=96, temperature=0.0, ignore_eos=True))
-    wall = device = 0.0
-    steps = 0
+    calls = []  # per step() call: whether all ``batch`` decoded, its wall time, and the forward and sampling time
+    # it added; overlapped, a call adds the previous call's step (it waits for that one), so a call is paired
+    # with the next call's figures
     while engine.has_unfinished_requests():
         decoding = len(engine.scheduler.running) == batch and all(
             s.num_tokens - s.num_computed == 1 for s in engine.scheduler.running)
-        before, t0 = stats.model_s + stats.sample_s, time.perf_counter()
+        model, sample, t0 = stats.model_s, stats.sample_s, time.perf_counter()
         engine.step()
-        if decoding:
-            wall += time.perf_counter() - t0
-            device += stats.model_s + stats.sample_s - before
-            steps += 1
-    return 1 - device / wall, wall / max(steps, 1), steps
+        calls.append((decoding, time.perf_counter() - t0, stats.model_s - model, stats.sample_s - sample))
+    shift = 1 if engine.overlap else 0
+    paired = [(wall, *calls[k + shift][2:]) for k, (decoding, wall, _, _) in enumerate(calls[:len(calls) - shift])
+              if decoding]
+    wall, forward, sampling = (sum(column) for column in zip(*paired, strict=True))
+    steps = len(paired)
+    device = forward + sampling
+    return 1 - device / wall, 1 - forward / wall, wall / max(steps, 1), steps
 
 
 def main() -> None:
@@ -150,6 +157,8 @@ def main() -> None:
     parser.add_argument("--quantization", default=None, help="engine quantization, e.g. fp8-block")
     parser.add_argument("--attention-backend", default="auto")
     parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--async-scheduling", choices=["auto", "on", "off"], default="auto",
+                        help="overlapped steps (auto: the engine's default)")
     parser.add_argument("--max-prompt", type=int, default=512)
     parser.add_argument("--max-output", type=int, default=256)
     parser.add_argument("--skip-overhead", action="store_true", help="skip the per-step overhead measurement")
@@ -170,9 +179,10 @@ def main() -> None:
     if args.skip_overhead:
         return
     llm = LLM(args.model, max_num_seqs=args.batch, **engine_options(args))
-    fraction, step_s, steps = overhead_at_batch(llm, requests, args.batch)
-    print(f"per-step host overhead at batch {args.batch}: {100 * fraction:.1f}% of {1e3 * step_s:.1f} ms/step "
-          f"over {steps} steps (target <= 5%)")
+    fraction, idle, step_s, steps = overhead_at_batch(llm, requests, args.batch)
+    print(f"per-step host overhead at batch {args.batch}: {100 * fraction:.1f}% of {1e3 * step_s:.2f} ms/step "
+          f"over {steps} steps (target <= 5%); no forward pass running (sampling included): {100 * idle:.1f}%; "
+          f"overlapped steps: {llm.engine.overlap}; load {machine_load()}")
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ from serve.engine.config import EngineConfig
 from serve.engine.device import kv_cache_blocks, resolve_device
 from serve.engine.model_runner import ModelRunner
 from serve.engine.outputs import RequestOutput, RequestTimes
-from serve.engine.overlap import LaunchedStep, PlannedStep, fill_pending, pending_token
+from serve.engine.overlap import LaunchedStep, PlannedStep, pending_token
 from serve.engine.sampler import Sampler, SampleResult
 from serve.engine.sampling_params import SamplingParams
 from serve.engine.scheduler import Scheduler
@@ -233,9 +233,10 @@ class LLMEngine:
                 return []
             self._account(current.step)
         upcoming = self._plan() if self.overlap else None
-        result, tokens_S = self._sample(current)
+        live = self._take_pending(current.step)
+        result, tokens_S = self._sample(current, live)
         self._in_flight = self._launch(upcoming, tokens_S)
-        outputs = self._postprocess(current.step, result)
+        outputs = self._postprocess(live, result)
         if self._in_flight is not None:
             self._account(self._in_flight.step)
         return outputs
@@ -248,17 +249,16 @@ class LLMEngine:
         if not batch.seqs:
             return None
         inputs = self.runner.prepare(batch.seqs, batch.num_new_tokens)
+        staged = self.runner.stage(inputs, self.blocks.take_copies(), self.overlap)
         self.stats.prepare_s += time.perf_counter() - t1
-        return PlannedStep(batch.seqs, batch.num_new_tokens, inputs, self.blocks.take_copies())
+        return PlannedStep(batch.seqs, batch.num_new_tokens, inputs, staged)
 
     def _launch(self, step: PlannedStep | None, tokens_S: np.ndarray | None) -> LaunchedStep | None:
         """Start ``step``'s forward pass, its pending input ids filled with ``tokens_S``, the previous step's
-        sampled tokens (overlapped, a fused decode step computes on its own thread; see ``ModelRunner.launch``)."""
+        sampled tokens (overlapped, a fused decode step computes on its own thread; see ``ModelRunner.stage``)."""
         if step is None:
             return None
-        if tokens_S is not None:
-            fill_pending(step.inputs.input_ids_T, tokens_S)
-        return LaunchedStep(step, self.runner.launch(step.inputs, step.copies, self.overlap))
+        return LaunchedStep(step, step.staged.launch(tokens_S))
 
     def _account(self, step: PlannedStep) -> None:
         """A launched step's tokens count as computed (its full blocks enter the prefix cache), and each sequence
@@ -274,33 +274,40 @@ class LLMEngine:
             if not step.seqs[i].is_finished:
                 step.seqs[i].token_ids.append(pending_token(row))
 
-    def _sample(self, launched: LaunchedStep) -> tuple[list[tuple[Sequence, int, dict | None]], np.ndarray]:
-        """Wait for a launched step's logits and sample its live sequences: their pending tokens are replaced by
-        the sampled ones. Returns ``(sequence, token, logprobs)`` per live sequence and the tokens by sampled row
-        (0 for a sequence finished meanwhile), for the next step's pending input ids."""
-        step = launched.step
-        logits_SV, model_s = launched.wait()
-        t0 = time.perf_counter()
+    def _take_pending(self, step: PlannedStep) -> tuple[list[int], list[Sequence]]:
+        """The sampled rows of a launched step whose sequences still run, and those sequences, their pending tokens
+        removed (the sampler sees the tokens so far; the next step is planned already)."""
         rows = [r for r, i in enumerate(step.inputs.sampled) if not step.seqs[i].is_finished]
         seqs = [step.seqs[step.inputs.sampled[r]] for r in rows]
         for seq in seqs:
-            seq.token_ids.pop()  # its pending token: the sampler sees the tokens so far
+            seq.token_ids.pop()
+        return rows, seqs
+
+    def _sample(self, launched: LaunchedStep, live: tuple[list[int], list[Sequence]]) -> tuple[SampleResult,
+                                                                                                np.ndarray]:
+        """Wait for a launched step's logits and sample its live rows. Returns the result and the tokens by sampled
+        row (0 for a sequence finished meanwhile), for the next step's pending input ids."""
+        rows, seqs = live
+        logits_SV, model_s = launched.wait()
+        t0 = time.perf_counter()
         if len(rows) < logits_SV.shape[0]:
             logits_SV = logits_SV[rows]
-        result = self.sampler(logits_SV, seqs) if seqs else SampleResult([], [])
-        tokens_S = np.zeros(len(step.inputs.sampled), dtype=np.int64)
+        greedy = getattr(launched.pending, "greedy_S", None)  # the fused step's argmax of each sampled row
+        if greedy is not None and len(rows) < greedy.shape[0]:
+            greedy = greedy[rows]
+        result = self.sampler(logits_SV, seqs, greedy) if seqs else SampleResult([], [])
+        tokens_S = np.zeros(len(launched.step.inputs.sampled), dtype=np.int64)
         tokens_S[rows] = result.token_ids
-        for seq, token in zip(seqs, result.token_ids, strict=True):
-            seq.token_ids.append(token)
         self.stats.model_s += model_s
         self.stats.sample_s += time.perf_counter() - t0
-        return list(zip(seqs, result.token_ids, result.logprobs, strict=True)), tokens_S
+        return result, tokens_S
 
-    def _postprocess(self, step: PlannedStep, sampled) -> list[RequestOutput]:
+    def _postprocess(self, live: tuple[list[int], list[Sequence]], result: SampleResult) -> list[RequestOutput]:
         t0 = time.perf_counter()
         outputs = []
         now = time.monotonic()  # one timestamp for the tokens of this step (after the sampler's host sync)
-        for seq, token, logprobs in sampled:
+        for seq, token, logprobs in zip(live[1], result.token_ids, result.logprobs, strict=True):
+            seq.token_ids.append(token)
             seq.times.on_token(now)
             if logprobs is not None:
                 seq.logprobs.append(logprobs)

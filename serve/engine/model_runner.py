@@ -24,7 +24,7 @@ from serve.models import MoEDecoder
 from serve.models.attention import AttentionMetadata, DecodeGroup, PrefillChunk, kv_cache_class
 from serve.models.attention_backends import select_attention_backend
 from serve.models.cpu_attention import CpuAttention
-from serve.models.cpu_decode import FusedDecode, unsupported
+from serve.models.cpu_decode import FusedDecode, LaunchedDecode, StagedDecode, unsupported
 
 log = logging.getLogger("moe-serve")
 
@@ -157,19 +157,17 @@ class ModelRunner:
             return self.graphs.forward(inputs, size)
         return self._forward(inputs.to(self.device))
 
-    @torch.inference_mode()
-    def launch(self, inputs: StepInputs, copies: list[tuple[int, int]], overlap: bool = False):
-        """Start the step; ``wait()`` on the result gives ``(logits, seconds computed)``. With ``overlap``, a step
-        the fused C decode computes runs on its worker thread and this returns at once (the caller waits for it
-        before launching another); every other step is computed here, as ``forward``."""
+    def stage(self, inputs: StepInputs, copies: list[tuple[int, int]], overlap: bool = False):
+        """The step ready to start; its ``launch()`` returns what ``wait()`` gives ``(logits, seconds computed)``
+        from. With ``overlap``, a step the fused C decode computes is laid out now and launched onto its worker
+        thread (``launch`` returns at once; the caller waits for it before launching another); every other step
+        is computed by its ``launch``, as ``forward``."""
         group = self._fused_group(inputs) if overlap and self.graphs is None else None
         if group is None:
-            start = time.perf_counter()
-            logits = self.forward(inputs, copies)
-            return Computed(logits, time.perf_counter() - start)
-        self.cache.copy_blocks(copies)
-        return self.fused.launch(inputs.input_ids_T, inputs.positions_T, inputs.attention.slot_mapping_T,
-                                 group.tables_BM, group.lens_B, inputs.last_rows)
+            return InlineStep(self.forward, inputs, copies)
+        staged = self.fused.stage(inputs.input_ids_T, inputs.positions_T, inputs.attention.slot_mapping_T,
+                                  group.tables_BM, group.lens_B, inputs.last_rows)
+        return FusedStep(self.cache, copies, staged)
 
     def capture_graphs(self) -> None:
         """Capture every decode graph now (the engine calls it at start, as vLLM does, so that no request waits
@@ -217,6 +215,48 @@ class Computed:
 
     def wait(self) -> tuple[torch.Tensor, float]:
         return self.logits, self.seconds
+
+
+class InlineStep:
+    """A staged step that ``launch(tokens_S)`` computes there and then (``forward(inputs, copies)``), its pending
+    ids (``serve.engine.overlap``) first filled from ``tokens_S``."""
+
+    def __init__(self, forward, inputs: StepInputs, copies: list[tuple[int, int]]) -> None:
+        self.forward, self.inputs, self.copies = forward, inputs, copies
+
+    def launch(self, tokens_S: np.ndarray | None) -> Computed:
+        if tokens_S is not None:
+            fill_pending(self.inputs.input_ids_T, tokens_S)
+        start = time.perf_counter()
+        logits = self.forward(self.inputs, self.copies)
+        return Computed(logits, time.perf_counter() - start)
+
+
+class FusedStep:
+    """A staged fused decode step: ``launch(tokens_S)`` makes the step's block copies (the previous step is done
+    by then), then starts the C step on its worker thread, which takes its pending ids from ``tokens_S``."""
+
+    def __init__(self, cache, copies: list[tuple[int, int]], staged: StagedDecode) -> None:
+        self.cache, self.copies, self.staged = cache, copies, staged
+
+    def launch(self, tokens_S: np.ndarray | None) -> LaunchedDecode:
+        if self.copies:
+            self.cache.copy_blocks(self.copies)
+        return self.staged.launch(tokens_S)
+
+
+def pending_token(row: int) -> int:
+    """The placeholder id of the token a launched step samples in its ``row``-th sampled row (overlapped steps:
+    :mod:`serve.engine.overlap`)."""
+    return -(row + 1)
+
+
+def fill_pending(ids_T: torch.Tensor, tokens_S: np.ndarray) -> None:
+    """Replace the placeholders among a planned step's host input ids by the previous step's sampled tokens."""
+    ids = ids_T.numpy()
+    pending = ids < 0
+    if pending.any():
+        ids[pending] = tokens_S[-ids[pending] - 1]
 
 
 def _host_int64(values: list[int]) -> torch.Tensor:

@@ -8,45 +8,33 @@ engine samples them, puts the tokens in place of the placeholders, and writes th
 (:func:`fill_pending`) before launching it. A sequence that then stops on that token (EOS, a stop string) has one
 wasted row in step N+1, whose token is dropped; one that reaches ``max_tokens`` is not scheduled again.
 
-What computes concurrently is a step of the fused C decode (``ModelRunner.launch``: its own C thread, which never
-needs the GIL); other steps (prefill chunks, the torch path) are computed when launched, the plan of the next
-step then simply coming first. Only reads happen out of order: a step reads K/V that earlier steps wrote, and a
-block that a stopped or preempted sequence frees while a step still writes into it is given to another sequence
-only by a later step, whose writes come after.
+What computes concurrently is a step of the fused C decode (``ModelRunner.stage``: laid out while the previous step
+computes, launched onto its own C thread, which never needs the GIL); other steps (prefill chunks, the torch path)
+are computed when launched, the plan of the next step then simply coming first. Only reads happen out of order: a
+step reads K/V that earlier steps wrote, and a block that a stopped or preempted sequence frees while a step still
+writes into it is given to another sequence only by a later step, whose writes come after.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
-import numpy as np
 import torch
 
-from serve.engine.model_runner import StepInputs
+from serve.engine.model_runner import StepInputs, fill_pending, pending_token  # noqa: F401 (the engine's)
 from serve.engine.sequence import Sequence
-
-
-def pending_token(row: int) -> int:
-    """The placeholder of the token a launched step samples in its ``row``-th sampled row."""
-    return -(row + 1)
-
-
-def fill_pending(ids_T: torch.Tensor, tokens_S: np.ndarray) -> None:
-    """Replace the placeholders among a planned step's host input ids by the previous step's sampled tokens."""
-    ids = ids_T.numpy()
-    pending = ids < 0
-    if pending.any():
-        ids[pending] = tokens_S[-ids[pending] - 1]
 
 
 @dataclass
 class PlannedStep:
-    """A scheduled step laid out for the runner: its sequences, their new tokens, host inputs, block copies."""
+    """A scheduled step laid out for the runner: its sequences, their new tokens, host inputs, and the runner's
+    staged step (``ModelRunner.stage``: ``launch()`` starts it)."""
 
     seqs: list[Sequence]
     num_new_tokens: list[int]
     inputs: StepInputs
-    copies: list[tuple[int, int]]
+    staged: Any
 
 
 class LaunchedStep:

@@ -47,11 +47,14 @@ class Sampler:
             seq.generator = torch.Generator(self.device).manual_seed(seq.params.seed)
         return seq.generator
 
-    def __call__(self, logits_BV: torch.Tensor, seqs: list[Sequence]) -> SampleResult:
+    def __call__(self, logits_BV: torch.Tensor, seqs: list[Sequence], greedy_B: torch.Tensor | None = None
+                 ) -> SampleResult:
+        """``greedy_B``: each row's argmax where the forward pass computed it already (the fused C decode)."""
         params = [s.params for s in seqs]
         if all(p.plain_greedy for p in params) and all(s.matcher is None for s in seqs):
             # the fast path: nothing to adjust, filter, draw or report, just each row's best token
-            return SampleResult(greedy_tokens(logits_BV.float()), [None] * len(seqs))
+            tokens = greedy_tokens(logits_BV.float()) if greedy_B is None else greedy_B.tolist()
+            return SampleResult(tokens, [None] * len(seqs))
         raw_BV = logits_BV.float()
         constrained = [i for i, s in enumerate(seqs) if s.matcher is not None]
         if constrained:  # logprobs then come from the allowed tokens' distribution, as vLLM's do

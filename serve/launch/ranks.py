@@ -29,7 +29,6 @@ import signal
 import socket
 import sys
 import threading
-import time
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
@@ -40,7 +39,7 @@ from omegaconf import OmegaConf
 
 from expert_parallel.token_split import shard_moe_token_split
 from moe import MoE
-from serve.engine.model_runner import Computed, ModelRunner, StepInputs
+from serve.engine.model_runner import InlineStep, ModelRunner, StepInputs
 from serve.launch.checks import bind_listener
 from serve.launch.schema import MoEServeSchema, ParallelSchema, to_config
 from serve.launch.serving import build_engine, serve
@@ -141,11 +140,9 @@ class DistributedRunner:
             self.on_failure(f"engine step failed across ranks: {err}")
             raise
 
-    def launch(self, inputs: StepInputs, copies: list[tuple[int, int]], overlap: bool = False):
-        """The step on every rank, computed now (the ranks run the torch path in lockstep)."""
-        start = time.perf_counter()
-        logits = self.forward(inputs, copies)
-        return Computed(logits, time.perf_counter() - start)
+    def stage(self, inputs: StepInputs, copies: list[tuple[int, int]], overlap: bool = False) -> InlineStep:
+        """The step on every rank, computed when launched (the ranks run the torch path in lockstep)."""
+        return InlineStep(self.forward, inputs, copies)
 
     def __getattr__(self, name: str):  # cache, block_size, model: as the wrapped runner's
         return getattr(self.runner, name)

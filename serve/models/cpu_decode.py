@@ -18,6 +18,7 @@ import ctypes
 import functools
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from all_to_all.dispatcher import LocalDispatcher
@@ -34,7 +35,7 @@ from serve.models.decoder import MoEDecoder
 
 _SOURCE = Path(__file__).parent / "csrc" / "decode_step.c"
 _STEP_ARGS = [PTR, FLOAT, PTR, PTR, PTR, PTR, PTR, PTR, PTR, PTR, LONG, PTR, PTR, PTR, PTR, PTR, LONG, PTR, PTR, PTR,
-              PTR, PTR, INT]
+              PTR, PTR, INT, PTR, PTR]  # ..., threads, then a launch's pending-token source and greedy tokens out
 _SIGNATURES = {"decode_step": (_STEP_ARGS, None), "decode_worker_new": ([], PTR),
                "decode_worker_launch": ([PTR, *_STEP_ARGS], None), "decode_worker_wait": ([PTR], ctypes.c_double),
                "decode_worker_free": ([PTR], None)}
@@ -128,35 +129,42 @@ class FusedDecode:
 
     def __call__(self, ids_B: torch.Tensor, positions_B: torch.Tensor, slots_B: torch.Tensor,
                  tables_BM: torch.Tensor, lens_B: torch.Tensor, sample_rows_S: torch.Tensor) -> torch.Tensor:
-        step = self._step(ids_B, positions_B, slots_B, tables_BM, lens_B, sample_rows_S)
-        _library().decode_step(*step.args)
-        return step.finish()
+        call = self._call(ids_B, positions_B, slots_B, tables_BM, lens_B, sample_rows_S)
+        _library().decode_step(*call.args, None, None)
+        return call.finish()
 
-    def launch(self, ids_B: torch.Tensor, positions_B: torch.Tensor, slots_B: torch.Tensor, tables_BM: torch.Tensor,
-               lens_B: torch.Tensor, sample_rows_S: torch.Tensor) -> LaunchedDecode:
-        """The same step on this step's C worker thread, returning at once; ``wait()`` on the result gives
-        ``(logits_SV, seconds computed)``. One step at a time: wait for it before launching the next."""
+    def stage(self, ids_B: torch.Tensor, positions_B: torch.Tensor, slots_B: torch.Tensor, tables_BM: torch.Tensor,
+              lens_B: torch.Tensor, sample_rows_S: torch.Tensor) -> StagedDecode:
+        """The step's C call laid out, its outputs allocated, not run: ``launch(tokens_S)`` starts it on this step's
+        C worker thread, its pending ids (``serve.engine.overlap``) taken from ``tokens_S``; the C step reads
+        ``ids_B`` itself (contiguous: no copy)."""
+        call = self._call(ids_B, positions_B, slots_B, tables_BM, lens_B, sample_rows_S)
+        if call.inputs[0].data_ptr() != ids_B.data_ptr():
+            raise ValueError("fused decode: stage() needs contiguous ids_B (later writes must reach the C step)")
+        return StagedDecode(self, call)
+
+    def worker(self):
+        """This step's C worker thread, started on first use."""
         if self._worker is None:
             self._worker = _library().decode_worker_new()
             if not self._worker:
                 raise RuntimeError("fused decode: could not start its worker thread")
-        step = self._step(ids_B, positions_B, slots_B, tables_BM, lens_B, sample_rows_S)
-        _library().decode_worker_launch(self._worker, *step.args)
-        return LaunchedDecode(step, self._worker)
+        return self._worker
 
-    def _step(self, ids_B, positions_B, slots_B, tables_BM, lens_B, sample_rows_S) -> _DecodeCall:
+    def _call(self, ids_B, positions_B, slots_B, tables_BM, lens_B, sample_rows_S) -> _DecodeCall:
         B, M = tables_BM.shape
         S, L = sample_rows_S.shape[0], self.model.config.num_layers
-        self.shape[11] = M
+        shape = self.shape.clone()  # a call's own: a staged call's M must not change the one computing
+        shape[11] = M
         inputs = [t.contiguous() for t in (ids_B, positions_B, slots_B, tables_BM, lens_B, sample_rows_S)]
         logits_SV = torch.empty(S, self.model.config.vocab_size)  # on the host, with the fp32 CPU model
         ids_LBK = torch.empty(L, B, self.K, dtype=torch.int32)  # host, as above
         weights_LBK, logits_LBE = torch.empty(L, B, self.K), torch.empty(L, B, self.E)  # host, as above
         embed, norm, lm_head, cos, sin, pool = self.globals
-        args = (self.shape.data_ptr(), self.eps, self.layers, self.ffn.data_ptr(), embed, norm, lm_head, cos, sin, pool,
+        args = (shape.data_ptr(), self.eps, self.layers, self.ffn.data_ptr(), embed, norm, lm_head, cos, sin, pool,
                 B, *(a.data_ptr() for a in inputs[:5]), S, inputs[5].data_ptr(), logits_SV.data_ptr(),
                 ids_LBK.data_ptr(), weights_LBK.data_ptr(), logits_LBE.data_ptr(), torch.get_num_threads())
-        return _DecodeCall(self, args, inputs, logits_SV, ids_LBK, weights_LBK, logits_LBE)
+        return _DecodeCall(self, args, shape, inputs, logits_SV, ids_LBK, weights_LBK, logits_LBE)
 
     def __del__(self) -> None:
         if getattr(self, "_worker", None):
@@ -166,9 +174,10 @@ class FusedDecode:
 class _DecodeCall:
     """One step's C arguments and the tensors behind them (held until the step is done)."""
 
-    def __init__(self, fused: FusedDecode, args: tuple, *tensors: torch.Tensor) -> None:
-        self.fused, self.args = fused, args
-        self.inputs, self.logits_SV, self.ids_LBK, self.weights_LBK, self.logits_LBE = tensors
+    def __init__(self, fused: FusedDecode, args: tuple, shape: torch.Tensor, inputs: list[torch.Tensor],
+                 *outputs: torch.Tensor) -> None:
+        self.fused, self.args, self.shape, self.inputs = fused, args, shape, inputs
+        self.logits_SV, self.ids_LBK, self.weights_LBK, self.logits_LBE = outputs
 
     def finish(self) -> torch.Tensor:
         """After the C step: the routing observers see every decision, as on the torch path; the logits."""
@@ -178,18 +187,36 @@ class _DecodeCall:
         return self.logits_SV
 
 
-class LaunchedDecode:
-    """A fused step computing on its worker thread."""
+class StagedDecode:
+    """A fused step ready to start: ``launch(tokens_S)`` hands it to the C worker thread and returns at once; the C
+    step reads its pending ids' tokens from ``tokens_S`` (int64; None: it has none) and leaves each sampled row's
+    greedy token in ``greedy_S``."""
 
-    def __init__(self, step: _DecodeCall, worker) -> None:
-        self.step, self.worker = step, worker
+    def __init__(self, fused: FusedDecode, call: _DecodeCall) -> None:
+        self.fused, self.call = fused, call
+        self.greedy_S = torch.empty(call.logits_SV.shape[0], dtype=torch.int64)  # host, as the logits
+
+    def launch(self, tokens_S: np.ndarray | None) -> LaunchedDecode:
+        worker = self.fused.worker()
+        source = None if tokens_S is None else tokens_S.ctypes.data
+        _library().decode_worker_launch(worker, *self.call.args, source, self.greedy_S.data_ptr())
+        return LaunchedDecode(self.call, worker, tokens_S, self.greedy_S)
+
+
+class LaunchedDecode:
+    """A fused step computing on its worker thread: ``wait()`` gives ``(logits_SV, seconds computed)``, and then
+    ``greedy_S`` holds each sampled row's greedy token. One step at a time per worker: wait for it before
+    launching the next."""
+
+    def __init__(self, call: _DecodeCall, worker, tokens_S: np.ndarray | None, greedy_S: torch.Tensor) -> None:
+        self.call, self.worker, self.tokens_S, self.greedy_S = call, worker, tokens_S, greedy_S
         self.seconds: float | None = None
 
     def wait(self) -> tuple[torch.Tensor, float]:
         if self.seconds is None:
             self.seconds = _library().decode_worker_wait(self.worker)  # ctypes releases the GIL while it blocks
-            self.step.finish()
-        return self.step.logits_SV, self.seconds
+            self.call.finish()
+        return self.call.logits_SV, self.seconds
 
     def __del__(self) -> None:
         if self.seconds is None:  # dropped unawaited: its buffers must outlive the C step writing them

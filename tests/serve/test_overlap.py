@@ -116,7 +116,8 @@ def test_abort_while_its_step_computes():
 
 
 def test_a_fused_decode_step_computes_while_the_engine_plans_the_next():
-    """``launch`` returns before the C step is done; ``wait`` gives its logits, the same as one call."""
+    """``launch`` returns before the C step is done; ``wait`` gives its logits and greedy tokens, the same as one
+    call of the step with its pending ids filled in."""
     llm = LLM(async_scheduling=True)
     engine = llm.engine
     engine.add_request("a", [7, 8, 9], SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))
@@ -127,11 +128,14 @@ def test_a_fused_decode_step_computes_while_the_engine_plans_the_next():
     logits, seconds = launched.wait()
     assert seconds > 0
     step = launched.step
+    ids = step.inputs.input_ids_T.clone()
+    assert (ids < 0).all()  # the C step took them from the previous step's tokens
+    fill_pending(ids, launched.pending.tokens_S)
     group = step.inputs.attention.decodes[0]
-    again = engine.runner.fused(step.inputs.input_ids_T, step.inputs.positions_T,
-                                step.inputs.attention.slot_mapping_T, group.tables_BM, group.lens_B,
-                                step.inputs.last_rows)  # rewrites the same K/V slots
+    again = engine.runner.fused(ids, step.inputs.positions_T, step.inputs.attention.slot_mapping_T,
+                                group.tables_BM, group.lens_B, step.inputs.last_rows)  # rewrites the same K/V slots
     assert torch.equal(logits, again)
+    assert launched.pending.greedy_S.tolist() == again.argmax(dim=-1).tolist()
 
 
 def test_fill_pending_takes_each_rows_token():

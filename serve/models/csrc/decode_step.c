@@ -13,9 +13,13 @@
 // M (block-table width), renormalize (0/1). layers: L rows of LAYER_PTRS pointers (see enum), ffn: L rows of
 // (F, is_moe). KV pool: [2, L, Hkv, NB, BS, Dh]. Per step: B rows of (id, position, slot, table [M], len); S rows
 // sample (sample_rows), their logits [S, V]. Routing out: ids [L, B, K], weights [L, B, K], logits [L, B, E].
+// Overlapped steps (serve.engine.overlap): an id -(j + 1) is a pending token, prev_tokens[j] (the previous step's
+// sampled row j; NULL: no pending ids); argmax_out (NULL: none) gets each sampled row's greedy token, as the
+// sampler's (greedy.c), computed while the logits are still in cache.
 #include "decode_ops.c"
 #include "paged_attention.c"
 #include "../../../moe/kernels/csrc/moe_decode.c"
+#include "../../engine/csrc/greedy.c"
 
 enum { IN_NORM, QKV, Q_NORM, K_NORM, O_PROJ, POST_NORM, ROUTER, W13, W2, LAYER_PTRS };
 enum { S_D, S_H, S_HKV, S_DH, S_R, S_E, S_K, S_V, S_L, S_NB, S_BS, S_M, S_RENORM, S_FIELDS };
@@ -24,7 +28,8 @@ void decode_step(const int64_t *shape, float eps, const float *const *layers, co
                  const float *embed, const float *final_norm, const float *lm_head, const float *cos_table,
                  const float *sin_table, float *kv_pool, long B, const int64_t *ids, const int64_t *positions,
                  const int64_t *slots, const int64_t *tables, const int64_t *lens, long S, const int64_t *sample_rows,
-                 float *logits_out, int32_t *route_ids, float *route_weights, float *route_logits, int nt) {
+                 float *logits_out, int32_t *route_ids, float *route_weights, float *route_logits, int nt,
+                 const int64_t *prev_tokens, int64_t *argmax_out) {
     const long D = shape[S_D], H = shape[S_H], Hkv = shape[S_HKV], Dh = shape[S_DH], R = shape[S_R];
     const long E = shape[S_E], K = shape[S_K], V = shape[S_V], L = shape[S_L], NB = shape[S_NB], BS = shape[S_BS];
     const long M = shape[S_M], Q = H * Dh, KV = Hkv * Dh, QKV_ROWS = Q + 2 * KV;
@@ -38,7 +43,8 @@ void decode_step(const int64_t *shape, float eps, const float *const *layers, co
     float *h = x + B * D, *qkv = h + B * D, *q = qkv + B * QKV_ROWS, *k = q + B * Q, *o = k + B * KV;
     float *cos = o + B * Q, *sin = cos + B * R, *ffn_scratch = sin + B * R;
     for (long b = 0; b < B; b++) {
-        for (long i = 0; i < D; i++) x[b * D + i] = embed[ids[b] * D + i];
+        const int64_t id = ids[b] >= 0 ? ids[b] : prev_tokens[-ids[b] - 1];
+        for (long i = 0; i < D; i++) x[b * D + i] = embed[id * D + i];
         for (long i = 0; i < R; i++) {
             cos[b * R + i] = cos_table[positions[b] * R + i];
             sin[b * R + i] = sin_table[positions[b] * R + i];
@@ -79,6 +85,7 @@ void decode_step(const int64_t *shape, float eps, const float *const *layers, co
     // final norm and the logits of the rows that sample
     for (long s = 0; s < S; s++) rms_norm(x + sample_rows[s] * D, final_norm, 1, D, eps, h + s * D);
     gemv(lm_head, V, D, h, S, D, logits_out, V, nt);
+    if (argmax_out != NULL) argmax_rows(logits_out, S, V, V, argmax_out);
     free(rows);
     free(x);
 }
