@@ -253,7 +253,7 @@ def pending_token(row: int) -> int:
 
 def fill_pending(ids_T: torch.Tensor, tokens_S: np.ndarray) -> None:
     """Replace the placeholders among a planned step's host input ids by the previous step's sampled tokens."""
-    ids = ids_T.numpy()
+    ids = ids_T.numpy()  # NOTE: host sync: none, the planned step's host ids (prepare made them on the host)
     pending = ids < 0
     if pending.any():
         ids[pending] = tokens_S[-ids[pending] - 1]

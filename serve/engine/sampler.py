@@ -53,6 +53,7 @@ class Sampler:
         params = [s.params for s in seqs]
         if all(p.plain_greedy for p in params) and all(s.matcher is None for s in seqs):
             # the fast path: nothing to adjust, filter, draw or report, just each row's best token
+            # NOTE: host sync: none in fact (the fused CPU step's host argmax), the tokens the outputs need
             tokens = greedy_tokens(logits_BV.float()) if greedy_B is None else greedy_B.tolist()
             return SampleResult(tokens, [None] * len(seqs))
         raw_BV = logits_BV.float()
