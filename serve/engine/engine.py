@@ -22,9 +22,9 @@ from serve.engine import greedy
 from serve.engine.block_manager import BlockManager
 from serve.engine.config import EngineConfig
 from serve.engine.device import kv_cache_blocks, resolve_device
-from serve.engine.model_runner import ModelRunner
+from serve.engine.model_runner import ModelRunner, pending_token
 from serve.engine.outputs import RequestOutput, RequestTimes
-from serve.engine.overlap import LaunchedStep, PlannedStep, pending_token
+from serve.engine.overlap import LaunchedStep, PlannedStep
 from serve.engine.sampler import Sampler, SampleResult
 from serve.engine.sampling_params import SamplingParams
 from serve.engine.scheduler import Scheduler
@@ -233,10 +233,10 @@ class LLMEngine:
                 return []
             self._account(current.step)
         upcoming = self._plan() if self.overlap else None
-        live = self._take_pending(current.step)
-        result, tokens_S = self._sample(current, live)
+        rows, seqs = self._take_pending(current.step)
+        result, tokens_S = self._sample(current, rows, seqs)
         self._in_flight = self._launch(upcoming, tokens_S)
-        outputs = self._postprocess(live, result)
+        outputs = self._postprocess(seqs, result)
         if self._in_flight is not None:
             self._account(self._in_flight.step)
         return outputs
@@ -283,16 +283,15 @@ class LLMEngine:
             seq.token_ids.pop()
         return rows, seqs
 
-    def _sample(self, launched: LaunchedStep, live: tuple[list[int], list[Sequence]]) -> tuple[SampleResult,
+    def _sample(self, launched: LaunchedStep, rows: list[int], seqs: list[Sequence]) -> tuple[SampleResult,
                                                                                                 np.ndarray]:
-        """Wait for a launched step's logits and sample its live rows. Returns the result and the tokens by sampled
-        row (0 for a sequence finished meanwhile), for the next step's pending input ids."""
-        rows, seqs = live
+        """Wait for a launched step's logits and sample its live ``rows`` (of ``seqs``). Returns the result and the
+        tokens by sampled row (0 for a sequence finished meanwhile), for the next step's pending input ids."""
         logits_SV, model_s = launched.wait()
         t0 = time.perf_counter()
         if len(rows) < logits_SV.shape[0]:
             logits_SV = logits_SV[rows]
-        greedy = getattr(launched.pending, "greedy_S", None)  # the fused step's argmax of each sampled row
+        greedy = launched.pending.greedy_S  # the fused step's argmax of each sampled row (None: not computed)
         if greedy is not None and len(rows) < greedy.shape[0]:
             greedy = greedy[rows]
         result = self.sampler(logits_SV, seqs, greedy) if seqs else SampleResult([], [])
@@ -302,11 +301,11 @@ class LLMEngine:
         self.stats.sample_s += time.perf_counter() - t0
         return result, tokens_S
 
-    def _postprocess(self, live: tuple[list[int], list[Sequence]], result: SampleResult) -> list[RequestOutput]:
+    def _postprocess(self, seqs: list[Sequence], result: SampleResult) -> list[RequestOutput]:
         t0 = time.perf_counter()
         outputs = []
         now = time.monotonic()  # one timestamp for the tokens of this step (after the sampler's host sync)
-        for seq, token, logprobs in zip(live[1], result.token_ids, result.logprobs, strict=True):
+        for seq, token, logprobs in zip(seqs, result.token_ids, result.logprobs, strict=True):
             seq.token_ids.append(token)
             seq.times.on_token(now)
             if logprobs is not None:

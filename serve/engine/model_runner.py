@@ -72,9 +72,7 @@ class ModelRunner:
         max_len = max_model_len or model.config.max_position_embeddings
         self.max_blocks = -(-max_len // block_size)  # block-table width of a graph's decode step
         self._moe_layers = [m for m in model.modules() if hasattr(m, "on_routing")]
-        # decode-only steps in one C call where it computes this model (the CPU backend's models: fp32, CPU)
-        self.fused = FusedDecode(model, self.cache) if isinstance(self.attention, CpuAttention) and \
-            unsupported(model, self.cache) is None else None
+        self.fused = self._build_fused()
         self.graphs: DecodeGraphs | None = None
         if cuda_graphs and (self.device.type == "cuda" or graph_factory is not None):
             self.graphs = DecodeGraphs(self._forward, self.pad_decode, graph_batch_sizes(max_num_seqs),
@@ -183,10 +181,16 @@ class ModelRunner:
         with torch.inference_mode():
             self.graphs.capture_all(example)
 
+    def _build_fused(self) -> FusedDecode | None:
+        """Decode-only steps in one C call where it computes this model (the CPU backend's models: fp32, CPU)."""
+        if not isinstance(self.attention, CpuAttention) or unsupported(self.model, self.cache) is not None:
+            return None
+        return FusedDecode(self.model, self.cache)
+
     def _fused_group(self, inputs: StepInputs) -> DecodeGroup | None:
         """The decode group of a step the fused C decode computes (decodes only, one group); None otherwise."""
         if self.fused is not None and not self.fused.current():  # the model changed (expert parallelism sharded it)
-            self.fused = FusedDecode(self.model, self.cache) if unsupported(self.model, self.cache) is None else None
+            self.fused = self._build_fused()
         meta = inputs.attention
         return meta.decodes[0] if self.fused is not None and not meta.prefills and len(meta.decodes) == 1 else None
 
@@ -208,7 +212,10 @@ class ModelRunner:
 
 
 class Computed:
-    """A step computed where it was launched: ``wait()`` gives ``(logits, seconds)`` at once."""
+    """A step computed where it was launched: ``wait()`` gives ``(logits, seconds)`` at once; no greedy tokens
+    computed with it (``greedy_S``, as a fused step's)."""
+
+    greedy_S = None
 
     def __init__(self, logits: torch.Tensor, seconds: float) -> None:
         self.logits, self.seconds = logits, seconds

@@ -1,12 +1,13 @@
 """Overlapped steps: the forward pass of step N computes while the engine plans step N+1 and finishes step N's
 outputs (SGLang's overlap scheduler, vLLM's async scheduling).
 
-Step N+1 is scheduled before step N's tokens exist: each sequence that samples in a launched step gets a
-*pending token* appended, a negative placeholder ``-(j + 1)`` naming its row ``j`` among the step's sampled rows,
-so the scheduler and the block manager see the sequence one token further on. When step N's logits arrive the
-engine samples them, puts the tokens in place of the placeholders, and writes them into step N+1's input ids
-(:func:`fill_pending`) before launching it. A sequence that then stops on that token (EOS, a stop string) has one
-wasted row in step N+1, whose token is dropped; one that reaches ``max_tokens`` is not scheduled again.
+Step N+1 is scheduled before step N's tokens exist: each sequence that samples in a launched step gets a *pending
+token* appended, a negative placeholder ``-(j + 1)`` naming its row ``j`` among the step's sampled rows, so the
+scheduler and the block manager see the sequence one token further on. When step N's logits arrive the engine
+samples them, puts the tokens in place of the placeholders, and writes them into step N+1's input ids
+(``model_runner.fill_pending``, or the C step itself) before launching it. A sequence that then stops on that token
+(EOS, a stop string) has one wasted row in step N+1, whose token is dropped; one that reaches ``max_tokens`` is not
+scheduled again.
 
 What computes concurrently is a step of the fused C decode (``ModelRunner.stage``: laid out while the previous step
 computes, launched onto its own C thread, which never needs the GIL); other steps (prefill chunks, the torch path)
@@ -22,7 +23,7 @@ from typing import Any
 
 import torch
 
-from serve.engine.model_runner import StepInputs, fill_pending, pending_token  # noqa: F401 (the engine's)
+from serve.engine.model_runner import StepInputs
 from serve.engine.sequence import Sequence
 
 

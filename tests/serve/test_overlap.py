@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from serve import LLM, SamplingParams
-from serve.engine.overlap import fill_pending, pending_token
+from serve.engine.model_runner import fill_pending, pending_token
 
 
 def _run(async_scheduling: bool, requests, aborts: dict[int, str], **options):
